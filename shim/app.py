@@ -1,0 +1,337 @@
+"""HTTP side of the shim (Starlette): Twilio webhooks, health, metrics, and the single-port
+fallback of the media stream. Every Twilio request is checked against its X-Twilio-Signature
+over a URL built from PUBLIC_URL, never from request headers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+from .assistant import ASSISTANT_ID_RE
+from .bridge import BridgeState, CallRunner, start_media_server
+from .config import Config
+from .db import redact_dsn, resolve_dsn
+from .metrics import ShimMetrics
+from .store import Recorder, migrate
+
+log = structlog.get_logger("shim.app")
+SORRY_NO_ASSISTANT = "Sorry, this number is not in service. Goodbye."
+
+# Twilio's final call statuses -> Vapi endedReason (only used when the stream did not already
+# record a more precise reason).
+STATUS_ENDED_REASON = {
+    "completed": "customer-ended-call",
+    "busy": "customer-busy",
+    "no-answer": "customer-did-not-answer",
+    "failed": "twilio-failed-to-connect-call",
+    "canceled": "customer-ended-call",
+}
+
+
+def twiml(response: VoiceResponse) -> Response:
+    return Response(str(response), media_type="application/xml")
+
+
+def hangup_twiml(say: str | None = None) -> Response:
+    vr = VoiceResponse()
+    if say:
+        vr.say(say)
+    vr.hangup()
+    return twiml(vr)
+
+
+class Shim:
+    """The process: configuration, database, writer, metrics and the media listeners."""
+
+    def __init__(self, config: Config, *, media_host: str = "0.0.0.0", media_port: int | None = None):
+        self.config = config
+        self.media_host = media_host
+        self.media_port = media_port if media_port is not None else config.media_port
+        self.embedded = None
+        self.dsn = ""
+        self.pool: asyncpg.Pool | None = None
+        self.recorder: Recorder | None = None
+        self.media_server: asyncio.Server | None = None
+        self._background: set[asyncio.Task] = set()
+        self.metrics = ShimMetrics(lambda: [r.call for r in self.bridge.runners])
+        self.bridge = BridgeState(config=config, records=_DeferredRecords(self), metrics=self.metrics)
+        self.endings: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    async def startup(self) -> None:
+        config = self.config
+        self.dsn, self.embedded = await asyncio.to_thread(resolve_dsn, config.database_url, config.data_dir)
+        log.info("database", dsn=redact_dsn(self.dsn), embedded=self.embedded is not None)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.recorder = Recorder(self.dsn, spool_path=config.data_dir / "spool.jsonl")
+        try:
+            await asyncio.wait_for(migrate(self.dsn), 15)
+            await self.recorder.start()
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            # Calls must still work while Postgres is away: rows wait in memory/spool.
+            log.error("database_unavailable_at_start", error=str(exc))
+            self._spawn(self._migrate_then_record())
+        if self.media_port:
+            self.media_server = await start_media_server(self.bridge, self.media_host, self.media_port)
+            log.info("media_listener", host=self.media_host, port=self.media_port, url=config.media_stream_url)
+
+    async def _migrate_then_record(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await migrate(self.dsn)
+                await self.recorder.start()
+                log.info("database_available")
+                return
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("database_still_unavailable", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def shutdown(self) -> None:
+        if self.media_server is not None:
+            self.media_server.close()  # no new calls; live ones drain below
+        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout_s
+        while self.bridge.runners and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+        for runner in list(self.bridge.runners):
+            runner.call.on_model_closed(None, "shutdown")  # ends the call, apology, hang-up
+            runner.pump()
+        for task in list(self._background):
+            task.cancel()
+        if self.recorder is not None:
+            await self.recorder.close(timeout=10)
+        if self.pool is not None:
+            await self.pool.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+    async def db(self) -> asyncpg.Pool:
+        if self.pool is None:
+            self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=2)
+        return self.pool
+
+    def remember_end(self, call_sid: str, action: dict[str, Any]) -> None:
+        self.endings[call_sid] = action
+        while len(self.endings) > 10_000:
+            self.endings.popitem(last=False)
+
+
+class _DeferredRecords:
+    """RecordSink handed to calls: forwards to the Recorder, and notes how each call ended so
+    this instance can answer its own <Connect action> without a database round trip."""
+
+    def __init__(self, shim: Shim):
+        self.shim = shim
+
+    def upsert(self, table: str, row: dict[str, Any], *, keep_existing: tuple[str, ...] = ()) -> None:
+        if table == "calls" and "next_action" in row and row["call_sid"] not in self.shim.endings:
+            self.shim.remember_end(row["call_sid"], row["next_action"])
+        self.shim.recorder.upsert(table, row, keep_existing=keep_existing)
+
+    def insert(self, table: str, row: dict[str, Any]) -> None:
+        self.shim.recorder.insert(table, row)
+
+
+# --- routes -------------------------------------------------------------------------------
+
+
+async def _signed_form(request: Request, path: str) -> dict[str, str] | None:
+    shim: Shim = request.app.state.shim
+    form = await request.form()
+    params = {k: str(v) for k, v in form.multi_items()}
+    url = shim.config.http_url(path) + (f"?{request.url.query}" if request.url.query else "")
+    signature = request.headers.get("x-twilio-signature", "")
+    if not shim.config.twilio_auth_token or not shim.bridge.validator.validate(url, params, signature):
+        log.warning("twilio_signature_rejected", path=path)
+        return None
+    return params
+
+
+async def twilio_voice(request: Request) -> Response:
+    shim: Shim = request.app.state.shim
+    params = await _signed_form(request, "/twilio/voice")
+    if params is None:
+        return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
+    call_sid, to, from_ = params.get("CallSid", ""), params.get("To", ""), params.get("From", "")
+    assistant_id = await lookup_assistant(shim, to)
+    bound = log.bind(call_sid=call_sid)
+    if not assistant_id or not (shim.config.assistants_dir / f"{assistant_id}.json").is_file():
+        bound.warning("no_assistant_for_number", to=to, assistant_id=assistant_id)
+        return hangup_twiml(SORRY_NO_ASSISTANT)
+    if call_sid:
+        shim.recorder.upsert(
+            "calls",
+            {"call_sid": call_sid, "assistant_id": assistant_id, "from_number": from_ or None,
+             "to_number": to or None, "account_sid": params.get("AccountSid") or None, "status": "ringing",
+             "stack": "shim"},
+        )
+    vr = VoiceResponse()
+    connect = Connect(action=shim.config.http_url("/twilio/stream-ended"), method="POST")
+    stream = connect.stream(url=shim.config.media_stream_url)
+    stream.parameter(name="assistant", value=assistant_id)
+    stream.parameter(name="from", value=from_)
+    stream.parameter(name="to", value=to)
+    vr.append(connect)
+    bound.info("call_answered", assistant_id=assistant_id)
+    return twiml(vr)
+
+
+async def lookup_assistant(shim: Shim, number: str) -> str:
+    """numbers table first, SHIM_DEFAULT_ASSISTANT second. A database outage falls back to the
+    default rather than failing the call."""
+    try:
+        pool = await asyncio.wait_for(shim.db(), 2)
+        found = await pool.fetchval("SELECT assistant_id FROM numbers WHERE number = $1", number, timeout=2)
+        if found and ASSISTANT_ID_RE.match(found):
+            return found
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        log.error("number_lookup_failed", error=str(exc))
+    return shim.config.default_assistant
+
+
+async def stream_ended(request: Request) -> Response:
+    """<Connect action>: the stream is over; answer what the call decided (kept in Postgres so
+    any instance can answer; this instance's own recent decisions are read from memory)."""
+    shim: Shim = request.app.state.shim
+    params = await _signed_form(request, "/twilio/stream-ended")
+    if params is None:
+        return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
+    call_sid = params.get("CallSid", "")
+    action = shim.endings.get(call_sid) or await _stored_action(shim, call_sid)
+    if action and action.get("verb") == "hangup":
+        return hangup_twiml(action.get("say"))
+    return hangup_twiml()
+
+
+async def _stored_action(shim: Shim, call_sid: str) -> dict[str, Any] | None:
+    # The deciding instance writes next_action through its batching writer: allow it a moment.
+    for _ in range(10):
+        try:
+            pool = await asyncio.wait_for(shim.db(), 2)
+            raw = await pool.fetchval("SELECT next_action FROM calls WHERE call_sid = $1", call_sid, timeout=2)
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return None
+        if raw:
+            return orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def twilio_status(request: Request) -> Response:
+    shim: Shim = request.app.state.shim
+    params = await _signed_form(request, "/twilio/status")
+    if params is None:
+        return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
+    call_sid, status = params.get("CallSid", ""), params.get("CallStatus", "")
+    if call_sid and status in STATUS_ENDED_REASON:
+        from datetime import datetime, timezone
+
+        shim.recorder.upsert(
+            "calls",
+            {"call_sid": call_sid, "status": status, "ended_at": datetime.now(timezone.utc),
+             "ended_reason": STATUS_ENDED_REASON[status]},
+            keep_existing=("ended_at", "ended_reason"),
+        )
+    return Response(status_code=204)
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def metrics(request: Request) -> Response:
+    shim: Shim = request.app.state.shim
+    return Response(generate_latest(shim.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class QueueTwilioSink:
+    """Adapter for the single-port fallback: Starlette's send is async, the call core is not."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def send(self, frame: str) -> None:
+        self.queue.put_nowait(frame)
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
+
+
+async def media_stream(websocket: WebSocket) -> None:
+    shim: Shim = websocket.app.state.shim
+    if not shim.bridge.stream_signature_ok(websocket.headers.get("x-twilio-signature")):
+        log.warning("media_stream_signature_rejected")
+        await websocket.close(code=1008)  # before accept(): the upgrade is refused with 403
+        return
+    await websocket.accept()
+    sink = QueueTwilioSink()
+    runner = CallRunner(shim.bridge, sink)
+
+    async def sender() -> None:
+        while (frame := await sink.queue.get()) is not None:
+            await websocket.send_text(frame)
+        await websocket.close()
+
+    send_task = asyncio.create_task(sender())
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            data = message.get("text") or message.get("bytes")
+            if data is not None:
+                runner.on_twilio_text(data)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        runner.on_twilio_closed()
+        if runner.task is not None:
+            await runner.task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(send_task, 2)
+        send_task.cancel()
+
+
+def create_app(config: Config, *, media_host: str = "0.0.0.0", media_port: int | None = None) -> Starlette:
+    shim = Shim(config, media_host=media_host, media_port=media_port)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await shim.startup()
+        try:
+            yield
+        finally:
+            await shim.shutdown()
+
+    app = Starlette(
+        routes=[
+            Route("/twilio/voice", twilio_voice, methods=["POST"]),
+            Route("/twilio/stream-ended", stream_ended, methods=["POST"]),
+            Route("/twilio/status", twilio_status, methods=["POST"]),
+            Route("/healthz", healthz),
+            Route("/metrics", metrics),
+            WebSocketRoute("/twilio/media", media_stream),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.shim = shim
+    return app

@@ -1,0 +1,579 @@
+"""One phone call as a sans-I/O state machine: Twilio frames and Realtime events in, frames,
+events and database rows out. No sockets, no awaits, no clocks of its own (they are injected),
+so every behaviour here is tested without a network.
+
+After feeding an input, the I/O shell drains `twilio_out` and `model_out` (strings to send),
+looks at `model_wanted` (open the model socket now) and `end` (close everything).
+
+A frame in -> a frame out is one synchronous call: caller audio becomes one
+`input_audio_buffer.append`, model audio becomes one Twilio `media` + one `mark`. Rows go to the
+injected RecordSink, whose `upsert`/`insert` only enqueue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from typing import Any, Callable, Protocol
+
+import orjson
+
+from . import realtime_events as rt
+from . import twilio_media as tw
+from .assistant import AssistantError, AssistantNotFound, CallSetup
+
+# Caller audio that arrives before the model session is configured waits here (20 ms frames).
+MAX_EARLY_FRAMES = 500  # 10 s
+APOLOGY = "Sorry, we are having technical difficulties. Please call again later."
+
+
+class RecordSink(Protocol):
+    def upsert(self, table: str, row: dict[str, Any], *, keep_existing: tuple[str, ...] = ()) -> None: ...
+    def insert(self, table: str, row: dict[str, Any]) -> None: ...
+
+
+class Metrics(Protocol):
+    def barge_in(self) -> None: ...
+    def model_error(self) -> None: ...
+    def turn_latency(self, seconds: float) -> None: ...
+
+
+class NoMetrics:
+    def barge_in(self) -> None: ...
+    def model_error(self) -> None: ...
+    def turn_latency(self, seconds: float) -> None: ...
+
+
+class Phase(Enum):
+    AWAITING_START = "awaiting_start"
+    CONFIGURING = "configuring"  # model socket opening, session.update not yet acknowledged
+    LIVE = "live"
+    ENDED = "ended"
+
+
+@dataclass(frozen=True)
+class End:
+    reason: str  # Vapi endedReason vocabulary
+    next_action: dict[str, Any]  # what /twilio/stream-ended answers
+
+
+@dataclass(slots=True)
+class AssistantItem:
+    """One assistant message item's audio on its way to the caller."""
+
+    item_id: str
+    response_id: str
+    seq: int
+    greeting: bool
+    sent_bytes: int = 0
+    played_bytes: int = 0  # confirmed by Twilio mark echoes
+    transcript: list[str] = field(default_factory=list)
+    final_transcript: str | None = None
+    interrupted: bool = False
+    dropped: bool = False  # interrupted: further deltas are not forwarded
+
+
+@dataclass(slots=True)
+class UserTurn:
+    seq: int
+    item_id: str
+
+
+def heard_text(text: str, heard_bytes: int, total_bytes: int) -> str:
+    """Best estimate of the words the caller heard: the share of the text proportional to the
+    audio played, cut back to a word boundary (a half-heard word is not counted)."""
+    if total_bytes <= 0 or heard_bytes <= 0 or not text:
+        return ""
+    if heard_bytes >= total_bytes:
+        return text
+    cut = int(len(text) * heard_bytes / total_bytes)
+    if cut < len(text) and not text[cut].isspace():
+        space = text.rfind(" ", 0, cut)
+        cut = space if space >= 0 else 0
+    return text[:cut].rstrip()
+
+
+class Call:
+    def __init__(
+        self,
+        resolve_setup: Callable[[tw.Start], CallSetup],
+        records: RecordSink,
+        *,
+        log: Any,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ):
+        self._resolve_setup = resolve_setup
+        self.records = records
+        self.log = log
+        self.metrics = metrics or NoMetrics()
+        self.clock = clock
+        self._wall0 = wall()
+        self._mono0 = clock()
+
+        self.phase = Phase.AWAITING_START
+        self.twilio_out: list[str] = []
+        self.model_out: list[str] = []
+        self.model_wanted = False
+        self.end: End | None = None
+
+        self.setup: CallSetup | None = None
+        self.call_sid = ""
+        self.stream_sid = ""
+        self.frames_in = 0
+        self.frames_out = 0
+
+        self._early_audio: deque[str] = deque(maxlen=MAX_EARLY_FRAMES)
+        self._seq = 0
+        self._items: dict[str, AssistantItem] = {}
+        self._marks: dict[str, tuple[AssistantItem, int]] = {}
+        self._mark_counter = 0
+        self._user_turns: dict[str, UserTurn] = {}
+        self._response_id: str | None = None
+        self._cancelled: set[str] = set()
+        self._early_transcript: dict[str, list[str]] = {}
+        self._greeting_pending = False
+        self._greeting_response_id: str | None = None
+        self._input_origin: float | None = None  # clock() when the first caller audio reached the model
+        self._turn_end: float | None = None  # caller end of speech awaiting the next first byte
+        self._playback_free_at = 0.0  # clock() at which Twilio's buffer should be empty
+        self._last_activity = self._mono0
+        self._live_at: float | None = None
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def _wall_at(self, mono: float) -> datetime:
+        return self._wall0 + timedelta(seconds=mono - self._mono0)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _event(self, kind: str, **detail: Any) -> None:
+        self.records.insert(
+            "call_events",
+            {"call_sid": self.call_sid, "at": self._wall_at(self.clock()), "kind": kind, "detail": detail or None},
+        )
+
+    def _finish(self, reason: str, next_action: dict[str, Any] | None = None) -> None:
+        if self.end is not None:
+            return
+        now = self.clock()
+        action = next_action or {"verb": "hangup"}
+        self.end = End(reason, action)
+        self.phase = Phase.ENDED
+        self._early_audio.clear()
+        if not self.call_sid:
+            return
+        for item in self._items.values():
+            self._record_item(item, final=True)
+        self.records.upsert(
+            "calls",
+            {
+                "call_sid": self.call_sid,
+                "status": "ended",
+                "ended_at": self._wall_at(now),
+                "ended_reason": reason,
+                "next_action": action,
+            },
+            # The first reason wins: a status callback or a late socket close must not
+            # overwrite why the call really ended.
+            keep_existing=("ended_at", "ended_reason", "next_action"),
+        )
+        self.log.info("call_ended", ended_reason=reason, frames_in=self.frames_in, frames_out=self.frames_out)
+
+    # --- Twilio side ---------------------------------------------------------------------
+
+    def on_twilio_text(self, text: str | bytes) -> None:
+        try:
+            event = tw.parse(text)
+        except tw.ProtocolError as exc:
+            # Bad input loses nothing already accepted: log it, keep the call.
+            self.log.warning("twilio_frame_rejected", error=str(exc))
+            return
+        if event is None:
+            return
+        if type(event) is tw.Media:  # the hot path first
+            self.on_caller_audio(event.payload)
+        elif type(event) is tw.Mark:
+            self.on_mark(event.name)
+        elif type(event) is tw.Start:
+            self.on_start(event)
+        elif type(event) is tw.Stop:
+            self._finish("customer-ended-call")
+        elif type(event) is tw.Dtmf:
+            self._event("dtmf", digit=event.digit)
+
+    def on_start(self, start: tw.Start) -> None:
+        if self.phase is not Phase.AWAITING_START:
+            self.log.warning("duplicate_start_ignored")
+            return
+        self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
+        self.log = self.log.bind(call_sid=start.call_sid)
+        params = start.custom_parameters
+        row: dict[str, Any] = {
+            "call_sid": start.call_sid,
+            "stream_sid": start.stream_sid,
+            "account_sid": start.account_sid or None,
+            "assistant_id": params.get("assistant") or None,
+            "from_number": params.get("from") or None,
+            "to_number": params.get("to") or None,
+            "stack": "shim",
+            "status": "in-progress",
+            "started_at": self._wall_at(self._mono0),
+            "custom_parameters": params,
+        }
+        try:
+            self.setup = self._resolve_setup(start)
+        except AssistantError as exc:
+            self.records.upsert("calls", row)
+            self.log.error("assistant_unusable", error=str(exc))
+            reason = "assistant-not-found" if isinstance(exc, AssistantNotFound) else "assistant-not-valid"
+            self._finish(reason, {"verb": "hangup", "say": APOLOGY})
+            return
+        row.update(
+            assistant_name=self.setup.assistant_name or None, model=self.setup.model, voice=self.setup.voice
+        )
+        self.records.upsert("calls", row)
+        self.phase = Phase.CONFIGURING
+        self.model_wanted = True
+        self.log.info("call_started", assistant_id=self.setup.assistant_id)
+
+    def on_caller_audio(self, payload: str) -> None:
+        self.frames_in += 1
+        if self.phase is Phase.LIVE:
+            self.model_out.append(rt.append_audio(payload))
+        elif self.phase is Phase.CONFIGURING:
+            self._early_audio.append(payload)
+
+    def on_mark(self, name: str) -> None:
+        entry = self._marks.pop(name, None)
+        if entry is None:
+            return  # echoed after a clear: that audio was discarded, not played
+        item, cumulative = entry
+        if cumulative > item.played_bytes:
+            item.played_bytes = cumulative
+
+    def on_twilio_closed(self) -> None:
+        self._finish("phone-call-provider-closed-websocket")
+
+    # --- model side ----------------------------------------------------------------------
+
+    def on_model_connected(self) -> None:
+        self.log.info("model_connected")
+
+    def on_model_connect_failed(self, status: int | None, detail: str) -> None:
+        self.metrics.model_error()
+        self._event("model_connect_failed", status=status, detail=detail[:300])
+        self.log.error("model_connect_failed", status=status, detail=detail[:300])
+        reason = {
+            401: "pipeline-error-openai-401-unauthorized",
+            403: "pipeline-error-openai-403-model-access-denied",
+            429: "pipeline-error-openai-429-rate-limit-reached",
+        }.get(status or 0, "pipeline-error-openai-llm-failed")
+        self._finish(reason, {"verb": "hangup", "say": APOLOGY})
+
+    def on_model_closed(self, code: int | None, reason: str) -> None:
+        if self.end is not None:
+            return
+        self.metrics.model_error()
+        self._event("model_socket_closed", code=code, reason=reason[:300])
+        self.log.error("model_socket_closed", code=code, reason=reason[:300])
+        self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
+
+    def on_model_text(self, text: str | bytes) -> None:
+        try:
+            event = orjson.loads(text)
+            kind = event["type"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self.log.warning("model_event_rejected", frame=str(text)[:120])
+            return
+        handler = self._handlers.get(kind)
+        if handler is not None:
+            handler(self, event)
+
+    def _on_session_created(self, event: dict) -> None:
+        assert self.setup is not None
+        self.model_out.append(rt.session_update(self.setup.session))
+
+    def _on_session_updated(self, event: dict) -> None:
+        if self.phase is not Phase.CONFIGURING:
+            return
+        audio = (event.get("session") or {}).get("audio") or {}
+        formats = [((audio.get(side) or {}).get("format") or {}).get("type") for side in ("input", "output")]
+        if formats != ["audio/pcmu", "audio/pcmu"]:
+            # Relaying μ-law into a PCM session would play static to the caller: end cleanly.
+            self._event("session_format_mismatch", formats=formats)
+            self.log.error("session_format_mismatch", formats=formats)
+            self._finish("pipeline-error-openai-400-bad-request-validation-failed", {"verb": "hangup", "say": APOLOGY})
+            return
+        self.phase = Phase.LIVE
+        self._live_at = self.clock()
+        assert self.setup is not None
+        greeting = self.setup.greeting
+        if greeting.mode == "assistant-speaks-first":
+            self._greeting_pending = True
+            self.model_out.append(
+                rt.response_create(
+                    instructions=(
+                        "Greet the caller. Say exactly the following words, word for word, and nothing "
+                        f'else: "{greeting.text}"'
+                    ),
+                    metadata={"purpose": "greeting"},
+                )
+            )
+        elif greeting.mode == "assistant-speaks-first-with-model-generated-message":
+            self._greeting_pending = True
+            self.model_out.append(rt.response_create(metadata={"purpose": "greeting"}))
+        if self._early_audio:
+            self._input_origin = self.clock() - len(self._early_audio) * 0.02
+            self.model_out.extend(rt.append_audio(p) for p in self._early_audio)
+            self._early_audio.clear()
+        else:
+            self._input_origin = self.clock()
+
+    def _input_time(self, audio_ms: Any) -> float:
+        """clock() of a point on the model's input-audio timeline."""
+        origin = self._input_origin if self._input_origin is not None else self.clock()
+        return origin + (audio_ms if isinstance(audio_ms, (int, float)) else 0) / 1000
+
+    def _on_speech_started(self, event: dict) -> None:
+        now = self.clock()
+        self._last_activity = now
+        item_id = str(event.get("item_id") or f"user_{self._seq + 1}")
+        started = min(now, self._input_time(event.get("audio_start_ms")))
+        turn = UserTurn(self._next_seq(), item_id)
+        self._user_turns[item_id] = turn
+        self.records.upsert(
+            "utterances",
+            {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "item_id": item_id, "started_at": self._wall_at(started)},
+        )
+        self._barge_in()
+
+    def _barge_in(self) -> None:
+        """The caller started speaking: stop what the assistant is saying, and tell the model
+        exactly how much of it the caller heard (Twilio's mark echoes, never more than sent)."""
+        playing = [item for item in self._items.values() if not item.dropped and item.played_bytes < item.sent_bytes]
+        generating = self._response_id is not None
+        if not playing and not generating:
+            return
+        if self.setup is not None and not self.setup.greeting.interruptible:
+            in_greeting = any(item.greeting for item in playing) or (
+                generating and self._response_id == self._greeting_response_id
+            )
+            if in_greeting:
+                return  # Vapi: firstMessageInterruptionsEnabled=false, the greeting is not cut off
+        self.metrics.barge_in()
+        if generating:
+            self.model_out.append(rt.response_cancel(self._response_id))
+        if playing:
+            self.twilio_out.append(tw.clear_frame(self.stream_sid))
+            self._marks.clear()  # their echoes now mean "discarded", not "played"
+            self._playback_free_at = self.clock()
+        if generating:
+            self._cancelled.add(self._response_id)
+        for item in self._items.values():
+            still_coming = generating and item.response_id == self._response_id
+            if item.dropped or (item.played_bytes >= item.sent_bytes and not still_coming):
+                continue
+            item.dropped = True
+            item.interrupted = True
+            heard_ms = item.played_bytes // tw.MULAW_BYTES_PER_MS
+            if heard_ms > 0:
+                self.model_out.append(rt.item_truncate(item.item_id, heard_ms))
+            else:
+                # Nothing of it reached the caller: truncating at 0 is rejected by the API, and
+                # the model must not believe it said these words.
+                self.model_out.append(rt.item_delete(item.item_id))
+            self._record_item(item)
+        self._event("barge_in", response_id=self._response_id)
+        self.log.info("barge_in", response_id=self._response_id)
+
+    def _on_speech_stopped(self, event: dict) -> None:
+        now = self.clock()
+        self._last_activity = now
+        assert self.setup is not None
+        # audio_end_ms includes the silence window that confirmed the end of the turn.
+        ended = self._input_time(event.get("audio_end_ms")) - self.setup.policy.silence_duration_ms / 1000
+        self._turn_end = min(now, ended)
+        turn = self._user_turns.get(str(event.get("item_id")))
+        if turn is not None:
+            self.records.upsert(
+                "utterances",
+                {"call_sid": self.call_sid, "seq": turn.seq, "ended_at": self._wall_at(self._turn_end)},
+            )
+
+    def _on_transcription_completed(self, event: dict) -> None:
+        item_id = str(event.get("item_id") or "")
+        turn = self._user_turns.get(item_id)
+        if turn is None:  # no speech_started seen (e.g. a manual commit): place it now
+            turn = self._user_turns[item_id] = UserTurn(self._next_seq(), item_id)
+            self.records.upsert(
+                "utterances",
+                {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "item_id": item_id,
+                 "started_at": self._wall_at(self.clock())},
+            )
+        self.records.upsert(
+            "utterances", {"call_sid": self.call_sid, "seq": turn.seq, "text": str(event.get("transcript") or "")}
+        )
+
+    def _on_response_created(self, event: dict) -> None:
+        response_id = str((event.get("response") or {}).get("id") or "")
+        self._response_id = response_id
+        if self._greeting_pending:
+            self._greeting_pending = False
+            self._greeting_response_id = response_id
+
+    def _on_audio_delta(self, event: dict) -> None:
+        item_id = event.get("item_id")
+        delta = event.get("delta")
+        if not isinstance(delta, str) or not isinstance(item_id, str) or self.phase is not Phase.LIVE:
+            return
+        item = self._items.get(item_id)
+        now = self.clock()
+        if item is None:
+            response_id = str(event.get("response_id") or "")
+            if response_id in self._cancelled:
+                return  # a late delta of a response the caller interrupted
+            item = self._new_item(item_id, response_id, now)
+        if item.dropped:
+            return  # deltas still in flight after a barge-in
+        nbytes = tw.b64_decoded_len(delta)
+        item.sent_bytes += nbytes
+        self._playback_free_at = max(self._playback_free_at, now) + nbytes / 8000
+        self._mark_counter += 1
+        name = str(self._mark_counter)
+        self._marks[name] = (item, item.sent_bytes)
+        sid = self.stream_sid
+        self.twilio_out.append(tw.media_frame(sid, delta))
+        self.twilio_out.append(tw.mark_frame(sid, name))
+        self.frames_out += 1
+
+    def _new_item(self, item_id: str, response_id: str, now: float) -> AssistantItem:
+        item = AssistantItem(
+            item_id=item_id,
+            response_id=response_id,
+            seq=self._next_seq(),
+            greeting=response_id != "" and response_id == self._greeting_response_id,
+        )
+        self._items[item_id] = item
+        item.transcript.extend(self._early_transcript.pop(item_id, ()))
+        row: dict[str, Any] = {
+            "call_sid": self.call_sid,
+            "seq": item.seq,
+            "role": "assistant",
+            "item_id": item_id,
+            "started_at": self._wall_at(max(now, self._playback_free_at)),
+        }
+        if self._turn_end is not None:
+            latency = now - self._turn_end
+            self._turn_end = None
+            row["latency_ms"] = int(round(latency * 1000))
+            self.metrics.turn_latency(latency)
+        self.records.upsert("utterances", row)
+        return item
+
+    def _on_transcript_delta(self, event: dict) -> None:
+        delta = event.get("delta")
+        if not isinstance(delta, str):
+            return
+        item_id = str(event.get("item_id"))
+        item = self._items.get(item_id)
+        if item is not None:
+            item.transcript.append(delta)
+        elif len(self._early_transcript) < 16:  # text may arrive before the item's first audio
+            self._early_transcript.setdefault(item_id, []).append(delta)
+
+    def _on_transcript_done(self, event: dict) -> None:
+        item = self._items.get(str(event.get("item_id")))
+        if item is not None and isinstance(event.get("transcript"), str):
+            item.final_transcript = event["transcript"]
+            self._record_item(item)
+
+    def _record_item(self, item: AssistantItem, final: bool = False) -> None:
+        full = item.final_transcript if item.final_transcript is not None else "".join(item.transcript)
+        row: dict[str, Any] = {
+            "call_sid": self.call_sid,
+            "seq": item.seq,
+            "audio_ms": item.sent_bytes // tw.MULAW_BYTES_PER_MS,
+            "heard_ms": item.played_bytes // tw.MULAW_BYTES_PER_MS,
+        }
+        if item.interrupted:
+            row.update(
+                interrupted=True,
+                text=heard_text(full, item.played_bytes, item.sent_bytes),
+                full_text=full,
+            )
+        elif full or final:
+            row["text"] = full
+        self.records.upsert("utterances", row)
+
+    def _on_response_done(self, event: dict) -> None:
+        response = event.get("response") or {}
+        if response.get("id") == self._response_id:
+            self._response_id = None
+        status = response.get("status")
+        if status == "failed":
+            self.metrics.model_error()
+            detail = (response.get("status_details") or {}).get("error")
+            self._event("response_failed", error=detail)
+            self.log.error("response_failed", error=detail)
+
+    def _on_error(self, event: dict) -> None:
+        error = event.get("error") or {}
+        code = error.get("code")
+        if code == "response_cancel_not_active":
+            return  # benign race: the response ended before our cancel arrived
+        self.metrics.model_error()
+        self._event("model_error", code=code, message=str(error.get("message") or "")[:300], param=error.get("param"))
+        self.log.warning("model_error", code=code, message=str(error.get("message") or "")[:300])
+        if code in ("session_expired", "invalid_api_key"):
+            self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
+
+    _handlers: dict[str, Callable[[Call, dict], None]] = {
+        "session.created": _on_session_created,
+        "session.updated": _on_session_updated,
+        "input_audio_buffer.speech_started": _on_speech_started,
+        "input_audio_buffer.speech_stopped": _on_speech_stopped,
+        "conversation.item.input_audio_transcription.completed": _on_transcription_completed,
+        "response.created": _on_response_created,
+        "response.output_audio.delta": _on_audio_delta,
+        "response.output_audio_transcript.delta": _on_transcript_delta,
+        "response.output_audio_transcript.done": _on_transcript_done,
+        "response.done": _on_response_done,
+        "error": _on_error,
+    }
+
+    # --- time ----------------------------------------------------------------------------
+
+    def playing(self) -> bool:
+        return bool(self._marks)
+
+    def tick(self) -> None:
+        """Called about twice a second by the shell: call-level timers."""
+        if self.phase is not Phase.LIVE or self.setup is None:
+            return
+        now = self.clock()
+        policy = self.setup.policy
+        if self._live_at is not None and now - self._live_at >= policy.max_duration_s:
+            self._finish("exceeded-max-duration")
+            return
+        if self._marks or self._response_id is not None:
+            self._last_activity = now  # the assistant is talking or about to
+            return
+        if now - self._last_activity >= policy.silence_timeout_s:
+            self._finish("silence-timed-out")
+
+    # --- output --------------------------------------------------------------------------
+
+    def take_twilio_out(self) -> list[str]:
+        out, self.twilio_out = self.twilio_out, []
+        return out
+
+    def take_model_out(self) -> list[str]:
+        out, self.model_out = self.model_out, []
+        return out

@@ -1,0 +1,132 @@
+"""`shim` command line: serve, numbers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+
+import orjson
+
+from .config import Config, ConfigError
+
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+
+def _run(coro):
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.run(coro)
+
+
+async def _serve(config: Config, host: str, port: int, media_port: int | None) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(config, media_host=host, media_port=media_port)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            ws="websockets-sansio",
+            proxy_headers=False,  # signatures use PUBLIC_URL, never forwarded headers
+            timeout_graceful_shutdown=int(config.drain_timeout_s) + 5,
+        )
+    )
+    await server.serve()
+
+
+async def _with_db(config: Config, work):
+    from .db import resolve_dsn
+    from .store import migrate
+
+    import asyncpg
+
+    dsn, embedded = resolve_dsn(config.database_url, config.data_dir)
+    try:
+        await migrate(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the service (HTTP webhooks + media streams)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--media-port", type=int, default=None,
+                       help="serve /twilio/media on this port with picows (set PUBLIC_MEDIA_URL to match)")
+
+    numbers = sub.add_parser("numbers", help="which assistant answers which number (local table)")
+    nsub = numbers.add_subparsers(dest="numbers_command", required=True)
+    nset = nsub.add_parser("set", help="route NUMBER to an assistant")
+    nset.add_argument("number")
+    nset.add_argument("--assistant", required=True)
+    nsub.add_parser("list", help="print the numbers table as JSON lines")
+
+    args = parser.parse_args(argv)
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"shim: {exc}", file=sys.stderr)
+        return 2
+
+    from . import logs
+
+    logs.configure(config.log_format, config.log_level)
+
+    if args.command == "serve":
+        _run(_serve(config, args.host, args.port, args.media_port))
+        return 0
+
+    if args.command == "numbers" and args.numbers_command == "set":
+        if not E164.match(args.number):
+            print(f"shim: number {args.number!r}: expected E.164, e.g. +15551234567", file=sys.stderr)
+            return 2
+        path = config.assistants_dir / f"{args.assistant}.json"
+        if not path.is_file():
+            print(f"shim: --assistant {args.assistant!r}: no file {path}", file=sys.stderr)
+            return 2
+
+        async def set_number(conn):
+            await conn.execute(
+                """INSERT INTO numbers (number, assistant_id, updated_at) VALUES ($1, $2, now())
+                   ON CONFLICT (number) DO UPDATE SET assistant_id = EXCLUDED.assistant_id, updated_at = now()""",
+                args.number,
+                args.assistant,
+            )
+
+        _run(_with_db(config, set_number))
+        print(f"{args.number} -> {args.assistant}")
+        return 0
+
+    if args.command == "numbers" and args.numbers_command == "list":
+
+        async def list_numbers(conn):
+            return await conn.fetch("SELECT number, assistant_id, stack, updated_at FROM numbers ORDER BY number")
+
+        for row in _run(_with_db(config, list_numbers)):
+            print(orjson.dumps(dict(row)).decode())
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

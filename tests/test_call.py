@@ -1,0 +1,326 @@
+"""The call state machine, without sockets: frames and events in, frames, events and rows out."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timezone
+
+import orjson
+import pytest
+import structlog
+
+from shim import twilio_media as tw
+from shim.assistant import AssistantNotFound, CallContext, build_call_setup
+from shim.call import Call, Phase, heard_text
+
+MINIMAL = {
+    "name": "Acme",
+    "model": {"provider": "openai", "model": "gpt-4o", "messages": [{"role": "system", "content": "Be brief. Caller: {{customer.number}}"}]},
+    "firstMessage": "Hi, thanks for calling Acme.",
+}
+
+
+class Rows:
+    def __init__(self):
+        self.upserts: list[tuple[str, dict, tuple]] = []
+        self.inserts: list[tuple[str, dict]] = []
+
+    def upsert(self, table, row, *, keep_existing=()):
+        self.upserts.append((table, dict(row), keep_existing))
+
+    def insert(self, table, row):
+        self.inserts.append((table, dict(row)))
+
+    def merged(self, table, key):
+        """The final state of each row as the database would hold it."""
+        out: dict = {}
+        for t, row, keep in self.upserts:
+            if t != table:
+                continue
+            k = tuple(row[c] for c in key)
+            cur = out.setdefault(k, {})
+            for col, val in row.items():
+                if val is None:
+                    continue
+                if col in keep and cur.get(col) is not None:
+                    continue
+                cur[col] = val
+        return out
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def start_frame(params=None) -> str:
+    return orjson.dumps({
+        "event": "start", "sequenceNumber": "1", "streamSid": "MZ1",
+        "start": {"accountSid": "AC1", "streamSid": "MZ1", "callSid": "CA1", "tracks": ["inbound"],
+                  "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                  "customParameters": params or {"assistant": "acme", "from": "+15550001111", "to": "+15550002222"}},
+    }).decode()
+
+
+def media(payload: bytes, ts: int = 0) -> str:
+    return orjson.dumps({"event": "media", "streamSid": "MZ1", "media": {"track": "inbound", "chunk": "1", "timestamp": str(ts), "payload": b64(payload)}}).decode()
+
+
+def mark(name: str) -> str:
+    return orjson.dumps({"event": "mark", "streamSid": "MZ1", "mark": {"name": name}}).decode()
+
+
+def ev(type_, **kw) -> bytes:
+    return orjson.dumps({"type": type_, **kw})
+
+
+def make_call(assistant=MINIMAL, **setup_kw):
+    rows, clock = Rows(), Clock()
+
+    def resolve(start):
+        if start.custom_parameters.get("assistant") == "missing":
+            raise AssistantNotFound("assistant", "missing", "a file")
+        ctx = CallContext(call_sid=start.call_sid, from_number=start.custom_parameters.get("from", ""),
+                          to_number=start.custom_parameters.get("to", ""),
+                          now=datetime(2026, 11, 21, tzinfo=timezone.utc))
+        return build_call_setup("acme", assistant, ctx, model="gpt-realtime-2.1", **setup_kw)
+
+    call = Call(resolve, rows, log=structlog.get_logger(), clock=clock,
+                wall=lambda: datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc))
+    return call, rows, clock
+
+
+def live_call(assistant=MINIMAL):
+    call, rows, clock = make_call(assistant)
+    call.on_twilio_text(start_frame())
+    call.on_model_text(ev("session.created", session={}))
+    call.on_model_text(ev("session.updated", session={"audio": {"input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}}))
+    return call, rows, clock
+
+
+def sent(call) -> list[dict]:
+    return [orjson.loads(m) for m in call.take_model_out()]
+
+
+def test_start_requests_model_and_session_update_carries_assistant():
+    call, rows, _ = make_call()
+    call.on_twilio_text(start_frame())
+    assert call.model_wanted and call.phase is Phase.CONFIGURING
+    call.on_model_text(ev("session.created", session={}))
+    (update,) = sent(call)
+    session = update["session"]
+    assert update["type"] == "session.update"
+    assert session["type"] == "realtime"
+    assert session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    assert session["audio"]["output"]["format"] == {"type": "audio/pcmu"}
+    assert session["instructions"] == "Be brief. Caller: +15550001111"
+    assert session["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 400  # Vapi default waitSeconds
+    assert session["audio"]["input"]["transcription"]["model"]
+    call_row = rows.merged("calls", ["call_sid"])[("CA1",)]
+    assert call_row["assistant_id"] == "acme" and call_row["from_number"] == "+15550001111"
+
+
+def test_caller_audio_waits_for_session_updated_then_flows_in_order():
+    call, rows, _ = make_call()
+    call.on_twilio_text(start_frame())
+    call.on_twilio_text(media(b"\x01" * 160))
+    call.on_twilio_text(media(b"\x02" * 160))
+    assert call.take_model_out() == []
+    call.on_model_text(ev("session.created", session={}))
+    call.take_model_out()
+    call.on_model_text(ev("session.updated", session={"audio": {"input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}}))
+    out = sent(call)
+    assert out[0]["type"] == "response.create"  # the greeting goes first
+    assert '"Hi, thanks for calling Acme."' in out[0]["response"]["instructions"]
+    appends = [e["audio"] for e in out if e["type"] == "input_audio_buffer.append"]
+    assert appends == [b64(b"\x01" * 160), b64(b"\x02" * 160)]
+    call.on_twilio_text(media(b"\x03" * 160))
+    assert sent(call) == [{"type": "input_audio_buffer.append", "audio": b64(b"\x03" * 160)}]
+
+
+def test_pcm_session_is_refused_not_relayed():
+    call, rows, _ = make_call()
+    call.on_twilio_text(start_frame())
+    call.on_model_text(ev("session.updated", session={"audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}, "output": {"format": {"type": "audio/pcmu"}}}}))
+    assert call.end is not None and call.end.reason.startswith("pipeline-error-openai")
+    assert call.end.next_action["verb"] == "hangup" and call.end.next_action["say"]
+
+
+def test_model_audio_passes_through_with_a_mark_after_each_chunk():
+    call, rows, _ = live_call()
+    call.take_model_out()
+    call.on_model_text(ev("response.created", response={"id": "resp_1"}))
+    chunks = [bytes([i]) * 800 for i in range(3)]
+    for c in chunks:
+        call.on_model_text(ev("response.output_audio.delta", response_id="resp_1", item_id="item_1", output_index=0, content_index=0, delta=b64(c)))
+    frames = [orjson.loads(f) for f in call.take_twilio_out()]
+    assert [f["event"] for f in frames] == ["media", "mark"] * 3
+    assert [base64.b64decode(f["media"]["payload"]) for f in frames[::2]] == chunks
+    assert all(f["streamSid"] == "MZ1" for f in frames)
+    assert len({f["mark"]["name"] for f in frames[1::2]}) == 3
+
+
+def _speak(call, item="item_1", resp="resp_1", chunks=5, size=800):
+    call.on_model_text(ev("response.created", response={"id": resp}))
+    for i in range(chunks):
+        call.on_model_text(ev("response.output_audio_transcript.delta", response_id=resp, item_id=item, output_index=0, content_index=0, delta="word " * 4))
+        call.on_model_text(ev("response.output_audio.delta", response_id=resp, item_id=item, output_index=0, content_index=0, delta=b64(b"\x10" * size)))
+    return [orjson.loads(f)["mark"]["name"] for f in call.take_twilio_out() if '"mark"' in f]
+
+
+def test_barge_in_truncates_at_what_marks_confirm_played():
+    call, rows, clock = live_call(dict(MINIMAL, firstMessageMode="assistant-waits-for-user"))
+    call.take_model_out()
+    marks = _speak(call)  # 5 x 100 ms
+    call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
+    for name in marks[:2]:  # 200 ms played
+        call.on_twilio_text(mark(name))
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=900, item_id="item_u1"))
+    out = sent(call)
+    assert {"type": "conversation.item.truncate", "item_id": "item_1", "content_index": 0, "audio_end_ms": 200}.items() <= out[0].items()
+    assert [orjson.loads(f)["event"] for f in call.take_twilio_out()] == ["clear"]
+    # marks echoed because of the clear do not count as played
+    for name in marks[2:]:
+        call.on_twilio_text(mark(name))
+    utter = rows.merged("utterances", ["call_sid", "seq"])
+    assistant = next(u for u in utter.values() if u.get("role") == "assistant")
+    assert assistant["interrupted"] is True and assistant["heard_ms"] == 200
+    assert assistant["full_text"] == "word " * 20
+    assert assistant["text"] == ("word " * 8).strip()  # 2/5 of the words
+
+
+def test_barge_in_before_any_audio_played_cancels_and_deletes_instead_of_truncating():
+    call, rows, _ = live_call(dict(MINIMAL, firstMessageMode="assistant-waits-for-user"))
+    call.take_model_out()
+    _speak(call, chunks=2)
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=100, item_id="item_u1"))
+    types = [e["type"] for e in sent(call)]
+    assert "conversation.item.truncate" not in types
+    assert types == ["response.cancel", "conversation.item.delete"]
+    # late deltas of the cancelled response are not played
+    call.take_twilio_out()
+    call.on_model_text(ev("response.output_audio.delta", response_id="resp_1", item_id="item_1", output_index=0, content_index=0, delta=b64(b"\x10" * 80)))
+    call.on_model_text(ev("response.output_audio.delta", response_id="resp_1", item_id="item_2", output_index=0, content_index=0, delta=b64(b"\x10" * 80)))
+    assert call.take_twilio_out() == []
+
+
+def test_speech_with_nothing_playing_is_not_a_barge_in():
+    call, rows, _ = live_call(dict(MINIMAL, firstMessageMode="assistant-waits-for-user"))
+    call.take_model_out()
+    marks = _speak(call, chunks=1)
+    call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
+    call.on_twilio_text(mark(marks[0]))
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=900, item_id="item_u1"))
+    assert sent(call) == [] and call.take_twilio_out() == []
+
+
+def test_greeting_is_not_cut_off_by_default_but_is_when_enabled():
+    call, _, _ = live_call()
+    call.take_model_out()
+    _speak(call, resp="resp_g", item="item_g")  # the first response is the greeting
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=100, item_id="item_u1"))
+    assert sent(call) == [] and call.take_twilio_out() == []
+
+    call, _, _ = live_call(dict(MINIMAL, firstMessageInterruptionsEnabled=True))
+    call.take_model_out()
+    _speak(call, resp="resp_g", item="item_g")
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=100, item_id="item_u1"))
+    assert [orjson.loads(f)["event"] for f in call.take_twilio_out()] == ["clear"]
+
+
+def test_transcripts_are_ordered_by_speech_not_arrival_and_latency_recorded():
+    call, rows, clock = live_call(dict(MINIMAL, firstMessageMode="assistant-waits-for-user"))
+    call.take_model_out()
+    clock.t += 1.0
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=1000, item_id="item_u1"))
+    clock.t += 2.0
+    call.on_model_text(ev("input_audio_buffer.speech_stopped", audio_end_ms=3400, item_id="item_u1"))
+    clock.t += 0.5
+    _speak(call, chunks=1)
+    # the caller's transcript arrives after the reply started
+    call.on_model_text(ev("conversation.item.input_audio_transcription.completed", item_id="item_u1", content_index=0, transcript="What time do you open?"))
+    call.on_model_text(ev("response.output_audio_transcript.done", response_id="resp_1", item_id="item_1", output_index=0, content_index=0, transcript="We open at nine."))
+    utter = sorted(rows.merged("utterances", ["call_sid", "seq"]).values(), key=lambda u: u["started_at"])
+    assert [(u["role"], u["text"]) for u in utter] == [("user", "What time do you open?"), ("assistant", "We open at nine.")]
+    # end of speech = audio_end_ms minus the 400 ms silence window = input time 3.0 s; reply 0.5 s later
+    assert utter[1]["latency_ms"] == 500
+
+
+def test_stop_ends_call_once_with_first_reason():
+    call, rows, _ = live_call()
+    call.on_twilio_text(orjson.dumps({"event": "stop", "streamSid": "MZ1", "stop": {}}).decode())
+    call.on_twilio_closed()
+    assert call.end.reason == "customer-ended-call"
+    ends = [r for t, r, keep in rows.upserts if t == "calls" and "ended_reason" in r]
+    assert len(ends) == 1 and ends[0]["ended_at"] is not None
+
+
+def test_unknown_assistant_ends_with_apology():
+    call, rows, _ = make_call()
+    call.on_twilio_text(start_frame({"assistant": "missing"}))
+    assert not call.model_wanted
+    assert call.end.reason == "assistant-not-found" and call.end.next_action["say"]
+
+
+def test_model_socket_loss_ends_call_and_is_recorded():
+    call, rows, _ = live_call()
+    call.on_model_closed(1011, "boom")
+    assert call.end.reason == "pipeline-error-openai-llm-failed"
+    assert any(t == "call_events" and r["kind"] == "model_socket_closed" for t, r in rows.inserts)
+
+
+def test_recoverable_model_error_keeps_the_call():
+    call, rows, _ = live_call()
+    call.on_model_text(ev("error", error={"type": "invalid_request_error", "code": "conversation_already_has_active_response", "message": "x"}))
+    assert call.end is None
+    assert any(r["kind"] == "model_error" for t, r in rows.inserts)
+
+
+def test_max_duration_and_silence_timeout():
+    call, _, clock = live_call(dict(MINIMAL, maxDurationSeconds=60, silenceTimeoutSeconds=600))
+    clock.t += 59
+    call.tick()
+    assert call.end is None
+    clock.t += 1
+    call.tick()
+    assert call.end.reason == "exceeded-max-duration"
+
+    call, _, clock = live_call(dict(MINIMAL, silenceTimeoutSeconds=10, firstMessageMode="assistant-waits-for-user"))
+    clock.t += 9
+    call.tick()
+    assert call.end is None
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u"))
+    clock.t += 9
+    call.tick()
+    assert call.end is None
+    clock.t += 1.5
+    call.tick()
+    assert call.end.reason == "silence-timed-out"
+
+
+def test_malformed_twilio_frames_are_rejected_without_ending_the_call():
+    call, _, _ = live_call()
+    for bad in ("not json", "[]", '{"event":"media","media":{}}', '{"event":"start","start":{"streamSid":"x\\"y","callSid":"c"}}'):
+        call.on_twilio_text(bad)
+    assert call.end is None
+
+
+@pytest.mark.parametrize(
+    "text,heard,total,expected",
+    [("hello there friend", 0, 100, ""), ("hello there friend", 100, 100, "hello there friend"),
+     ("hello there friend", 50, 100, "hello"), ("hello there friend", 70, 100, "hello there")],
+)
+def test_heard_text(text, heard, total, expected):
+    assert heard_text(text, heard, total) == expected
+
+
+def test_b64_length_without_decoding():
+    for n in range(0, 20):
+        assert tw.b64_decoded_len(b64(b"x" * n)) == n
