@@ -155,6 +155,7 @@ class CallPolicy:
     max_duration_s: float = VAPI_DEFAULT_MAX_DURATION_S
     silence_timeout_s: float = VAPI_DEFAULT_SILENCE_TIMEOUT_S
     silence_duration_ms: int = 400
+    prefix_padding_ms: int = 300
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,7 @@ def build_call_setup(
                 # played (mark echoes), so interrupt_response is off and the bridge cancels.
                 "turn_detection": {
                     "type": "server_vad",
+                    "prefix_padding_ms": policy.prefix_padding_ms,
                     "silence_duration_ms": silence_ms,
                     "create_response": True,
                     "interrupt_response": False,

@@ -117,26 +117,51 @@ class CallRunner:
         self._twilio_closed = False
         state.runners.add(self)
 
-    # picows / Starlette callbacks (synchronous)
+    # picows / Starlette callbacks (synchronous). A bug in the call core ends this call, with
+    # the error recorded, and never propagates into the socket library or another call.
     def on_twilio_text(self, data: str | bytes) -> None:
-        self.call.on_twilio_text(data)
-        self.pump()
+        try:
+            self.call.on_twilio_text(data)
+            self.pump()
+        except Exception:
+            self._fail("twilio frame")
 
     def on_twilio_closed(self) -> None:
         self._twilio_closed = True
-        self.call.on_twilio_closed()
-        self.pump()
+        try:
+            self.call.on_twilio_closed()
+            self.pump()
+        except Exception:
+            self._fail("twilio close")
         if self.task is None:
             self._forget()
 
     def on_model_text(self, data: bytes) -> None:
-        self.call.on_model_text(data)
-        self.pump()
+        try:
+            self.call.on_model_text(data)
+            self.pump()
+        except Exception:
+            self._fail("model event")
 
     def on_model_disconnected(self, code: int | None, reason: str) -> None:
         self.model = None
-        self.call.on_model_closed(code, reason)
-        self.pump()
+        try:
+            self.call.on_model_closed(code, reason)
+            self.pump()
+        except Exception:
+            self._fail("model close")
+
+    def _fail(self, where: str) -> None:
+        log.exception("call_failed", call_sid=self.call.call_sid, where=where)
+        if self.call.end is None:
+            try:
+                self.call.on_model_closed(None, f"internal error handling {where}")
+            except Exception:
+                log.exception("call_finish_failed", call_sid=self.call.call_sid)
+        if not self.ended.is_set():
+            self.ended.set()
+            if self.task is None:
+                self._close_twilio()
 
     def pump(self) -> None:
         call = self.call

@@ -13,6 +13,7 @@ injected RecordSink, whose `upsert`/`insert` only enqueue.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -127,7 +128,7 @@ class Call:
         self.frames_in = 0
         self.frames_out = 0
 
-        self._early_audio: deque[str] = deque(maxlen=MAX_EARLY_FRAMES)
+        self._early_audio: deque[tuple[str, int]] = deque(maxlen=MAX_EARLY_FRAMES)
         self._seq = 0
         self._items: dict[str, AssistantItem] = {}
         self._marks: dict[str, tuple[AssistantItem, int]] = {}
@@ -138,7 +139,13 @@ class Call:
         self._early_transcript: dict[str, list[str]] = {}
         self._greeting_pending = False
         self._greeting_response_id: str | None = None
-        self._input_origin: float | None = None  # clock() when the first caller audio reached the model
+        # The model's input-audio timeline (ms of caller audio appended) -> Twilio's stream clock
+        # (media.timestamp): offsets change only where Twilio's clock jumped past a gap.
+        self._input_ms = 0.0
+        self._offset_ms: float | None = None
+        self._breaks_at: list[float] = []
+        self._breaks_offset: list[float] = []
+        self._stream_t0 = self._mono0  # clock() at Twilio's stream time 0 (the `start` frame)
         self._turn_end: float | None = None  # caller end of speech awaiting the next first byte
         self._playback_free_at = 0.0  # clock() at which Twilio's buffer should be empty
         self._last_activity = self._mono0
@@ -198,7 +205,7 @@ class Call:
         if event is None:
             return
         if type(event) is tw.Media:  # the hot path first
-            self.on_caller_audio(event.payload)
+            self.on_caller_audio(event.payload, event.timestamp_ms)
         elif type(event) is tw.Mark:
             self.on_mark(event.name)
         elif type(event) is tw.Start:
@@ -213,6 +220,7 @@ class Call:
             self.log.warning("duplicate_start_ignored")
             return
         self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
+        self._stream_t0 = self.clock()
         self.log = self.log.bind(call_sid=start.call_sid)
         params = start.custom_parameters
         row: dict[str, Any] = {
@@ -243,12 +251,22 @@ class Call:
         self.model_wanted = True
         self.log.info("call_started", assistant_id=self.setup.assistant_id)
 
-    def on_caller_audio(self, payload: str) -> None:
+    def on_caller_audio(self, payload: str, timestamp_ms: int) -> None:
         self.frames_in += 1
         if self.phase is Phase.LIVE:
-            self.model_out.append(rt.append_audio(payload))
+            self._append_audio(payload, timestamp_ms)
         elif self.phase is Phase.CONFIGURING:
-            self._early_audio.append(payload)
+            self._early_audio.append((payload, timestamp_ms))
+
+    def _append_audio(self, payload: str, timestamp_ms: int) -> None:
+        offset = timestamp_ms - self._input_ms
+        if self._offset_ms is None or abs(offset - self._offset_ms) > 40:
+            self._offset_ms = offset
+            if len(self._breaks_at) < 10_000:
+                self._breaks_at.append(self._input_ms)
+                self._breaks_offset.append(offset)
+        self._input_ms += tw.b64_decoded_len(payload) / tw.MULAW_BYTES_PER_MS
+        self.model_out.append(rt.append_audio(payload))
 
     def on_mark(self, name: str) -> None:
         entry = self._marks.pop(name, None)
@@ -329,23 +347,25 @@ class Call:
         elif greeting.mode == "assistant-speaks-first-with-model-generated-message":
             self._greeting_pending = True
             self.model_out.append(rt.response_create(metadata={"purpose": "greeting"}))
-        if self._early_audio:
-            self._input_origin = self.clock() - len(self._early_audio) * 0.02
-            self.model_out.extend(rt.append_audio(p) for p in self._early_audio)
-            self._early_audio.clear()
-        else:
-            self._input_origin = self.clock()
+        for payload, timestamp_ms in self._early_audio:
+            self._append_audio(payload, timestamp_ms)
+        self._early_audio.clear()
 
     def _input_time(self, audio_ms: Any) -> float:
-        """clock() of a point on the model's input-audio timeline."""
-        origin = self._input_origin if self._input_origin is not None else self.clock()
-        return origin + (audio_ms if isinstance(audio_ms, (int, float)) else 0) / 1000
+        """clock() of a point on the model's input-audio timeline (speech_started/stopped)."""
+        if not isinstance(audio_ms, (int, float)) or not self._breaks_at:
+            return self.clock()
+        i = max(bisect_right(self._breaks_at, audio_ms) - 1, 0)
+        return self._stream_t0 + (audio_ms + self._breaks_offset[i]) / 1000
 
     def _on_speech_started(self, event: dict) -> None:
         now = self.clock()
         self._last_activity = now
         item_id = str(event.get("item_id") or f"user_{self._seq + 1}")
-        started = min(now, self._input_time(event.get("audio_start_ms")))
+        # audio_start_ms includes the prefix padding the server keeps before detected speech
+        assert self.setup is not None
+        onset_ms = (event.get("audio_start_ms") or 0) + self.setup.policy.prefix_padding_ms
+        started = min(now, self._input_time(onset_ms))
         turn = UserTurn(self._next_seq(), item_id)
         self._user_turns[item_id] = turn
         self.records.upsert(
@@ -404,7 +424,7 @@ class Call:
         if turn is not None:
             self.records.upsert(
                 "utterances",
-                {"call_sid": self.call_sid, "seq": turn.seq, "ended_at": self._wall_at(self._turn_end)},
+                {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "ended_at": self._wall_at(self._turn_end)},
             )
 
     def _on_transcription_completed(self, event: dict) -> None:
@@ -418,7 +438,8 @@ class Call:
                  "started_at": self._wall_at(self.clock())},
             )
         self.records.upsert(
-            "utterances", {"call_sid": self.call_sid, "seq": turn.seq, "text": str(event.get("transcript") or "")}
+            "utterances",
+            {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "text": str(event.get("transcript") or "")},
         )
 
     def _on_response_created(self, event: dict) -> None:
@@ -499,6 +520,7 @@ class Call:
         row: dict[str, Any] = {
             "call_sid": self.call_sid,
             "seq": item.seq,
+            "role": "assistant",
             "audio_ms": item.sent_bytes // tw.MULAW_BYTES_PER_MS,
             "heard_ms": item.played_bytes // tw.MULAW_BYTES_PER_MS,
         }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,6 +19,13 @@ def _ws_form(http_url: str, path: str) -> str:
     if scheme is None:
         raise ConfigError(f"PUBLIC_URL={http_url!r}: expected an http:// or https:// URL")
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, "", ""))
+
+
+def _float(raw: str, name: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,6 @@ class Config:
     model_connect_timeout_s: float = 10.0
     writer_max_memory_rows: int = 50_000
     drain_timeout_s: float = 25.0
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def public_base(self) -> str:
@@ -91,4 +97,5 @@ class Config:
             default_assistant=get("SHIM_DEFAULT_ASSISTANT"),
             log_format=get("SHIM_LOG_FORMAT", "json"),
             log_level=get("SHIM_LOG_LEVEL", "info"),
+            drain_timeout_s=_float(get("SHIM_DRAIN_TIMEOUT", "25"), "SHIM_DRAIN_TIMEOUT"),
         )

@@ -238,19 +238,25 @@ def test_greeting_is_not_cut_off_by_default_but_is_when_enabled():
 def test_transcripts_are_ordered_by_speech_not_arrival_and_latency_recorded():
     call, rows, clock = live_call(dict(MINIMAL, firstMessageMode="assistant-waits-for-user"))
     call.take_model_out()
-    clock.t += 1.0
+    t0 = clock.t  # Twilio's stream time 0
+    # a 100 ms gap in Twilio's stream clock after 1 s: audio time and stream time diverge there
+    for i in range(175):
+        call.on_twilio_text(media(b"\xff" * 160, ts=i * 20 + (100 if i >= 50 else 0)))
+    clock.t = t0 + 1.5
+    # audio_start_ms includes 300 ms of prefix padding: the voice began at audio 1300 ms
     call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=1000, item_id="item_u1"))
-    clock.t += 2.0
-    call.on_model_text(ev("input_audio_buffer.speech_stopped", audio_end_ms=3400, item_id="item_u1"))
-    clock.t += 0.5
+    clock.t = t0 + 3.5
+    call.on_model_text(ev("input_audio_buffer.speech_stopped", audio_end_ms=3300, item_id="item_u1"))
+    clock.t = t0 + 3.6
     _speak(call, chunks=1)
     # the caller's transcript arrives after the reply started
     call.on_model_text(ev("conversation.item.input_audio_transcription.completed", item_id="item_u1", content_index=0, transcript="What time do you open?"))
     call.on_model_text(ev("response.output_audio_transcript.done", response_id="resp_1", item_id="item_1", output_index=0, content_index=0, transcript="We open at nine."))
     utter = sorted(rows.merged("utterances", ["call_sid", "seq"]).values(), key=lambda u: u["started_at"])
     assert [(u["role"], u["text"]) for u in utter] == [("user", "What time do you open?"), ("assistant", "We open at nine.")]
-    # end of speech = audio_end_ms minus the 400 ms silence window = input time 3.0 s; reply 0.5 s later
-    assert utter[1]["latency_ms"] == 500
+    # end of speech = audio 3300 ms - 400 ms silence window = stream time 3.0 s; reply at 3.6 s
+    assert utter[1]["latency_ms"] == 600
+    assert utter[0]["started_at"] == datetime(2026, 11, 21, 12, 0, 1, 400000, tzinfo=timezone.utc)
 
 
 def test_stop_ends_call_once_with_first_reason():

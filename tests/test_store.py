@@ -1,0 +1,460 @@
+"""shim.store (migrations + Recorder), shim.db helpers and shim.testing.pg_proxy, on a real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from shim.db import _clear_stale_state, redact_dsn, resolve_dsn, with_database
+from shim.store import TABLES, Recorder, load_migrations, migrate
+from shim.testing.pg_proxy import PgProxy
+
+UTC = dt.UTC
+T0 = dt.datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+
+
+def ts(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+async def fetch(dsn: str, sql: str, *args):
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def fetchval(dsn: str, sql: str, *args):
+    return (await fetch(dsn, sql, *args))[0][0]
+
+
+async def wait_until(pred, timeout: float = 5.0, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def recorders(tmp_path):
+    """Factory for Recorders with test-friendly timings; all are closed at teardown."""
+    made: list[Recorder] = []
+
+    async def make(dsn: str, *, spool: str = "spool.jsonl", start: bool = True, **kw) -> Recorder:
+        kw.setdefault("retry_initial", 0.02)
+        kw.setdefault("retry_max", 0.1)
+        kw.setdefault("flush_interval", 0.005)
+        kw.setdefault("connect_timeout", 2.0)
+        rec = Recorder(dsn, spool_path=tmp_path / spool, **kw)
+        made.append(rec)
+        if start:
+            await rec.start()
+        return rec
+
+    yield make
+    for rec in made:
+        await rec.close(timeout=0.5)
+
+
+@pytest.fixture
+async def proxy(db_dsn):
+    p = PgProxy.from_dsn(db_dsn)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+# ------------------------------------------------------------------------------------------ migrations
+
+
+async def test_migrations_idempotent_and_recorded(db_dsn):
+    assert await migrate(db_dsn) == []  # the fixture already migrated
+    assert await migrate(db_dsn) == []
+    rows = await fetch(db_dsn, "SELECT version, name, applied_at FROM schema_migrations ORDER BY version")
+    assert [(r["version"], r["name"]) for r in rows] == [(m.version, m.name) for m in load_migrations()]
+    assert all(r["applied_at"] is not None for r in rows)
+
+
+async def test_migrations_concurrent(empty_db_dsn):
+    results = await asyncio.gather(migrate(empty_db_dsn), migrate(empty_db_dsn), migrate(empty_db_dsn))
+    versions = [m.version for m in load_migrations()]
+    assert sorted(results) == [[], [], versions]
+    assert await fetchval(empty_db_dsn, "SELECT count(*) FROM schema_migrations") == len(versions)
+
+
+async def test_migrate_uses_connection_default_schema(empty_db_dsn):
+    conn = await asyncpg.connect(empty_db_dsn)
+    try:
+        await conn.execute("CREATE SCHEMA app")
+        await conn.execute("SET search_path TO app")
+        assert await migrate(conn) == [m.version for m in load_migrations()]
+        assert not conn.is_closed()  # a passed connection stays open
+        schemas = {r["table_schema"] for r in await conn.fetch(
+            "SELECT table_schema FROM information_schema.tables WHERE table_name IN ('calls', 'schema_migrations')"
+        )}
+        assert schemas == {"app"}
+    finally:
+        await conn.close()
+
+
+async def test_every_column_is_commented(db_dsn):
+    missing = await fetch(
+        db_dsn,
+        """
+        SELECT c.relname, a.attname
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = current_schema()
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        LEFT JOIN pg_description d ON d.objoid = c.oid AND d.objsubid = a.attnum
+        WHERE c.relkind IN ('r', 'v') AND d.description IS NULL
+        """,
+    )
+    assert [tuple(r) for r in missing] == []
+
+
+async def test_table_specs_match_database(db_dsn):
+    """shim.store.TABLES (used to validate rows at the call site) mirrors the migrated schema."""
+    pg_types = {"text": "text", "integer": "integer", "boolean": "boolean", "timestamptz": "timestamp with time zone",
+                "jsonb": "jsonb", "uuid": "uuid"}
+    for spec in TABLES.values():
+        cols = {r["column_name"]: r for r in await fetch(
+            db_dsn,
+            "SELECT column_name, data_type, is_nullable, column_default FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = $1",
+            spec.name,
+        )}
+        assert set(cols) == set(spec.columns) | set(spec.managed), spec.name
+        for name, ctype in spec.columns.items():
+            assert cols[name]["data_type"] == pg_types[ctype], (spec.name, name)
+        not_null_no_default = {n for n, r in cols.items() if r["is_nullable"] == "NO" and r["column_default"] is None}
+        assert not_null_no_default <= set(spec.required) | set(spec.key), spec.name
+        pk = await fetch(
+            db_dsn,
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+            "WHERE i.indrelid = $1::regclass AND i.indisprimary",
+            spec.name,
+        )
+        assert {r["attname"] for r in pk} == set(spec.key), spec.name
+
+
+# ------------------------------------------------------------------------------------------ upsert semantics
+
+
+async def test_upsert_coalesces_and_keep_existing(db_dsn, recorders):
+    rec = await recorders(db_dsn)
+    rec.upsert("calls", {"call_sid": "CA1", "status": "ringing", "model": "m1", "started_at": ts(0)})
+    assert await rec.drain(5)
+    first = (await fetch(db_dsn, "SELECT * FROM calls WHERE call_sid = 'CA1'"))[0]
+    assert first["stack"] == "shim"  # column default on insert
+
+    # None never overwrites; keep_existing keeps a non-null stored value.
+    rec.upsert("calls", {"call_sid": "CA1", "status": None, "model": "m2", "started_at": ts(9)}, keep_existing=("started_at",))
+    # keep_existing on a column that is still NULL takes the new value.
+    rec.upsert("calls", {"call_sid": "CA1", "ended_at": ts(60), "voice": "alloy"}, keep_existing=("ended_at",))
+    assert await rec.drain(5)
+    row = (await fetch(db_dsn, "SELECT * FROM calls WHERE call_sid = 'CA1'"))[0]
+    assert (row["status"], row["model"], row["started_at"], row["ended_at"], row["voice"]) == (
+        "ringing", "m2", ts(0), ts(60), "alloy"
+    )
+    assert row["created_at"] == first["created_at"]
+    assert row["updated_at"] > first["updated_at"]
+
+    # Tables with and without updated_at, key-only rows, NOT NULL defaults.
+    rec.upsert("utterances", {"call_sid": "CA1", "seq": 1, "role": "assistant", "text": "Hi", "audio_ms": 1200})
+    rec.upsert("utterances", {"call_sid": "CA1", "seq": 1, "role": "assistant", "heard_ms": 800, "interrupted": True})
+    rec.upsert("tool_calls", {"call_sid": "CA1", "seq": 1, "name": "lookup", "status": "requested"})
+    rec.upsert("tool_calls", {"call_sid": "CA1", "seq": 1, "status": "completed", "latency_ms": 42})
+    rec.upsert("numbers", {"number": "+14155550100", "assistant_id": "asst_1"})
+    rec.upsert("numbers", {"number": "+14155550100"})
+    assert await rec.drain(5)
+    u = (await fetch(db_dsn, "SELECT * FROM utterances"))[0]
+    assert (u["text"], u["audio_ms"], u["heard_ms"], u["interrupted"]) == ("Hi", 1200, 800, True)
+    t = (await fetch(db_dsn, "SELECT * FROM tool_calls"))[0]
+    assert (t["name"], t["status"], t["latency_ms"]) == ("lookup", "completed", 42)
+    n = (await fetch(db_dsn, "SELECT * FROM numbers"))[0]
+    assert (n["assistant_id"], n["stack"]) == ("asst_1", "shim")
+    assert rec.written == 9 and rec.rejected == 0 and rec.pending == 0 and rec.db_up
+
+
+async def test_jsonb_round_trip_and_events(db_dsn, recorders):
+    rec = await recorders(db_dsn)
+    action = {"verb": "dial", "number": "+14155550199", "opts": {"timeout": 20, "record": True, "ratio": 0.5, "x": None}}
+    params = [{"name": "lang", "value": "fr"}, {"name": "émoji", "value": "☎️ «ok»"}]
+    rec.upsert("calls", {"call_sid": "CA2", "next_action": action, "custom_parameters": params, "metadata": {}})
+    event_id = rec.insert("call_events", {"call_sid": "CA2", "kind": "barge_in", "detail": {"at_ms": 1530}})
+    rec.insert("call_events", {"id": event_id, "call_sid": "CA2", "kind": "barge_in", "at": ts(1)})  # replayed id
+    assert await rec.drain(5)
+    row = (await fetch(db_dsn, "SELECT next_action, custom_parameters, metadata, next_action->>'verb' AS verb FROM calls"))[0]
+    assert json.loads(row["next_action"]) == action
+    assert json.loads(row["custom_parameters"]) == params
+    assert json.loads(row["metadata"]) == {}
+    assert row["verb"] == "dial"
+    events = await fetch(db_dsn, "SELECT id::text, kind, detail, at FROM call_events")
+    assert len(events) == 1 and events[0]["id"] == event_id
+    assert json.loads(events[0]["detail"]) == {"at_ms": 1530}
+    assert abs(events[0]["at"] - dt.datetime.now(UTC)) < dt.timedelta(minutes=1)  # defaults to acceptance time
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (lambda r: r.upsert("callz", {"call_sid": "CA1"}), ["'callz'", "calls"]),
+        (lambda r: r.upsert("calls", {"call_sid": "CA1", "colour": "red"}), ["calls.colour", "'red'", "unknown column"]),
+        (lambda r: r.upsert("calls", {"status": "ringing"}), ["calls.call_sid", "required"]),
+        (lambda r: r.upsert("calls", {"call_sid": "CA1", "started_at": dt.datetime(2026, 1, 1)}),
+         ["calls.started_at", "datetime.datetime(2026, 1, 1, 0, 0)", "timezone-aware datetime"]),
+        (lambda r: r.upsert("calls", {"call_sid": 17}), ["calls.call_sid", "17", "str"]),
+        (lambda r: r.upsert("calls", {"call_sid": "CA1", "metadata": "{}"}), ["calls.metadata", "'{}'", "dict or list"]),
+        (lambda r: r.upsert("calls", {"call_sid": "CA1", "metadata": {"x": object()}}), ["calls.metadata", "JSON"]),
+        (lambda r: r.upsert("calls", {"call_sid": "CA1", "stack": "twilio"}), ["calls.stack", "'twilio'", "shim, vapi"]),
+        (lambda r: r.upsert("calls", {"call_sid": "CA\x00"}), ["calls.call_sid", "NUL"]),
+        (lambda r: r.upsert("calls", {"call_sid": "CA1", "updated_at": T0}), ["calls.updated_at", "set by the database"]),
+        (lambda r: r.upsert("calls", {"call_sid": "CA1"}, keep_existing=("nope",)), ["calls.nope", "keep_existing"]),
+        (lambda r: r.upsert("utterances", {"call_sid": "CA1", "seq": 1, "role": "user", "audio_ms": 1.5}),
+         ["utterances.audio_ms", "1.5", "int"]),
+        (lambda r: r.upsert("utterances", {"call_sid": "CA1", "seq": True, "role": "user"}), ["utterances.seq", "True", "int"]),
+        (lambda r: r.upsert("utterances", {"call_sid": "CA1", "seq": 2**31, "role": "user"}), ["utterances.seq", str(2**31)]),
+        (lambda r: r.upsert("utterances", {"call_sid": "CA1", "seq": 1}), ["utterances.role", "required"]),
+        (lambda r: r.upsert("utterances", {"call_sid": "CA1", "seq": 1, "role": "bot"}), ["utterances.role", "'bot'", "assistant, user"]),
+        (lambda r: r.upsert("utterances", {"call_sid": "CA1", "seq": 1, "role": "user", "interrupted": 1}),
+         ["utterances.interrupted", "bool"]),
+        (lambda r: r.upsert("call_events", {"call_sid": "CA1", "kind": "x"}), ["call_events", "insert()"]),
+        (lambda r: r.insert("calls", {"call_sid": "CA1"}), ["calls", "upsert()"]),
+        (lambda r: r.insert("call_events", {"call_sid": "CA1", "kind": "x", "id": "not-a-uuid"}), ["call_events.id", "'not-a-uuid'", "UUID"]),
+    ],
+)
+def test_bad_input_raises_clear_value_error(call, expected, tmp_path):
+    rec = Recorder("postgresql://unused@127.0.0.1:1/x", spool_path=tmp_path / "spool.jsonl")  # validation needs no DB
+    rec.upsert("calls", {"call_sid": "CA-ok", "status": "accepted-before"})
+    with pytest.raises(ValueError) as info:
+        call(rec)
+    for fragment in expected:
+        assert fragment in str(info.value), (fragment, str(info.value))
+    assert rec.pending == 1  # the bad row was not queued; the earlier one still is
+
+
+async def test_bad_input_loses_nothing_already_accepted(db_dsn, recorders):
+    rec = await recorders(db_dsn)
+    rec.upsert("calls", {"call_sid": "CA-ok", "status": "accepted-before"})
+    with pytest.raises(ValueError):
+        rec.upsert("utterances", {"call_sid": "CA-ok", "seq": 1, "role": "user", "started_at": "yesterday"})
+    rec.upsert("calls", {"call_sid": "CA-ok2", "status": "accepted-after"})
+    assert await rec.drain(5)
+    rows = await fetch(db_dsn, "SELECT call_sid, status FROM calls ORDER BY call_sid")
+    assert [tuple(r) for r in rows] == [("CA-ok", "accepted-before"), ("CA-ok2", "accepted-after")]
+    assert await fetchval(db_dsn, "SELECT count(*) FROM utterances") == 0
+
+
+async def test_later_upsert_of_same_key_wins_across_groups_and_batches(db_dsn, recorders):
+    rec = await recorders(db_dsn, batch_max=3)
+    for i in range(50):
+        row = {"call_sid": "CA3", "status": f"s{i}"}
+        if i % 3 == 0:
+            row["model"] = f"m{i}"
+        if i % 4 == 0:
+            rec.upsert("numbers", {"number": f"+1415555{i:04d}", "assistant_id": f"a{i}"})
+        rec.upsert("calls", row)
+        rec.upsert("utterances", {"call_sid": "CA3", "seq": i % 5, "role": "user", "text": f"t{i}"})
+    assert await rec.drain(5)
+    row = (await fetch(db_dsn, "SELECT status, model FROM calls WHERE call_sid = 'CA3'"))[0]
+    assert (row["status"], row["model"]) == ("s49", "m48")
+    texts = {r["seq"]: r["text"] for r in await fetch(db_dsn, "SELECT seq, text FROM utterances")}
+    assert texts == {s: f"t{max(i for i in range(50) if i % 5 == s)}" for s in range(5)}
+    assert await fetchval(db_dsn, "SELECT count(*) FROM numbers") == 13
+
+
+async def test_transcripts_view_orders_by_speech_time(db_dsn, recorders):
+    rec = await recorders(db_dsn)
+    rec.upsert("utterances", {"call_sid": "CA4", "seq": 1, "role": "assistant", "text": "second", "started_at": ts(5)})
+    rec.upsert("utterances", {"call_sid": "CA4", "seq": 2, "role": "user", "text": "first", "started_at": ts(1)})
+    rec.upsert("utterances", {"call_sid": "CA4", "seq": 0, "role": "assistant", "text": "unknown time"})
+    assert await rec.drain(5)
+    rows = await fetch(db_dsn, "SELECT text FROM transcripts")
+    assert [r["text"] for r in rows] == ["first", "second", "unknown time"]
+
+
+# ------------------------------------------------------------------------------------------ failures
+
+
+async def test_check_violation_goes_to_rejected_and_does_not_block(db_dsn, recorders, tmp_path):
+    rec = await recorders(db_dsn)
+    rec.upsert("numbers", {"number": "+14155550100"})
+    rec.upsert("numbers", {"number": "555-1234", "assistant_id": "a"})  # violates the E.164 CHECK
+    rec.upsert("numbers", {"number": "+14155550101"})
+    rec.upsert("utterances", {"call_sid": "CA5", "seq": 0, "role": "user", "text": "still written"})
+    assert await rec.drain(5)
+    assert sorted(r["number"] for r in await fetch(db_dsn, "SELECT number FROM numbers")) == ["+14155550100", "+14155550101"]
+    assert await fetchval(db_dsn, "SELECT text FROM utterances") == "still written"
+    assert rec.rejected == 1 and rec.written == 3
+    lines = rec.rejected_path.read_bytes().splitlines()
+    assert len(lines) == 1
+    record = orjson.loads(lines[0])
+    assert record["table"] == "numbers" and record["row"] == {"number": "555-1234", "assistant_id": "a"}
+    assert "23514" in record["error"]  # check_violation
+    rec.upsert("numbers", {"number": "+14155550102"})  # and the queue keeps moving
+    assert await rec.drain(5)
+    assert await fetchval(db_dsn, "SELECT count(*) FROM numbers") == 3
+
+
+async def test_outage_rows_wait_spill_to_spool_and_land_exactly_once(db_dsn, proxy, recorders):
+    secret = "s3cr3t-Pa55"
+    dsn = proxy.dsn_for(db_dsn).replace("postgres:@", f"postgres:{secret}@")  # trust auth ignores it
+    assert secret not in redact_dsn(dsn)
+    with capture_logs() as logs:
+        rec = await recorders(dsn, max_memory_rows=40, batch_max=25)
+        rec.upsert("calls", {"call_sid": "CA6", "status": "ringing", "started_at": ts(0)})
+        assert await rec.drain(5) and rec.db_up
+
+        await proxy.pause()  # Postgres "goes away" in the middle of the call
+        ids = []
+        for i in range(300):
+            rec.upsert("utterances", {"call_sid": "CA6", "seq": i, "role": "user" if i % 2 else "assistant",
+                                      "text": f"u{i}", "started_at": ts(i)})
+            if i % 10 == 9:
+                rec.upsert("utterances", {"call_sid": "CA6", "seq": i - 5, "role": "user" if (i - 5) % 2 else "assistant",
+                                          "heard_ms": i, "interrupted": True})
+                rec.upsert("calls", {"call_sid": "CA6", "status": f"turn-{i}", "started_at": ts(999)}, keep_existing=("started_at",))
+                ids.append(rec.insert("call_events", {"call_sid": "CA6", "kind": "tick", "detail": {"i": i}}))
+        rec.upsert("calls", {"call_sid": "CA6", "status": "completed", "ended_at": ts(400)})
+        await wait_until(lambda: not rec.db_up and rec.spooled > 0, what="spill")
+        assert rec.pending <= 40  # memory is bounded again once the spiller ran
+        assert rec.spool_path.exists()
+        assert not await rec.drain(0.2)  # nothing can be committed while paused
+        accepted_during_outage = 300 + 30 * 3 + 1
+
+        await proxy.resume()
+        assert await rec.drain(10)
+
+    assert rec.pending == 0 and rec.spooled == 0 and rec.rejected == 0
+    assert rec.written == 1 + accepted_during_outage
+    assert not rec.spool_path.exists()
+    rows = await fetch(db_dsn, "SELECT seq, text, heard_ms, interrupted FROM utterances ORDER BY seq")
+    assert [r["seq"] for r in rows] == list(range(300))
+    for r in rows:
+        updated = (r["seq"] + 5) % 10 == 9
+        assert r["text"] == f"u{r['seq']}"
+        assert (r["heard_ms"], r["interrupted"]) == ((r["seq"] + 5, True) if updated else (None, False))
+    call = (await fetch(db_dsn, "SELECT status, started_at, ended_at FROM calls"))[0]
+    assert tuple(call) == ("completed", ts(0), ts(400))
+    assert sorted(r["id"] for r in await fetch(db_dsn, "SELECT id::text FROM call_events")) == sorted(ids)
+    assert secret not in repr(logs)
+    assert any(e["event"] == "recorder.spilled" for e in logs)
+
+
+async def test_close_with_db_down_spools_rows_and_next_recorder_replays(db_dsn, proxy, recorders):
+    await proxy.pause()
+    down = await recorders(proxy.dsn_for(db_dsn), spool="down.jsonl")
+    for i in range(30):
+        down.upsert("utterances", {"call_sid": "CA7", "seq": i, "role": "user", "text": f"v1-{i}"})
+    down.upsert("utterances", {"call_sid": "CA7", "seq": 0, "role": "user", "text": "v2-0"})
+    await down.close(timeout=0.3)
+    assert down.spooled == 31 and down.pending == 0
+    assert len(down.spool_path.read_bytes().splitlines()) == 31
+    with pytest.raises(RuntimeError):
+        down.upsert("calls", {"call_sid": "CA7"})  # closed: refuse rather than lose
+
+    up = await recorders(db_dsn, spool="down.jsonl")  # same spool file, database reachable
+    assert up.spooled == 31
+    assert await up.drain(5)
+    texts = {r["seq"]: r["text"] for r in await fetch(db_dsn, "SELECT seq, text FROM utterances")}
+    assert texts == {0: "v2-0", **{i: f"v1-{i}" for i in range(1, 30)}}
+    assert not up.spool_path.exists() and up.spooled == 0
+
+
+async def test_spool_left_by_a_crash_is_replayed(db_dsn, proxy, recorders, tmp_path):
+    await proxy.pause()
+    doomed = await recorders(proxy.dsn_for(db_dsn), spool="doomed.jsonl", max_memory_rows=10, batch_max=5)
+    for i in range(60):
+        doomed.upsert("calls", {"call_sid": f"CA8-{i}", "status": "ringing", "metadata": {"i": i}})
+    await wait_until(lambda: doomed.spooled >= 40, what="spill")
+    # "Crash": the process dies now; what survives is the spool file as it is, maybe with a torn last line.
+    crashed = tmp_path / "crashed.jsonl"
+    shutil.copyfile(doomed.spool_path, crashed)
+    survived = len(crashed.read_bytes().splitlines())
+    with open(crashed, "ab") as f:
+        f.write(b'["u","calls",["call_sid"],[],["CA8-torn')
+
+    rec = await recorders(db_dsn, spool="crashed.jsonl")
+    assert await rec.drain(5)
+    rows = await fetch(db_dsn, "SELECT call_sid, metadata FROM calls")
+    assert len(rows) == survived >= 40
+    assert all(json.loads(r["metadata"])["i"] == int(r["call_sid"].split("-")[1]) for r in rows)
+    assert not crashed.exists()
+    torn = rec.rejected_path.read_text()
+    assert "CA8-torn" in torn and "torn" in orjson.loads(torn.splitlines()[0])["error"]
+
+
+async def test_recorder_starts_without_database_and_connects_later(empty_db_dsn, recorders, pg_server):
+    """The writer connects lazily and applies migrations itself (a fresh database comes up empty)."""
+    p = PgProxy.from_dsn(empty_db_dsn)
+    await p.start()
+    try:
+        await p.pause()
+        rec = await recorders(p.dsn_for(empty_db_dsn))
+        rec.upsert("calls", {"call_sid": "CA9", "status": "ringing"})
+        await wait_until(lambda: rec.failed_batches > 0 or p.connections_total > 0, what="connect attempt")
+        assert not rec.db_up
+        await p.resume()
+        assert await rec.drain(5)
+        assert await fetchval(empty_db_dsn, "SELECT status FROM calls") == "ringing"
+    finally:
+        await p.stop()
+
+
+async def test_one_recorder_per_spool(db_dsn, recorders):
+    await recorders(db_dsn, spool="shared.jsonl")
+    with pytest.raises(RuntimeError, match="in use"):
+        await recorders(db_dsn, spool="shared.jsonl")
+
+
+# ------------------------------------------------------------------------------------------ shim.db
+
+
+def test_redact_dsn():
+    assert redact_dsn("postgresql://app:hunter2@db.example:5432/shim") == "postgresql://app:***@db.example:5432/shim"
+    assert redact_dsn("postgres://app:p%40ss@db/shim?sslmode=require") == "postgres://app:***@db/shim?sslmode=require"
+    assert "hunter2" not in redact_dsn("postgresql://app@db/shim?password=hunter2&sslmode=require")
+    assert "hunter2" not in redact_dsn("host=db user=app password=hunter2 dbname=shim")
+    assert "hunter 2" not in redact_dsn("host=db password='hunter 2' dbname=shim")
+    embedded = "postgresql://postgres:@/postgres?host=/tmp/x/pgdata"
+    assert redact_dsn(embedded) == embedded
+
+
+def test_resolve_dsn_prefers_database_url(tmp_path):
+    dsn, embedded = resolve_dsn("postgresql://u:pw@db/x", tmp_path)
+    assert (dsn, embedded) == ("postgresql://u:pw@db/x", None)
+    assert not (tmp_path / "pgdata").exists()
+    assert with_database("postgresql://u:pw@db:5/x?sslmode=require", "y") == "postgresql://u:pw@db:5/y?sslmode=require"
+
+
+def test_stale_state_guard(tmp_path):
+    pgdata = tmp_path / "pgdata"
+    pgdata.mkdir()
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (pgdata / "postmaster.pid").write_text(f"{decoy.pid}\n{pgdata}\n")  # PID reused by a non-postgres
+        (pgdata / ".handle_pids.json").write_text(json.dumps([os.getpid(), 2**22 + 12345]))
+        _clear_stale_state(pgdata)
+        assert not (pgdata / "postmaster.pid").exists()
+        assert json.loads((pgdata / ".handle_pids.json").read_text()) == [os.getpid()]
+        assert decoy.poll() is None  # the decoy is untouched
+        (pgdata / ".handle_pids.json").write_text("")  # torn ref-count file
+        _clear_stale_state(pgdata)
+        assert json.loads((pgdata / ".handle_pids.json").read_text()) == []
+    finally:
+        decoy.kill()
+        decoy.wait()
