@@ -113,8 +113,10 @@ class Shim:
         while self.bridge.runners and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.2)
         for runner in list(self.bridge.runners):
-            runner.call.on_model_closed(None, "shutdown")  # ends the call, apology, hang-up
+            runner.call.abort("worker-shutdown")  # apology, then hang-up
             runner.pump()
+        while self.bridge.runners and asyncio.get_running_loop().time() < deadline + 5:
+            await asyncio.sleep(0.05)  # let the runners close their sockets and write their rows
         for task in list(self._background):
             task.cancel()
         if self.recorder is not None:

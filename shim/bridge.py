@@ -155,7 +155,7 @@ class CallRunner:
         log.exception("call_failed", call_sid=self.call.call_sid, where=where)
         if self.call.end is None:
             try:
-                self.call.on_model_closed(None, f"internal error handling {where}")
+                self.call.abort("call.in-progress.error-vapifault-worker-died")
             except Exception:
                 log.exception("call_finish_failed", call_sid=self.call.call_sid)
         if not self.ended.is_set():
@@ -192,7 +192,7 @@ class CallRunner:
                     self.pump()
         except Exception:
             log.exception("call_runner_failed", call_sid=call.call_sid)
-            call.on_model_closed(None, "internal error")
+            call.abort("call.in-progress.error-vapifault-worker-died")
         finally:
             model, self.model = self.model, None
             if model is not None:

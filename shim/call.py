@@ -303,6 +303,12 @@ class Call:
         self.log.error("model_socket_closed", code=code, reason=reason[:300])
         self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
 
+    def abort(self, reason: str) -> None:
+        """End the call for a reason of the shim's own (shutdown, an internal error): the
+        caller hears an apology from Twilio and is hung up, never left in silence."""
+        self._event("aborted", reason=reason)
+        self._finish(reason, {"verb": "hangup", "say": APOLOGY})
+
     def on_model_text(self, text: str | bytes) -> None:
         try:
             event = orjson.loads(text)

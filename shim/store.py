@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -530,6 +531,10 @@ class Recorder:
         if max_memory_rows < 1 or batch_max < 1:
             raise ValueError("max_memory_rows and batch_max must be >= 1")
         self._dsn = dsn
+        try:
+            self._password = urlsplit(dsn).password or ""
+        except ValueError:
+            self._password = ""
         self.spool_path = Path(spool_path)
         self.rejected_path = self.spool_path.with_name(self.spool_path.name + ".rejected")
         self._lock_path = self.spool_path.with_name(self.spool_path.name + ".lock")
@@ -820,13 +825,17 @@ class Recorder:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug must not kill the writer: log, back off, go on
-                log.exception("recorder.writer_error", error=_describe(exc))
+                log.error("recorder.writer_error", error=self._scrub(_describe(exc)), exc_info=True)
                 await asyncio.sleep(self._next_backoff())
 
     def _next_backoff(self) -> float:
         delay = self._backoff * random.uniform(0.8, 1.2)
         self._backoff = min(self._backoff * 2, self.retry_max)
         return min(delay, self.retry_max)
+
+    def _scrub(self, text: str) -> str:
+        """Defence in depth: no error text we log may carry the DSN's password."""
+        return text.replace(self._password, "***") if self._password else text
 
     def _mark_down(self, exc: BaseException, stage: str) -> None:
         self.db_up = False
@@ -837,9 +846,15 @@ class Recorder:
         if not self._outage_logged or now - self._last_warning > 30:  # once per outage, then every 30 s
             self._outage_logged = True
             self._last_warning = now
-            log.warning("recorder.db_unavailable", stage=stage, error=_describe(exc), pending=self.pending, spooled=self.spooled)
+            log.warning(
+                "recorder.db_unavailable",
+                stage=stage,
+                error=self._scrub(_describe(exc)),
+                pending=self.pending,
+                spooled=self.spooled,
+            )
         else:
-            log.debug("recorder.db_unavailable", stage=stage, error=_describe(exc))
+            log.debug("recorder.db_unavailable", stage=stage, error=self._scrub(_describe(exc)))
 
     async def _connection(self) -> asyncpg.Connection:
         while True:

@@ -57,6 +57,16 @@ async def _make_template(server: PgServer, name: str) -> None:
     await migrate(server.dsn(name))
 
 
+def _fast_tmp() -> str | None:
+    """/dev/shm when it is a roomy tmpfs: CREATE DATABASE there takes ~10 ms instead of ~250 ms on ext4."""
+    try:
+        if shutil.disk_usage("/dev/shm").free > 1 << 30 and os.access("/dev/shm", os.W_OK):
+            return "/dev/shm"
+    except OSError:
+        pass
+    return None  # the default temp dir
+
+
 @pytest.fixture(scope="session")
 def pg_server():
     url = os.environ.get("DATABASE_URL", "").strip()
@@ -66,7 +76,7 @@ def pg_server():
         # Not under pytest's basetemp: every pytest session start (ours or a concurrent one on this
         # machine) chmods /tmp/pytest-of-<user> back to 0700, which locks out the server's own
         # system user (as root, postgres runs as "pgserver") and makes it PANIC mid-run.
-        data_dir = Path(tempfile.mkdtemp(prefix="shim-test-pg-"))
+        data_dir = Path(tempfile.mkdtemp(prefix="shim-test-pg-", dir=_fast_tmp()))
         embedded = EmbeddedPostgres.start(data_dir)
         server = PgServer(admin_dsn=embedded.dsn, embedded=embedded)
     template = f"shim_tmpl_{uuid.uuid4().hex[:10]}"

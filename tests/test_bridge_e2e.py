@@ -16,7 +16,7 @@ from shim.testing.fake_realtime import Script
 from shim.testing.pg_proxy import PgProxy
 from shim.testing.twilio_caller import sign
 
-from .harness import AUTH_TOKEN, CALLER, SHIM_NUMBER, running_shim
+from .harness import API_KEY, AUTH_TOKEN, CALLER, SHIM_NUMBER, running_shim
 
 GREETING = "Hi, thanks for calling Brightside Dental, this is Maya. How can I help?"
 LONG_ANSWER = "On Saturdays we are open from nine in the morning until one in the afternoon, and we also take walk ins for emergencies."
@@ -75,19 +75,34 @@ async def converse(caller, session) -> None:
     await silent_until(caller, caller.wait_until_played(timeout=15))
 
 
-async def test_a_call_end_to_end(tmp_path, db_dsn):
+async def no_call_left(run) -> None:
+    """Every task a call started has ended, and the call is forgotten."""
+    for _ in range(200):
+        tasks = [t for t in asyncio.all_tasks() if t.get_name().startswith("call:")]
+        if not run.shim.bridge.runners and not tasks:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"left behind: {run.shim.bridge.runners} {tasks}")
+
+
+async def test_a_call_end_to_end(tmp_path, db_dsn, capsys, caplog):
     async with running_shim(tmp_path, db_dsn, script()) as run:
         caller = await run.place_call()
         session = await run.fake.wait_for_session()
         await converse(caller, session)
         await caller.stop()
         await asyncio.wait_for(session.closed.wait(), 5)  # the model socket closes with the call
+        await no_call_left(run)
         await run.drain()
         metrics = (await run.http.get(run.config.http_url("/metrics"))).text
 
+    logs = capsys.readouterr().out + caplog.text
+    assert caller.call_sid in logs  # call_sid is bound on the call's log lines...
+    assert API_KEY not in logs and AUTH_TOKEN not in logs  # ...and secrets are on none
+
     # every event the shim sent validated against the openai SDK's GA types, and it connected right
     assert run.fake.validation_errors == []
-    assert session.headers["authorization"] == f"Bearer sk-test-0123456789"
+    assert session.headers["authorization"] == f"Bearer {API_KEY}"
     assert session.model == "gpt-realtime-2.1"
     update = session.events_of("session.update")[0]["session"]
     assert update["audio"]["input"]["format"] == {"type": "audio/pcmu"}
@@ -286,3 +301,17 @@ async def test_status_callback_records_the_end_of_a_call_that_never_streamed(tmp
     assert response.status_code == 204
     call = await fetchrow(db_dsn, "SELECT ended_reason, ended_at FROM calls WHERE call_sid = $1", call_sid)
     assert call["ended_reason"] == "customer-busy" and call["ended_at"] is not None
+
+
+async def test_shutdown_ends_live_calls_with_an_apology_and_keeps_their_rows(tmp_path, db_dsn):
+    async with running_shim(tmp_path, db_dsn, script(), drain_timeout_s=0.3) as run:
+        caller = await run.place_call()
+        session = await run.fake.wait_for_session()
+        await silent_until(caller, caller.wait_for_audio(1, timeout=10))
+    # leaving the block stops the server (as SIGTERM does) with the call still up
+    await caller.wait_closed(timeout=5)
+    await asyncio.wait_for(session.closed.wait(), 5)
+    call = await fetchrow(db_dsn, "SELECT ended_reason, next_action FROM calls WHERE call_sid = $1", caller.call_sid)
+    assert call["ended_reason"] == "worker-shutdown"
+    rows = await utterances(db_dsn, caller.call_sid)
+    assert rows and rows[0]["role"] == "assistant"

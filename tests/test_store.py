@@ -67,7 +67,7 @@ async def recorders(tmp_path):
 
     yield make
     for rec in made:
-        await rec.close(timeout=0.5)
+        await rec.close(timeout=0.1)
 
 
 @pytest.fixture
@@ -333,7 +333,7 @@ async def test_outage_rows_wait_spill_to_spool_and_land_exactly_once(db_dsn, pro
         await wait_until(lambda: not rec.db_up and rec.spooled > 0, what="spill")
         assert rec.pending <= 40  # memory is bounded again once the spiller ran
         assert rec.spool_path.exists()
-        assert not await rec.drain(0.2)  # nothing can be committed while paused
+        assert not await rec.drain(0.05)  # nothing can be committed while paused
         accepted_during_outage = 300 + 30 * 3 + 1
 
         await proxy.resume()
@@ -355,13 +355,32 @@ async def test_outage_rows_wait_spill_to_spool_and_land_exactly_once(db_dsn, pro
     assert any(e["event"] == "recorder.spilled" for e in logs)
 
 
+async def test_server_side_disconnects_are_retried(db_dsn, recorders):
+    """The server killing the writer's session mid-stream (admin shutdown, 57P01) loses nothing."""
+    rec = await recorders(db_dsn, batch_max=20)
+    admin = await asyncpg.connect(db_dsn)
+    try:
+        for i in range(400):
+            rec.upsert("utterances", {"call_sid": "CA10", "seq": i, "role": "user", "text": f"x{i}"})
+            if i % 100 == 50:
+                await wait_until(lambda: rec.written > 0, what="first write")
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'shim-recorder'"
+                )
+        assert await rec.drain(5)
+    finally:
+        await admin.close()
+    assert await fetchval(db_dsn, "SELECT count(*) FROM utterances") == 400
+    assert rec.written == 400 and rec.rejected == 0
+
+
 async def test_close_with_db_down_spools_rows_and_next_recorder_replays(db_dsn, proxy, recorders):
     await proxy.pause()
     down = await recorders(proxy.dsn_for(db_dsn), spool="down.jsonl")
     for i in range(30):
         down.upsert("utterances", {"call_sid": "CA7", "seq": i, "role": "user", "text": f"v1-{i}"})
     down.upsert("utterances", {"call_sid": "CA7", "seq": 0, "role": "user", "text": "v2-0"})
-    await down.close(timeout=0.3)
+    await down.close(timeout=0.1)
     assert down.spooled == 31 and down.pending == 0
     assert len(down.spool_path.read_bytes().splitlines()) == 31
     with pytest.raises(RuntimeError):
