@@ -66,7 +66,6 @@ class Shim:
         self.pool: asyncpg.Pool | None = None
         self.recorder: Recorder | None = None
         self.media_server: asyncio.Server | None = None
-        self._background: set[asyncio.Task] = set()
         self.metrics = ShimMetrics(lambda: [r.call for r in self.bridge.runners])
         self.bridge = BridgeState(config=config, records=_DeferredRecords(self), metrics=self.metrics)
         self.endings: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -76,35 +75,17 @@ class Shim:
         self.dsn, self.embedded = await asyncio.to_thread(resolve_dsn, config.database_url, config.data_dir)
         log.info("database", dsn=redact_dsn(self.dsn), embedded=self.embedded is not None)
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        # The writer migrates on every (re)connect and spools while Postgres is away, so calls
+        # work even when the database is down at boot.
         self.recorder = Recorder(self.dsn, spool_path=config.data_dir / "spool.jsonl")
+        await self.recorder.start()
         try:
             await asyncio.wait_for(migrate(self.dsn), 15)
-            await self.recorder.start()
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            # Calls must still work while Postgres is away: rows wait in memory/spool.
             log.error("database_unavailable_at_start", error=str(exc))
-            self._spawn(self._migrate_then_record())
         if self.media_port:
             self.media_server = await start_media_server(self.bridge, self.media_host, self.media_port)
             log.info("media_listener", host=self.media_host, port=self.media_port, url=config.media_stream_url)
-
-    async def _migrate_then_record(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await migrate(self.dsn)
-                await self.recorder.start()
-                log.info("database_available")
-                return
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("database_still_unavailable", error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def shutdown(self) -> None:
         if self.media_server is not None:
@@ -117,8 +98,6 @@ class Shim:
             runner.pump()
         while self.bridge.runners and asyncio.get_running_loop().time() < deadline + 5:
             await asyncio.sleep(0.05)  # let the runners close their sockets and write their rows
-        for task in list(self._background):
-            task.cancel()
         if self.recorder is not None:
             await self.recorder.close(timeout=10)
         if self.pool is not None:

@@ -1,9 +1,5 @@
-"""Exported Vapi assistant -> what one call needs (Realtime session, greeting, call policy). Pure.
-
-This is the bridge's slice of the translation: system prompt (Liquid-rendered), firstMessage and
-its mode, voice, startSpeakingPlan.waitSeconds, maxDurationSeconds and silenceTimeoutSeconds.
-The field-by-field translator with findings grows here (see the README's field table).
-"""
+"""Exported Vapi assistants on disk, and Vapi's Liquid templates. The translation itself is
+in shim/translate.py."""
 
 from __future__ import annotations
 
@@ -17,28 +13,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 from liquid import Environment
 
-REALTIME_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
-DEFAULT_VOICE = "marin"
-
-# Vapi voice -> Realtime voice. Vapi's voices are other vendors' TTS voices, so no mapping is
-# exact: this keeps the speaker's apparent gender, and otherwise falls back to DEFAULT_VOICE.
-# OpenAI TTS voices that are not Realtime voices (fable, onyx, nova) make noise over g711.
-VOICE_MAP: dict[str, str] = {
-    # openai TTS voices outside the Realtime set
-    "nova": "shimmer", "fable": "ballad", "onyx": "ash",
-    # frequent 11labs / azure / vapi / cartesia names
-    "sarah": "marin", "rachel": "marin", "bella": "coral", "elli": "shimmer", "domi": "coral",
-    "jennifer": "marin", "paige": "marin", "hana": "coral", "lily": "shimmer", "kylie": "coral",
-    "savannah": "marin", "neha": "marin", "emma": "coral", "jenny": "marin", "aria": "marin",
-    "adam": "cedar", "josh": "ash", "arnold": "ash", "sam": "echo", "antoni": "verse",
-    "elliot": "cedar", "rohan": "cedar", "cole": "ash", "harry": "cedar", "spencer": "verse",
-    "guy": "cedar", "davis": "ash", "andrew": "cedar", "brian": "echo",
-}
-
-# Vapi's defaults for absent fields (reference vapi.md §2.1, §2.7).
-VAPI_DEFAULT_WAIT_SECONDS = 0.4
-VAPI_DEFAULT_MAX_DURATION_S = 600.0
-VAPI_DEFAULT_SILENCE_TIMEOUT_S = 30.0
 ASSISTANT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -140,142 +114,18 @@ def render(template: str, variables: dict[str, Any], path: str) -> str:
         raise AssistantError(path, template[:80], f"a valid Liquid template ({exc})") from None
 
 
-# --- the call setup ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Greeting:
-    mode: str  # assistant-speaks-first | assistant-speaks-first-with-model-generated-message | assistant-waits-for-user
-    text: str = ""
-    interruptible: bool = False
-
-
-@dataclass(frozen=True)
-class CallPolicy:
-    max_duration_s: float = VAPI_DEFAULT_MAX_DURATION_S
-    silence_timeout_s: float = VAPI_DEFAULT_SILENCE_TIMEOUT_S
-    silence_duration_ms: int = 400
-    prefix_padding_ms: int = 300
-
-
-@dataclass(frozen=True)
-class CallSetup:
-    assistant_id: str
-    assistant_name: str
-    session: dict[str, Any]  # exactly what goes into session.update's `session`
-    greeting: Greeting
-    policy: CallPolicy
-    voice: str
-    model: str
-
-
-def _get(obj: Any, path: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-    """Read a dotted path; a present value of the wrong type is an error naming the path."""
-    cur = obj
-    for part in path.split("."):
-        if not isinstance(cur, dict) or part not in cur or cur[part] is None:
-            return default
-        cur = cur[part]
-    if not isinstance(cur, kind) or (isinstance(cur, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise AssistantError(path, cur, names)
-    return cur
-
-
-def map_voice(voice: dict[str, Any] | None) -> str:
-    if not voice:
-        return DEFAULT_VOICE
-    voice_id = str(voice.get("voiceId") or "").strip().lower()
-    if voice_id in REALTIME_VOICES:
-        return voice_id
-    return VOICE_MAP.get(voice_id, DEFAULT_VOICE)
-
-
-def system_prompt(assistant: dict[str, Any]) -> str:
-    messages = _get(assistant, "model.messages", list, [])
-    parts = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise AssistantError(f"model.messages[{i}]", msg, "an object with role and content")
-        if msg.get("role") == "system":
-            content = msg.get("content")
-            if not isinstance(content, str):
-                raise AssistantError(f"model.messages[{i}].content", content, "a string")
-            parts.append(content)
-    legacy = assistant.get("model", {}).get("systemPrompt") if isinstance(assistant.get("model"), dict) else None
-    if not parts and isinstance(legacy, str):
-        parts.append(legacy)
-    return "\n\n".join(parts)
-
-
-def build_call_setup(
-    assistant_id: str,
-    assistant: dict[str, Any],
-    ctx: CallContext,
-    *,
-    model: str,
-    transcription_model: str = "gpt-4o-mini-transcribe",
-) -> CallSetup:
-    variables = ctx.template_variables(assistant)
-    instructions = render(system_prompt(assistant), variables, "model.messages[system].content")
-    voice = map_voice(_get(assistant, "voice", dict))
-
-    mode = _get(assistant, "firstMessageMode", str, "assistant-speaks-first")
-    modes = ("assistant-speaks-first", "assistant-speaks-first-with-model-generated-message", "assistant-waits-for-user")
-    if mode not in modes:
-        raise AssistantError("firstMessageMode", mode, " | ".join(modes))
-    first_message = render(_get(assistant, "firstMessage", str, ""), variables, "firstMessage")
-    if mode == "assistant-speaks-first" and not first_message.strip():
-        mode = "assistant-waits-for-user"  # Vapi: no firstMessage => the assistant waits
-    greeting = Greeting(
-        mode=mode,
-        text=first_message,
-        interruptible=_get(assistant, "firstMessageInterruptionsEnabled", bool, False),
-    )
-
-    wait_s = _get(assistant, "startSpeakingPlan.waitSeconds", (int, float), VAPI_DEFAULT_WAIT_SECONDS)
-    if not 0 <= wait_s <= 5:
-        raise AssistantError("startSpeakingPlan.waitSeconds", wait_s, "a number from 0 to 5")
-    silence_ms = int(round(wait_s * 1000))
-    policy = CallPolicy(
-        max_duration_s=float(_get(assistant, "maxDurationSeconds", (int, float), VAPI_DEFAULT_MAX_DURATION_S)),
-        silence_timeout_s=float(_get(assistant, "silenceTimeoutSeconds", (int, float), VAPI_DEFAULT_SILENCE_TIMEOUT_S)),
-        silence_duration_ms=silence_ms,
-    )
-
-    transcription: dict[str, Any] = {"model": transcription_model}
-    language = _get(assistant, "transcriber.language", str)
-    if language and re.fullmatch(r"[a-z]{2}", language.split("-")[0].lower()):
-        transcription["language"] = language.split("-")[0].lower()
-
-    session: dict[str, Any] = {
-        "type": "realtime",
-        "model": model,
-        "instructions": instructions,
-        "output_modalities": ["audio"],
-        "audio": {
-            "input": {
-                "format": {"type": "audio/pcmu"},
-                "transcription": transcription,
-                # The shim, not the server, decides barge-in: it alone knows what Twilio has
-                # played (mark echoes), so interrupt_response is off and the bridge cancels.
-                "turn_detection": {
-                    "type": "server_vad",
-                    "prefix_padding_ms": policy.prefix_padding_ms,
-                    "silence_duration_ms": silence_ms,
-                    "create_response": True,
-                    "interrupt_response": False,
-                },
-            },
-            "output": {"format": {"type": "audio/pcmu"}, "voice": voice},
-        },
-    }
-    return CallSetup(
-        assistant_id=assistant_id,
-        assistant_name=str(assistant.get("name") or ""),
-        session=session,
-        greeting=greeting,
-        policy=policy,
-        voice=voice,
-        model=model,
-    )
+def load_saved_tools(assistants_dir: Path, tool_ids: Any) -> dict[str, dict[str, Any]]:
+    """Saved tools named by model.toolIds, from <assistants_dir>/tools/<id>.json (where
+    `shim assistants pull` writes them). Missing ones are left out: the translator reports them."""
+    found: dict[str, dict[str, Any]] = {}
+    for tool_id in tool_ids if isinstance(tool_ids, list) else []:
+        if not isinstance(tool_id, str) or not ASSISTANT_ID_RE.match(tool_id):
+            continue
+        path = Path(assistants_dir) / "tools" / f"{tool_id}.json"
+        try:
+            data = orjson.loads(path.read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            continue
+        if isinstance(data, dict):
+            found[tool_id] = data
+    return found

@@ -33,7 +33,8 @@ from picows import (
 from twilio.request_validator import RequestValidator
 
 from . import twilio_media as tw
-from .assistant import CallContext, CallSetup, build_call_setup, load_assistant
+from .assistant import CallContext, load_assistant, load_saved_tools
+from .translate import CallSetup, translate
 from .call import Call, RecordSink
 from .config import Config
 
@@ -79,7 +80,17 @@ class BridgeState:
             to_number=params.get("to", ""),
             variables={k: v for k, v in params.items() if k not in reserved},
         )
-        return build_call_setup(assistant_id, assistant, ctx, model=self.config.openai_realtime_model)
+        model = assistant.get("model")
+        saved = load_saved_tools(self.config.assistants_dir, model.get("toolIds") if isinstance(model, dict) else None)
+        return translate(
+            assistant_id,
+            assistant,
+            ctx,
+            model=self.config.openai_realtime_model,
+            saved_tools=saved,
+            transcription_model=self.config.transcription_model,
+            voice_overrides=dict(self.config.voice_map),
+        )
 
     def model_url(self) -> str:
         base = self.config.openai_realtime_url

@@ -12,6 +12,7 @@ injected RecordSink, whose `upsert`/`insert` only enqueue.
 
 from __future__ import annotations
 
+import base64
 import time
 from bisect import bisect_right
 from collections import deque
@@ -22,13 +23,29 @@ from typing import Any, Callable, Protocol
 
 import orjson
 
+try:  # the stdlib module below 3.13, the audioop-lts package from 3.13 on
+    import audioop
+except ImportError:  # pragma: no cover
+    import audioop_lts as audioop  # type: ignore[no-redef]
+
 from . import realtime_events as rt
 from . import twilio_media as tw
-from .assistant import AssistantError, AssistantNotFound, CallSetup
+from .assistant import AssistantError, AssistantNotFound
+from .translate import CallSetup
 
 # Caller audio that arrives before the model session is configured waits here (20 ms frames).
 MAX_EARLY_FRAMES = 500  # 10 s
 APOLOGY = "Sorry, we are having technical difficulties. Please call again later."
+# Caller audio louder than this (16-bit RMS, about -36 dBFS) counts as voice for the barge-in
+# gate; PSTN echo of the assistant and room noise usually sit well below it.
+VOICE_RMS = 500
+# A goodbye is waited for at most its remaining audio plus this, then the call hangs up anyway.
+HANGUP_GRACE_S = 5.0
+# A turn the gate judged to be noise: the reply the server creates for it is cancelled if it
+# starts within this window.
+NOISE_REPLY_WINDOW_S = 3.0
+SAY_EXACTLY = 'Say exactly the following words, word for word, and nothing else: "{text}"'
+TOOL_UNAVAILABLE = "This tool is not available right now."
 
 
 class RecordSink(Protocol):
@@ -46,6 +63,10 @@ class NoMetrics:
     def barge_in(self) -> None: ...
     def model_error(self) -> None: ...
     def turn_latency(self, seconds: float) -> None: ...
+
+
+class AudioMixer(Protocol):
+    def mix_b64(self, voice_b64: str) -> str: ...
 
 
 class Phase(Enum):
@@ -81,6 +102,25 @@ class AssistantItem:
 class UserTurn:
     seq: int
     item_id: str
+
+
+@dataclass(slots=True)
+class BargeInGate:
+    """Open between the caller starting to speak over the assistant and the decision: the
+    assistant is cut off only after `need_ms` of voiced caller audio (stopSpeakingPlan)."""
+
+    item_id: str
+    need_ms: float
+    voiced_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class PendingEnd:
+    """Hang up once everything queued at Twilio has been heard (bounded wait)."""
+
+    reason: str
+    deadline: float
+    say_first: str = ""  # spoken (word for word) before hanging up
 
 
 def heard_text(text: str, heard_bytes: int, total_bytes: int) -> str:
@@ -150,6 +190,13 @@ class Call:
         self._playback_free_at = 0.0  # clock() at which Twilio's buffer should be empty
         self._last_activity = self._mono0
         self._live_at: float | None = None
+        self._gate: BargeInGate | None = None
+        self._noise_reply_until = 0.0
+        self._noise_items: list[str] = []
+        self._pending_end: PendingEnd | None = None
+        self._function_calls: list[dict[str, Any]] = []  # finished in the current response
+        self._tool_seq = 0
+        self.mixer: AudioMixer | None = None  # background sound, set by the shell when ready
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -255,6 +302,8 @@ class Call:
         self.frames_in += 1
         if self.phase is Phase.LIVE:
             self._append_audio(payload, timestamp_ms)
+            if self._gate is not None:
+                self._gate_frame(payload)
         elif self.phase is Phase.CONFIGURING:
             self._early_audio.append((payload, timestamp_ms))
 
@@ -275,6 +324,8 @@ class Call:
         item, cumulative = entry
         if cumulative > item.played_bytes:
             item.played_bytes = cumulative
+        if self._pending_end is not None and not self._marks:
+            self._maybe_hang_up()
 
     def on_twilio_closed(self) -> None:
         self._finish("phone-call-provider-closed-websocket")
@@ -339,14 +390,13 @@ class Call:
         self._live_at = self.clock()
         assert self.setup is not None
         greeting = self.setup.greeting
+        for role, text in self.setup.policy.few_shot:
+            self.model_out.append(rt.item_create_message(role, text))
         if greeting.mode == "assistant-speaks-first":
             self._greeting_pending = True
             self.model_out.append(
                 rt.response_create(
-                    instructions=(
-                        "Greet the caller. Say exactly the following words, word for word, and nothing "
-                        f'else: "{greeting.text}"'
-                    ),
+                    instructions="Greet the caller. " + SAY_EXACTLY.format(text=greeting.text),
                     metadata={"purpose": "greeting"},
                 )
             )
@@ -378,22 +428,53 @@ class Call:
             "utterances",
             {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "item_id": item_id, "started_at": self._wall_at(started)},
         )
-        self._barge_in()
-
-    def _barge_in(self) -> None:
-        """The caller started speaking: stop what the assistant is saying, and tell the model
-        exactly how much of it the caller heard (Twilio's mark echoes, never more than sent)."""
-        playing = [item for item in self._items.values() if not item.dropped and item.played_bytes < item.sent_bytes]
+        playing = self._playing_items()
         generating = self._response_id is not None
         if not playing and not generating:
-            return
-        if self.setup is not None and not self.setup.greeting.interruptible:
+            return  # nothing to interrupt: an ordinary turn
+        if not self.setup.greeting.interruptible:
             in_greeting = any(item.greeting for item in playing) or (
                 generating and self._response_id == self._greeting_response_id
             )
             if in_greeting:
                 return  # Vapi: firstMessageInterruptionsEnabled=false, the greeting is not cut off
+        need_ms = self.setup.policy.barge_in_voice_ms
+        if need_ms <= 0:
+            self._barge_in()
+        else:
+            self._gate = BargeInGate(item_id, need_ms)
+
+    def _playing_items(self) -> list[AssistantItem]:
+        return [item for item in self._items.values() if not item.dropped and item.played_bytes < item.sent_bytes]
+
+    def _gate_frame(self, payload: str) -> None:
+        """Count voiced caller audio while the gate is open (the only place the shim looks at
+        caller samples: decoding costs a few microseconds a frame, and only during the gate)."""
+        gate = self._gate
+        assert gate is not None
+        if not self._playing_items() and self._response_id is None:
+            self._gate = None  # the assistant finished on its own: nothing left to cut off
+            return
+        try:
+            pcm = audioop.ulaw2lin(base64.b64decode(payload), 2)
+        except (ValueError, TypeError):
+            return
+        if audioop.rms(pcm, 2) >= VOICE_RMS:
+            gate.voiced_ms += len(pcm) / 16  # 2 bytes a sample, 8 samples a ms
+            if gate.voiced_ms >= gate.need_ms:
+                self._gate = None
+                self._barge_in()
+
+    def _barge_in(self) -> None:
+        """The caller is talking over the assistant: stop it, and tell the model exactly how
+        much of it the caller heard (Twilio's mark echoes, never more than was sent)."""
+        playing = self._playing_items()
+        generating = self._response_id is not None
+        if not playing and not generating:
+            return
         self.metrics.barge_in()
+        if self._pending_end is not None and not self._pending_end.say_first:
+            self._pending_end = None  # the goodbye was not heard: don't hang up on the caller
         if generating:
             self.model_out.append(rt.response_cancel(self._response_id))
         if playing:
@@ -426,12 +507,21 @@ class Call:
         # audio_end_ms includes the silence window that confirmed the end of the turn.
         ended = self._input_time(event.get("audio_end_ms")) - self.setup.policy.silence_duration_ms / 1000
         self._turn_end = min(now, ended)
-        turn = self._user_turns.get(str(event.get("item_id")))
+        item_id = str(event.get("item_id"))
+        turn = self._user_turns.get(item_id)
         if turn is not None:
             self.records.upsert(
                 "utterances",
                 {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "ended_at": self._wall_at(self._turn_end)},
             )
+        if self._gate is not None and self._gate.item_id == item_id:
+            # Too little voice to cut the assistant off (a cough, noise, echo, an "mm-hm"): the
+            # assistant goes on, and the reply the server creates for this turn is dropped.
+            self._gate = None
+            self._turn_end = None
+            self._noise_reply_until = now + NOISE_REPLY_WINDOW_S
+            self._noise_items.append(item_id)
+            self._event("interruption_ignored", item_id=item_id)
 
     def _on_transcription_completed(self, event: dict) -> None:
         item_id = str(event.get("item_id") or "")
@@ -445,12 +535,21 @@ class Call:
             )
         self.records.upsert(
             "utterances",
-            {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "text": str(event.get("transcript") or "")},
+            {"call_sid": self.call_sid, "seq": turn.seq, "role": "user",
+             "text": self._keep_text(str(event.get("transcript") or ""))},
         )
 
     def _on_response_created(self, event: dict) -> None:
         response_id = str((event.get("response") or {}).get("id") or "")
         self._response_id = response_id
+        if self._noise_items:
+            noise, self._noise_items = self._noise_items, []
+            if self.clock() < self._noise_reply_until and not self._greeting_pending:
+                self.model_out.append(rt.response_cancel(response_id))
+                self._cancelled.add(response_id)
+                for item_id in noise:  # keep the noise out of the model's context
+                    self.model_out.append(rt.item_delete(item_id))
+                return
         if self._greeting_pending:
             self._greeting_pending = False
             self._greeting_response_id = response_id
@@ -476,6 +575,8 @@ class Call:
         name = str(self._mark_counter)
         self._marks[name] = (item, item.sent_bytes)
         sid = self.stream_sid
+        if self.mixer is not None:  # same length out: marks and truncation math are unchanged
+            delta = self.mixer.mix_b64(delta)
         self.twilio_out.append(tw.media_frame(sid, delta))
         self.twilio_out.append(tw.mark_frame(sid, name))
         self.frames_out += 1
@@ -517,9 +618,15 @@ class Call:
 
     def _on_transcript_done(self, event: dict) -> None:
         item = self._items.get(str(event.get("item_id")))
-        if item is not None and isinstance(event.get("transcript"), str):
-            item.final_transcript = event["transcript"]
-            self._record_item(item)
+        if item is None or not isinstance(event.get("transcript"), str):
+            return
+        item.final_transcript = event["transcript"]
+        self._record_item(item)
+        assert self.setup is not None
+        said = item.final_transcript.lower()
+        if not item.dropped and any(phrase in said for phrase in self.setup.policy.end_call_phrases):
+            # Vapi: an end-call phrase in the assistant's own words hangs up once it was heard.
+            self._end_after_playback("assistant-said-end-call-phrase")
 
     def _record_item(self, item: AssistantItem, final: bool = False) -> None:
         full = item.final_transcript if item.final_transcript is not None else "".join(item.transcript)
@@ -533,16 +640,27 @@ class Call:
         if item.interrupted:
             row.update(
                 interrupted=True,
-                text=heard_text(full, item.played_bytes, item.sent_bytes),
-                full_text=full,
+                text=self._keep_text(heard_text(full, item.played_bytes, item.sent_bytes)),
+                full_text=self._keep_text(full),
             )
         elif full or final:
-            row["text"] = full
+            row["text"] = self._keep_text(full)
         self.records.upsert("utterances", row)
+
+    def _keep_text(self, text: str) -> str | None:
+        """hipaaEnabled: no transcript text is stored (the row, its timing and flags still are)."""
+        return None if self.setup is not None and self.setup.policy.hipaa else text
+
+    def _on_output_item_done(self, event: dict) -> None:
+        item = event.get("item") or {}
+        if item.get("type") == "function_call" and item.get("status") == "completed":
+            # Run tools only from a completed item (arguments.done also fires on cancelled ones).
+            self._function_calls.append(item)
 
     def _on_response_done(self, event: dict) -> None:
         response = event.get("response") or {}
-        if response.get("id") == self._response_id:
+        response_id = response.get("id")
+        if response_id == self._response_id:
             self._response_id = None
         status = response.get("status")
         if status == "failed":
@@ -550,6 +668,66 @@ class Call:
             detail = (response.get("status_details") or {}).get("error")
             self._event("response_failed", error=detail)
             self.log.error("response_failed", error=detail)
+        calls, self._function_calls = self._function_calls, []
+        if status == "completed" and calls and response_id not in self._cancelled:
+            self._run_function_calls(calls)
+        if self._pending_end is not None:
+            self._maybe_hang_up()
+
+    def _run_function_calls(self, calls: list[dict[str, Any]]) -> None:
+        """Answer every call_id, then exactly one response.create (the model never goes silent
+        after a tool). endCall is the shim's own; webhook tools arrive with the tools issue."""
+        assert self.setup is not None
+        bindings = {b.realtime_name: b for b in self.setup.tools}
+        end_call = None
+        now = self._wall_at(self.clock())
+        for call in calls:
+            name, call_id = str(call.get("name") or ""), str(call.get("call_id") or "")
+            binding = bindings.get(name)
+            kind = binding.kind if binding is not None else "unknown"
+            try:
+                arguments = orjson.loads(call.get("arguments") or "{}")
+            except orjson.JSONDecodeError:
+                arguments = {"_raw": str(call.get("arguments"))[:1000]}
+            if kind == "endCall":
+                output, status = "Ending the call.", "ok"
+                end_call = binding
+            else:
+                output, status = TOOL_UNAVAILABLE, "error"
+            self._tool_seq += 1
+            self.records.upsert(
+                "tool_calls",
+                {"call_sid": self.call_sid, "seq": self._tool_seq, "call_id": call_id, "name": name,
+                 "arguments": arguments if isinstance(arguments, dict) else {"_value": arguments},
+                 "status": status, "result": output, "requested_at": now, "completed_at": now, "latency_ms": 0},
+            )
+            self.model_out.append(rt.function_call_output(call_id, output))
+        if end_call is not None:
+            goodbye = _request_start_text(end_call.vapi_tool) or self.setup.policy.end_call_message
+            self._end_after_playback("assistant-ended-call", say_first=goodbye)
+            return
+        self.model_out.append(rt.response_create())
+
+    def _end_after_playback(self, reason: str, say_first: str = "") -> None:
+        """Hang up once everything queued at Twilio has been played (marks), optionally after
+        saying `say_first` word for word; bounded so a lost mark cannot keep the line open."""
+        if self._pending_end is not None:
+            return
+        remaining = max(0.0, self._playback_free_at - self.clock())
+        self._pending_end = PendingEnd(reason, self.clock() + remaining + HANGUP_GRACE_S, say_first)
+        self._maybe_hang_up()
+
+    def _maybe_hang_up(self) -> None:
+        pending = self._pending_end
+        if pending is None or self._response_id is not None:
+            return
+        if pending.say_first:
+            text, pending.say_first = pending.say_first, ""
+            pending.deadline = self.clock() + len(text) * 0.1 + HANGUP_GRACE_S
+            self.model_out.append(rt.response_create(instructions=SAY_EXACTLY.format(text=text), metadata={"purpose": "goodbye"}))
+            return
+        if not self._marks or self.clock() >= pending.deadline:
+            self._finish(pending.reason)
 
     def _on_error(self, event: dict) -> None:
         error = event.get("error") or {}
@@ -572,6 +750,7 @@ class Call:
         "response.output_audio.delta": _on_audio_delta,
         "response.output_audio_transcript.delta": _on_transcript_delta,
         "response.output_audio_transcript.done": _on_transcript_done,
+        "response.output_item.done": _on_output_item_done,
         "response.done": _on_response_done,
         "error": _on_error,
     }
@@ -590,6 +769,10 @@ class Call:
         if self._live_at is not None and now - self._live_at >= policy.max_duration_s:
             self._finish("exceeded-max-duration")
             return
+        if self._pending_end is not None:
+            if now >= self._pending_end.deadline:
+                self._finish(self._pending_end.reason)
+            return
         if self._marks or self._response_id is not None:
             self._last_activity = now  # the assistant is talking or about to
             return
@@ -605,3 +788,11 @@ class Call:
     def take_model_out(self) -> list[str]:
         out, self.model_out = self.model_out, []
         return out
+
+
+def _request_start_text(tool: dict[str, Any]) -> str:
+    """The content of a tool's request-start message (what Vapi says when the tool runs)."""
+    for message in tool.get("messages") or []:
+        if isinstance(message, dict) and message.get("type") == "request-start" and isinstance(message.get("content"), str):
+            return message["content"]
+    return ""

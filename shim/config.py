@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,24 @@ def _float(raw: str, name: str) -> float:
         raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
 
 
+def _voice_map(raw: str) -> tuple[tuple[str, str], ...]:
+    """SHIM_VOICE_MAP: a JSON object {"<Vapi voiceId>": "<Realtime voice>", ...}."""
+    if not raw:
+        return ()
+    from .translate import REALTIME_VOICES
+
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"SHIM_VOICE_MAP: expected a JSON object ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"SHIM_VOICE_MAP={raw[:80]!r}: expected a JSON object")
+    for key, value in data.items():
+        if value not in REALTIME_VOICES:
+            raise ConfigError(f"SHIM_VOICE_MAP[{key!r}]={value!r}: expected one of {', '.join(REALTIME_VOICES)}")
+    return tuple((str(k), str(v)) for k, v in data.items())
+
+
 @dataclass(frozen=True)
 class Config:
     openai_api_key: str = ""
@@ -49,6 +68,9 @@ class Config:
     model_connect_timeout_s: float = 10.0
     writer_max_memory_rows: int = 50_000
     drain_timeout_s: float = 25.0
+    transcription_model: str = "gpt-4o-mini-transcribe"
+    voice_map: tuple[tuple[str, str], ...] = ()  # Vapi voiceId -> Realtime voice overrides
+    twilio_api_base: str = "https://api.twilio.com"
 
     @property
     def public_base(self) -> str:
@@ -98,4 +120,7 @@ class Config:
             log_format=get("SHIM_LOG_FORMAT", "json"),
             log_level=get("SHIM_LOG_LEVEL", "info"),
             drain_timeout_s=_float(get("SHIM_DRAIN_TIMEOUT", "25"), "SHIM_DRAIN_TIMEOUT"),
+            transcription_model=get("SHIM_TRANSCRIPTION_MODEL", cls.transcription_model),
+            voice_map=_voice_map(get("SHIM_VOICE_MAP")),
+            twilio_api_base=get("TWILIO_API_BASE", cls.twilio_api_base).rstrip("/"),
         )

@@ -76,3 +76,13 @@ def item_create_message(role: str, text: str) -> str:
             "item": {"type": "message", "role": role, "content": [{"type": content_type, "text": text}]},
         }
     )
+
+
+def function_call_output(call_id: str, output: str) -> str:
+    return dumps(
+        {
+            "type": "conversation.item.create",
+            "event_id": _event_id(),
+            "item": {"type": "function_call_output", "call_id": call_id, "output": output},
+        }
+    )

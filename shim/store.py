@@ -19,6 +19,7 @@ to JSON losslessly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as _dt
 import enum
 import fcntl
@@ -373,9 +374,14 @@ def _q(ident: str) -> str:
 def _build_sql(op: str, table: str, cols: tuple[str, ...], keep: tuple[str, ...]) -> str:
     spec = TABLES[table]
     placeholders = ", ".join(f"${i}::text::{spec.columns[c]}" for i, c in enumerate(cols, 1))
-    sql = f"INSERT INTO {_q(table)} AS t ({', '.join(map(_q, cols))}) VALUES ({placeholders}) ON CONFLICT ({', '.join(map(_q, spec.key))}) "
+    sql = (
+        f"INSERT INTO {_q(table)} AS t ({', '.join(map(_q, cols))}) VALUES ({placeholders}) "
+        f"ON CONFLICT ({', '.join(map(_q, spec.key))}) "
+    )
     sets = [
-        f"{_q(c)} = COALESCE(t.{_q(c)}, EXCLUDED.{_q(c)})" if c in keep else f"{_q(c)} = COALESCE(EXCLUDED.{_q(c)}, t.{_q(c)})"
+        f"{_q(c)} = COALESCE(t.{_q(c)}, EXCLUDED.{_q(c)})"  # keep_existing: the stored value wins
+        if c in keep
+        else f"{_q(c)} = COALESCE(EXCLUDED.{_q(c)}, t.{_q(c)})"  # the new value wins when not null
         for c in cols
         if c not in spec.key
     ]
@@ -428,11 +434,18 @@ def _entry_line(entry: Entry) -> bytes:
 
 
 def _append_lines(path: Path, lines: list[bytes]) -> int:
-    """Append and fsync; returns the file size afterwards."""
+    """Append and fsync; returns the file size afterwards. On failure (disk full...) the file is cut
+    back to where it was, so a torn line never sits in front of later appends."""
     with open(path, "ab") as f:
-        f.write(b"".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
+        start = f.tell()
+        try:
+            f.write(b"".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+            raise
         return f.tell()
 
 
@@ -471,7 +484,11 @@ def _scan_spool(path: Path, rejected_path: Path) -> tuple[int, int]:
         f.seek(good_end)
         torn = f.read()
     if torn:
-        record = {"rejected_at": _dt.datetime.now(_dt.UTC).isoformat(), "error": "torn spool line (crash during write)", "raw": torn.decode("utf-8", "replace")}
+        record = {
+            "rejected_at": _dt.datetime.now(_dt.UTC).isoformat(),
+            "error": "torn spool line (crash during write)",
+            "raw": torn.decode("utf-8", "replace"),
+        }
         _append_lines(rejected_path, [orjson.dumps(record) + b"\n"])
         with open(path, "r+b") as f:
             f.truncate(good_end)
@@ -510,8 +527,12 @@ class _Batch:
 class Recorder:
     """Accepts rows without ever blocking and writes them to Postgres from one background task.
 
-    Counters for metrics: `written`, `failed_batches`, `rejected`, `pending`, `spooled`, `db_up`.
-    One Recorder per spool file (enforced with a lock file).
+    Counters for metrics: `written`, `failed_batches`, `rejected`, `connects`, `pending`, `spooled`,
+    `db_up` (also as a dict from `stats()`). upsert()/insert() must be called from the event loop's
+    thread; they work before start() too (rows wait in memory; start() also replays an old spool).
+    One Recorder per spool file (enforced with a lock file, `<spool>.lock`). Rows that can never be
+    written (a constraint violation, say) are appended to `<spool>.rejected` as JSON lines.
+    The writer applies pending migrations itself each time it connects (`apply_migrations`).
     """
 
     def __init__(
@@ -564,6 +585,7 @@ class Recorder:
         self.written = 0
         self.failed_batches = 0
         self.rejected = 0
+        self.connects = 0  # successful (re)connections
         self.db_up = False
 
         self._wake = asyncio.Event()
@@ -601,6 +623,7 @@ class Recorder:
             "written": self.written,
             "failed_batches": self.failed_batches,
             "rejected": self.rejected,
+            "connects": self.connects,
             "pending": self.pending,
             "spooled": self.spooled,
             "db_up": self.db_up,
@@ -658,7 +681,12 @@ class Recorder:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise RuntimeError(f"spool {self.spool_path} is in use by another Recorder") from None
-        rows, size = await asyncio.to_thread(_scan_spool, self.spool_path, self.rejected_path)
+        try:
+            rows, size = await asyncio.to_thread(_scan_spool, self.spool_path, self.rejected_path)
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
         if rows:
             self._spool_rows, self._spool_end, self._spool_off = rows, size, 0
             self._accepted += rows
@@ -755,6 +783,7 @@ class Recorder:
             self._spill_evt.clear()
             while self.pending > self.max_memory_rows:
                 self._spill_pending = True
+                failed = False
                 try:
                     async with self._spool_lock:
                         # A memory batch at the head goes to the spool first (it is the oldest), but
@@ -776,12 +805,14 @@ class Recorder:
                         except OSError as exc:
                             self._mem.extendleft(reversed(chunk))  # order preserved; retry later
                             log.error("recorder.spool_write_failed", path=str(self.spool_path), error=str(exc), rows=len(chunk))
-                            await asyncio.sleep(self.retry_max)
-                            continue
-                        log.info("recorder.spilled", rows=len(chunk), spooled=self.spooled, pending=self.pending)
+                            failed = True
+                        else:
+                            log.info("recorder.spilled", rows=len(chunk), spooled=self.spooled, pending=self.pending)
                 finally:
                     self._spill_pending = False
                     self._wake.set()
+                if failed:
+                    await asyncio.sleep(self.retry_max)
 
     # ---------------------------------------------------------------- the writer task
 
@@ -811,7 +842,8 @@ class Recorder:
                 conn = await self._connection()
                 if self._head is None:
                     self._head = await self._take_batch()
-                    if self._head is None:
+                    if self._head is None:  # raced with the spiller; never spin without yielding
+                        await asyncio.sleep(0.001)
                         continue
                 try:
                     await self._write_head(conn)
@@ -883,6 +915,7 @@ class Recorder:
                 continue
             conn.add_termination_listener(self._on_terminated)
             self._conn = conn
+            self.connects += 1
             log.info("recorder.db_up", recovered=self._outage_logged, pending=self.pending, spooled=self.spooled)
             self._outage_logged = False
             self.db_up = True

@@ -10,13 +10,17 @@ import pytest
 import structlog
 
 from shim import twilio_media as tw
-from shim.assistant import AssistantNotFound, CallContext, build_call_setup
+from shim.assistant import AssistantNotFound, CallContext
 from shim.call import Call, Phase, heard_text
+from shim.translate import translate
 
 MINIMAL = {
     "name": "Acme",
     "model": {"provider": "openai", "model": "gpt-4o", "messages": [{"role": "system", "content": "Be brief. Caller: {{customer.number}}"}]},
     "firstMessage": "Hi, thanks for calling Acme.",
+    "backgroundSound": "off",
+    # the shim's barge-in gate is tested on its own below; elsewhere interruptions are immediate
+    "stopSpeakingPlan": {"voiceSeconds": 0},
 }
 
 
@@ -90,7 +94,7 @@ def make_call(assistant=MINIMAL, **setup_kw):
         ctx = CallContext(call_sid=start.call_sid, from_number=start.custom_parameters.get("from", ""),
                           to_number=start.custom_parameters.get("to", ""),
                           now=datetime(2026, 11, 21, tzinfo=timezone.utc))
-        return build_call_setup("acme", assistant, ctx, model="gpt-realtime-2.1", **setup_kw)
+        return translate("acme", assistant, ctx, model="gpt-realtime-2.1", **setup_kw)
 
     call = Call(resolve, rows, log=structlog.get_logger(), clock=clock,
                 wall=lambda: datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc))
@@ -330,3 +334,152 @@ def test_heard_text(text, heard, total, expected):
 def test_b64_length_without_decoding():
     for n in range(0, 20):
         assert tw.b64_decoded_len(b64(b"x" * n)) == n
+
+
+# --- behaviours from the assistant's configuration ------------------------------------------
+
+LOUD = bytes([0x10]) * 160  # a loud μ-law frame (about -8 dBFS)
+QUIET = bytes([0x7E]) * 160  # near silence
+
+
+def _gated_call(voice_seconds=0.2):
+    call, rows, clock = live_call(dict(MINIMAL, firstMessageMode="assistant-waits-for-user", stopSpeakingPlan={"voiceSeconds": voice_seconds}))
+    call.take_model_out()
+    _speak(call, chunks=10)
+    call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
+    call.take_model_out()
+    return call, rows, clock
+
+
+def test_short_noise_does_not_cut_the_assistant_off_and_its_reply_is_dropped():
+    call, rows, clock = _gated_call()
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="item_noise"))
+    for _ in range(5):  # 100 ms of voice, under the 200 ms gate
+        call.on_twilio_text(media(LOUD))
+    for _ in range(5):
+        call.on_twilio_text(media(QUIET))
+    call.on_model_text(ev("input_audio_buffer.speech_stopped", audio_end_ms=600, item_id="item_noise"))
+    assert [e["type"] for e in sent(call) if e["type"] != "input_audio_buffer.append"] == []
+    assert call.take_twilio_out() == []  # no clear
+    call.on_model_text(ev("response.created", response={"id": "resp_noise"}))
+    assert [e["type"] for e in sent(call)] == ["response.cancel", "conversation.item.delete"]
+    call.on_model_text(ev("response.output_audio.delta", response_id="resp_noise", item_id="item_x", output_index=0, content_index=0, delta=b64(b"\x10" * 80)))
+    assert call.take_twilio_out() == []
+
+
+def test_sustained_speech_cuts_the_assistant_off_after_voice_seconds():
+    call, rows, clock = _gated_call()
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="item_u"))
+    for _ in range(9):
+        call.on_twilio_text(media(LOUD))
+    assert call.take_twilio_out() == []  # 180 ms: not yet
+    call.on_twilio_text(media(LOUD))
+    assert [orjson.loads(f)["event"] for f in call.take_twilio_out()] == ["clear"]
+    types = [e["type"] for e in sent(call) if e["type"] != "input_audio_buffer.append"]
+    assert types == ["conversation.item.delete"]  # nothing was played yet in this test
+
+
+def test_end_call_phrase_hangs_up_once_the_goodbye_was_heard():
+    call, rows, clock = live_call(dict(MINIMAL, firstMessageMode="assistant-waits-for-user", endCallPhrases=["Goodbye"]))
+    call.take_model_out()
+    marks = _speak(call, chunks=3)
+    call.on_model_text(ev("response.output_audio_transcript.done", response_id="resp_1", item_id="item_1", output_index=0, content_index=0, transcript="Thanks for calling, goodbye!"))
+    call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
+    for name in marks[:-1]:
+        call.on_twilio_text(mark(name))
+    assert call.end is None  # the last chunk is still playing
+    call.on_twilio_text(mark(marks[-1]))
+    assert call.end.reason == "assistant-said-end-call-phrase"
+
+
+def test_end_call_phrase_wait_is_bounded():
+    call, rows, clock = live_call(dict(MINIMAL, firstMessageMode="assistant-waits-for-user", endCallPhrases=["bye"]))
+    call.take_model_out()
+    _speak(call, chunks=3)
+    call.on_model_text(ev("response.output_audio_transcript.done", response_id="resp_1", item_id="item_1", output_index=0, content_index=0, transcript="ok bye"))
+    call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
+    clock.t += 5.0
+    call.tick()
+    assert call.end is None
+    clock.t += 1.0  # 300 ms of audio + 5 s grace, and Twilio never echoed the marks
+    call.tick()
+    assert call.end.reason == "assistant-said-end-call-phrase"
+
+
+def test_end_call_tool_says_end_call_message_then_hangs_up():
+    assistant = dict(MINIMAL, firstMessageMode="assistant-waits-for-user", endCallFunctionEnabled=True, endCallMessage="Bye now.")
+    call, rows, clock = live_call(assistant)
+    session_tools = call.setup.session["tools"]
+    assert [t["name"] for t in session_tools] == ["endCall"]
+    call.take_model_out()
+    call.on_model_text(ev("response.created", response={"id": "resp_1"}))
+    call.on_model_text(ev("response.output_item.done", response_id="resp_1", output_index=0,
+                          item={"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1", "name": "endCall", "arguments": "{}"}))
+    call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
+    out = sent(call)
+    assert out[0]["item"] == {"type": "function_call_output", "call_id": "call_1", "output": "Ending the call."}
+    assert out[1]["type"] == "response.create" and out[1]["response"]["instructions"].endswith('"Bye now."')
+    assert call.end is None
+    marks = _speak(call, item="item_bye", resp="resp_bye", chunks=2)
+    call.on_model_text(ev("response.done", response={"id": "resp_bye", "status": "completed"}))
+    for name in marks:
+        call.on_twilio_text(mark(name))
+    assert call.end.reason == "assistant-ended-call"
+    tool = rows.merged("tool_calls", ["call_sid", "seq"])[("CA1", 1)]
+    assert tool["name"] == "endCall" and tool["status"] == "ok"
+
+
+def test_other_tools_answer_the_model_and_keep_the_conversation_going():
+    assistant = dict(MINIMAL, model=dict(MINIMAL["model"], tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]))
+    call, rows, clock = live_call(assistant)
+    call.take_model_out()
+    call.on_model_text(ev("response.created", response={"id": "resp_1"}))
+    for i in (1, 2):
+        call.on_model_text(ev("response.output_item.done", response_id="resp_1", output_index=i,
+                              item={"id": f"fc_{i}", "type": "function_call", "status": "completed", "call_id": f"call_{i}", "name": "lookup", "arguments": "{\"q\": 1}"}))
+    call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
+    out = sent(call)
+    assert [e["type"] for e in out] == ["conversation.item.create", "conversation.item.create", "response.create"]
+    assert {e["item"]["call_id"] for e in out[:2]} == {"call_1", "call_2"}
+
+
+def test_hipaa_stores_no_transcript_text():
+    call, rows, clock = live_call(dict(MINIMAL, firstMessageMode="assistant-waits-for-user", compliancePlan={"hipaaEnabled": True}))
+    call.take_model_out()
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u1"))
+    call.on_model_text(ev("conversation.item.input_audio_transcription.completed", item_id="u1", content_index=0, transcript="my ssn is 123"))
+    _speak(call, chunks=1)
+    call.on_model_text(ev("response.output_audio_transcript.done", response_id="resp_1", item_id="item_1", output_index=0, content_index=0, transcript="noted"))
+    utter = rows.merged("utterances", ["call_sid", "seq"])
+    assert utter and all(u.get("text") is None and u.get("full_text") is None for u in utter.values())
+
+
+def test_few_shot_messages_become_items_before_the_greeting():
+    assistant = dict(MINIMAL, model=dict(MINIMAL["model"], messages=MINIMAL["model"]["messages"] + [
+        {"role": "user", "content": "Do you open Sundays?"}, {"role": "assistant", "content": "No, we are closed on Sundays."}]))
+    call, rows, clock = make_call(assistant)
+    call.on_twilio_text(start_frame())
+    call.on_model_text(ev("session.created", session={}))
+    call.take_model_out()
+    call.on_model_text(ev("session.updated", session={"audio": {"input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}}))
+    out = sent(call)
+    assert [(e["type"], e.get("item", {}).get("role")) for e in out] == [
+        ("conversation.item.create", "user"), ("conversation.item.create", "assistant"), ("response.create", None)]
+    assert out[1]["item"]["content"] == [{"type": "output_text", "text": "No, we are closed on Sundays."}]
+
+
+class FakeMixer:
+    def mix_b64(self, voice_b64):
+        return b64(bytes(b ^ 0x01 for b in base64.b64decode(voice_b64)))
+
+
+def test_background_mixer_changes_samples_not_length_or_marks():
+    call, rows, clock = live_call(dict(MINIMAL, firstMessageMode="assistant-waits-for-user"))
+    call.mixer = FakeMixer()
+    call.take_model_out()
+    call.on_model_text(ev("response.created", response={"id": "resp_1"}))
+    call.on_model_text(ev("response.output_audio.delta", response_id="resp_1", item_id="item_1", output_index=0, content_index=0, delta=b64(b"\x10" * 800)))
+    media_frame, mark_frame = (orjson.loads(f) for f in call.take_twilio_out())
+    assert base64.b64decode(media_frame["media"]["payload"]) == b"\x11" * 800
+    call.on_twilio_text(mark(mark_frame["mark"]["name"]))
+    assert call._items["item_1"].played_bytes == 800

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import asyncpg
 import orjson
@@ -357,21 +356,53 @@ async def test_outage_rows_wait_spill_to_spool_and_land_exactly_once(db_dsn, pro
 
 async def test_server_side_disconnects_are_retried(db_dsn, recorders):
     """The server killing the writer's session mid-stream (admin shutdown, 57P01) loses nothing."""
-    rec = await recorders(db_dsn, batch_max=20)
+    rec = await recorders(db_dsn, batch_max=10)
     admin = await asyncpg.connect(db_dsn)
+    kills = 0
     try:
-        for i in range(400):
-            rec.upsert("utterances", {"call_sid": "CA10", "seq": i, "role": "user", "text": f"x{i}"})
-            if i % 100 == 50:
-                await wait_until(lambda: rec.written > 0, what="first write")
-                await admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'shim-recorder'"
-                )
+        for round_ in range(3):
+            before = rec.written
+            for i in range(200):
+                seq = round_ * 200 + i
+                rec.upsert("utterances", {"call_sid": "CA10", "seq": seq, "role": "user", "text": f"x{seq}"})
+            await wait_until(lambda: rec.written > before, what="writing")  # mid-stream
+            kills += await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'shim-recorder'"
+            )
         assert await rec.drain(5)
     finally:
         await admin.close()
-    assert await fetchval(db_dsn, "SELECT count(*) FROM utterances") == 400
-    assert rec.written == 400 and rec.rejected == 0
+    assert await fetchval(db_dsn, "SELECT count(*) FROM utterances") == 600
+    assert rec.written == 600 and rec.rejected == 0
+    assert kills >= 2 and rec.connects >= 2
+
+
+@pytest.mark.parametrize("max_memory_rows", [10, 10_000], ids=["spilling", "in-memory"])
+async def test_partition_mid_batch_keeps_order_through_spool_and_close(max_memory_rows, db_dsn, proxy, recorders):
+    """A write that hangs (network partition) times out and is retried; while it is stuck, newer
+    rows spill to the spool behind it (or wait in memory); close() spools it all, the stuck batch
+    included, in acceptance order; a new Recorder replays it so the last update of each key wins."""
+    rec = await recorders(proxy.dsn_for(db_dsn), spool="part.jsonl", batch_max=5, max_memory_rows=max_memory_rows,
+                          command_timeout=0.2, connect_timeout=0.2)
+    rec.upsert("calls", {"call_sid": "CA11", "status": "s-first"})
+    assert await rec.drain(5)
+    await proxy.stall()
+    for i in range(40):
+        rec.upsert("calls", {"call_sid": "CA11", "status": f"s{i}"})
+        rec.upsert("utterances", {"call_sid": "CA11", "seq": i, "role": "user", "text": f"w{i}"})
+    await wait_until(lambda: rec.failed_batches >= 1 and (rec.spooled > 0) == (max_memory_rows == 10),
+                     what="timed-out batch (and spill)")
+    await rec.close(timeout=0.05)
+    assert rec.spooled == 80 and rec.pending == 0  # the stuck batch too
+    lines = [orjson.loads(x) for x in rec.spool_path.read_bytes().splitlines()]
+    assert [v for op, t, cols, keep, vals in lines if t == "calls" for v in vals if v.startswith("s")] == [
+        f"s{i}" for i in range(40)
+    ]
+    await proxy.resume()
+    again = await recorders(db_dsn, spool="part.jsonl")
+    assert await again.drain(5)
+    assert await fetchval(db_dsn, "SELECT status FROM calls") == "s39"
+    assert await fetchval(db_dsn, "SELECT count(*) FROM utterances") == 40
 
 
 async def test_close_with_db_down_spools_rows_and_next_recorder_replays(db_dsn, proxy, recorders):

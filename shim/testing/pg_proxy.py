@@ -5,6 +5,8 @@
     rec = Recorder(proxy.dsn_for(dsn), ...)
     await proxy.pause()                    # live connections are aborted, new ones reset at once
     await proxy.resume()
+    await proxy.stall()                    # a network partition: sockets stay open, nothing flows
+    await proxy.resume()                   # (stalled connections are aborted, new ones flow)
 
 The embedded server listens only on a unix socket (<socket dir>/.s.PGSQL.<port>); the proxy listens
 on 127.0.0.1:<random port> and forwards bytes unchanged (the server then sees a local connection,
@@ -37,8 +39,12 @@ class PgProxy:
         self.port: int | None = None
         self.paused = False
         self.connections_total = 0  # client connections accepted (including refused ones)
+        self.stalled = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server: asyncio.AbstractServer | None = None
         self._live: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._stalled_clients: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -65,21 +71,41 @@ class PgProxy:
     async def pause(self) -> None:
         """Abort every live connection (both sides) and reset new ones until resume()."""
         self.paused = True
+        await self._abort_all()
+        log.info("pg_proxy.paused", port=self.port)
+
+    async def stall(self) -> None:
+        """Stop forwarding without closing anything (both directions, new connections too), like a
+        network partition: clients see their queries and connection attempts hang until they time out."""
+        self.stalled = True
+        self._flowing.clear()
+        log.info("pg_proxy.stalled", port=self.port)
+
+    async def resume(self) -> None:
+        """Back to normal. Connections that lived through a stall are aborted (their streams are
+        out of step); new ones flow."""
+        if self.stalled:
+            await self._abort_all()
+            self.stalled = False
+            self._flowing.set()
+        self.paused = False
+        log.info("pg_proxy.resumed", port=self.port)
+
+    async def _abort_all(self) -> None:
         for client, upstream in list(self._live):
             client.transport.abort()
             upstream.transport.abort()
         self._live.clear()
+        for client in list(self._stalled_clients):
+            client.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        log.info("pg_proxy.paused", port=self.port)
-
-    async def resume(self) -> None:
-        self.paused = False
-        log.info("pg_proxy.resumed", port=self.port)
 
     async def stop(self) -> None:
         await self.pause()
+        self.stalled = False
+        self._flowing.set()  # releases connections still waiting out a stall
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -100,6 +126,14 @@ class PgProxy:
         self.connections_total += 1
         if self.paused:
             writer.transport.abort()
+            return
+        if self.stalled:
+            self._stalled_clients.add(writer)
+            try:
+                await self._flowing.wait()
+            finally:
+                self._stalled_clients.discard(writer)
+            writer.transport.abort()  # it waited through a stall: drop it, as resume() does
             return
         try:
             if self.unix_socket is not None:
@@ -130,10 +164,10 @@ class PgProxy:
             for w in (writer, up_writer):
                 w.close()
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

@@ -1,0 +1,593 @@
+"""`make bench`: load benchmark of the media relay, the real `shim serve` against a bare relay.
+
+For each --calls value, runs N concurrent simulated calls (Twilio caller + Realtime stand-in,
+both lightweight and in this one uvloop process, see scripts/_bench_peers.py) through:
+
+* shim: `python -m shim.cli serve` as a subprocess, exactly as scripts/demo.py starts it
+  (picows media listener, embedded PostgreSQL, the batching writer, every feature on);
+* bare relay (--baseline): a ~60-line picows relay, also a subprocess of this script
+  (`--serve-bare`), that forwards media -> input_audio_buffer.append and
+  response.output_audio.delta -> media + mark, with no other logic.
+
+Measured on the server process only, over a steady window where all N calls are live:
+CPU seconds (user+system of the server PID and its children) per call-minute, RSS per call
+(live minus idle-after-warm-up, divided by N), and the delay each tagged frame spends between
+the two peers (caller -> model and model -> caller; p50/p99/max). Callers send 20 ms frames
+on a fixed schedule; the assistant talks half the time (3 s of 100 ms deltas every 6 s), and
+the caller "talks" the other half (speech_started/stopped + a transcript).
+
+    .venv/bin/python scripts/bench_relay.py --calls 50,100 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_peers import (  # noqa: E402
+    DELTA_BYTES,
+    FRAME_BYTES,
+    Caller,
+    Delays,
+    ModelServer,
+    Pacer,
+    Tagger,
+    _sleep_until,
+    perf,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+AUTH_TOKEN = "bench-auth-token"
+MiB = 1024 * 1024
+
+
+# --- the bare relay baseline (runs as `bench_relay.py --serve-bare PORT --model-url URL`) -------
+
+
+def serve_bare(port: int, model_url: str) -> None:
+    from picows import WSCloseCode, WSListener, WSMsgType, ws_connect, ws_create_server
+
+    TEXT = WSMsgType.TEXT
+    SESSION_UPDATE = orjson.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {
+        "input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}}})
+
+    class ModelSide(WSListener):
+        def __init__(self, relay):
+            self.relay = relay
+
+        def on_ws_frame(self, transport, frame):
+            if frame.msg_type == TEXT:
+                event = orjson.loads(frame.get_payload_as_bytes())
+                kind = event.get("type")
+                if kind == "response.output_audio.delta":
+                    self.relay.to_twilio(event["delta"])
+                elif kind == "session.created":
+                    transport.send(TEXT, SESSION_UPDATE)
+            elif frame.msg_type == WSMsgType.CLOSE:
+                transport.disconnect()
+
+        def on_ws_disconnected(self, transport):
+            self.relay.close()
+
+    class Relay(WSListener):
+        def __init__(self):
+            self.twilio = self.model = None
+            self.sid, self.marks = "", 0
+
+        def on_ws_connected(self, transport):
+            self.twilio = transport
+
+        def on_ws_frame(self, transport, frame):
+            if frame.msg_type == TEXT:
+                msg = orjson.loads(frame.get_payload_as_bytes())
+                event = msg.get("event")
+                if event == "media":
+                    if self.model is not None:
+                        self.model.send(TEXT, ('{"type":"input_audio_buffer.append","audio":"'
+                                               + msg["media"]["payload"] + '"}').encode())
+                elif event == "start":
+                    self.sid = msg["start"]["streamSid"]
+                    asyncio.get_running_loop().create_task(self.connect())
+                elif event == "stop":
+                    self.close()
+            elif frame.msg_type == WSMsgType.CLOSE:
+                self.close()
+
+        async def connect(self):
+            self.model, _ = await ws_connect(lambda: ModelSide(self), model_url,
+                                             extra_headers={"Authorization": "Bearer sk-bench"})
+
+        def to_twilio(self, delta: str):
+            self.marks += 1
+            head = '{"event":"%s","streamSid":"' + self.sid + '",'
+            self.twilio.send(TEXT, ((head % "media") + '"media":{"payload":"' + delta + '"}}').encode())
+            self.twilio.send(TEXT, ((head % "mark") + '"mark":{"name":"' + str(self.marks) + '"}}').encode())
+
+        def on_ws_disconnected(self, transport):
+            self.close()
+
+        def close(self):
+            for t in (self.twilio, self.model):
+                if t is not None and not t.is_disconnected:
+                    t.send_close(WSCloseCode.OK)
+                    t.disconnect()
+
+    async def main():
+        server = await ws_create_server(lambda req: Relay() if req.path.startswith(b"/twilio/media") else None,
+                                        "127.0.0.1", port)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.close()
+
+    import uvloop
+
+    uvloop.run(main())
+
+
+# --- measuring the server process ------------------------------------------------------------
+
+
+def _tree(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return [p]
+
+
+def tree_cpu(p: psutil.Process, exclude: set[int] = frozenset()) -> float:
+    total = 0.0
+    for q in _tree(p):
+        if q.pid in exclude:
+            continue
+        try:
+            t = q.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def tree_rss(p: psutil.Process, exclude: set[int] = frozenset()) -> int:
+    total = 0
+    for q in _tree(p):
+        if q.pid in exclude:
+            continue
+        try:
+            total += q.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = perf() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited (code {proc.returncode}) while waiting for {what}")
+        if perf() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def port_open(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+async def http_ok(port: int, path: str) -> bool:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), 2)
+        return b" 200 " in line
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    media_url: str
+    log_path: Path
+    pg: psutil.Process | None = None  # embedded Postgres, when it is not a child of the server
+
+
+async def start_shim(model: ModelServer, tag: str) -> Server:
+    data_dir = REPO / ".shim" / "bench"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    http_port, media_port = free_port(), free_port()
+    env = dict(
+        os.environ,
+        OPENAI_API_KEY="sk-bench-not-a-real-key",
+        OPENAI_REALTIME_URL=model.url,
+        TWILIO_ACCOUNT_SID="AC" + "0" * 32,
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        PUBLIC_URL=f"http://127.0.0.1:{http_port}",
+        PUBLIC_MEDIA_URL=f"ws://127.0.0.1:{media_port}/twilio/media",
+        SHIM_DATA_DIR=str(data_dir),
+        SHIM_ASSISTANTS_DIR=str(REPO / "assistants"),
+        SHIM_LOG_LEVEL="warning",
+        SHIM_DRAIN_TIMEOUT="5",
+    )
+    env.pop("DATABASE_URL", None)
+    log_path = data_dir / f"serve-{tag}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shim.cli", "serve", "--host", "127.0.0.1", "--port", str(http_port),
+             "--media-port", str(media_port)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+    server = Server(proc, env["PUBLIC_MEDIA_URL"], log_path)
+    deadline = perf() + 90
+    while not await http_ok(http_port, "/healthz"):
+        if proc.poll() is not None or perf() > deadline:
+            await stop_server(server)
+            raise RuntimeError(f"shim serve did not start; see {log_path}:\n{tail(log_path)}")
+        await asyncio.sleep(0.1)
+    pidfile = data_dir / "pgdata" / "postmaster.pid"
+    try:
+        pg = psutil.Process(int(pidfile.read_text().splitlines()[0]))
+        if pg.pid not in {q.pid for q in _tree(psutil.Process(proc.pid))}:
+            server.pg = pg
+    except (OSError, ValueError, IndexError, psutil.Error):
+        pass
+    return server
+
+
+async def start_bare(model: ModelServer, tag: str) -> Server:
+    port = free_port()
+    log_path = REPO / ".shim" / "bench" / f"serve-{tag}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port), "--model-url", model.url],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+    server = Server(proc, f"ws://127.0.0.1:{port}/twilio/media", log_path)
+    deadline = perf() + 20
+    while not await port_open(port):
+        if proc.poll() is not None or perf() > deadline:
+            await stop_server(server)
+            raise RuntimeError(f"bare relay did not start; see {log_path}:\n{tail(log_path)}")
+        await asyncio.sleep(0.05)
+    return server
+
+
+async def stop_server(server: Server) -> int | None:
+    proc = server.proc
+    if proc.poll() is None:
+        proc.terminate()  # SIGTERM: the shim drains, flushes the writer, stops embedded Postgres
+        try:
+            await asyncio.to_thread(proc.wait, 40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+    return proc.returncode
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# --- one run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    stack: str
+    calls: int
+    window_s: float
+    cpu_per_call_min: float
+    pg_cpu_per_call_min: float | None
+    mib_per_call: float
+    rss_idle_mib: float
+    rss_live_mib: float
+    c2m_ms: list[float]
+    m2c_ms: list[float]
+    c2m_frames: int
+    m2c_frames: int
+    c2m_lost: int
+    m2c_lost: int
+    late_frames: int
+    max_late_ms: float
+    server_cpu_pct: float  # % of one core, over the window
+    pg_cpu_pct: float
+    gen_cpu_pct: float
+    other_cpu_pct: float  # everything else on the machine (other processes)
+    dropped_calls: int
+    exit_code: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def pct(samples: list[float]) -> list[float]:
+    """p50, p99, max in ms."""
+    if not samples:
+        return [float("nan")] * 3
+    import numpy as np
+
+    a = np.asarray(samples) * 1000
+    return [float(np.percentile(a, 50)), float(np.percentile(a, 99)), float(a.max())]
+
+
+async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: Delays, args) -> Result:
+    tag = f"{stack}-{n}"
+    say(f"[{tag}] starting server")
+    server = await (start_shim(model, tag) if stack == "shim" else start_bare(model, tag))
+    proc = psutil.Process(server.proc.pid)
+    pacer = Pacer()
+    pacer.start()
+    callers: list[Caller] = []
+    tagger = Tagger(FRAME_BYTES, 0xFF)
+    numbers = itertools.count(1)
+    try:
+        c2m.reset()
+        m2c.reset()
+
+        async def open_call(due: float) -> Caller:
+            await _sleep_until(due)
+            caller = Caller(next(numbers), c2m, m2c, tagger)
+            await caller.connect(server.media_url, AUTH_TOKEN)
+            pacer.add(caller, perf())
+            return caller
+
+        # Warm-up: a few calls through a full response, so lazy imports and first-use caches are
+        # paid before the idle RSS is taken.
+        say(f"[{tag}] warm-up")
+        warm = await asyncio.gather(*(open_call(perf()) for _ in range(min(n, 4))))
+        await wait_until(lambda: model.live >= len(warm), 30, "warm-up sessions", server.proc)
+        await asyncio.sleep(args.warmup)
+        await asyncio.gather(*(c.stop() for c in warm))
+        await wait_until(lambda: not model.sessions, 15, "warm-up sessions to close", server.proc)
+        await asyncio.sleep(1.5)
+        rss_idle = tree_rss(proc, _pg_pids(server))
+
+        say(f"[{tag}] ramping up {n} calls over {args.ramp:g} s")
+        start = perf()
+        callers = await asyncio.gather(*(open_call(start + args.ramp * i / n) for i in range(n)))
+        await wait_until(lambda: model.live >= n, 30 + args.ramp, f"{n} live model sessions", server.proc)
+        await asyncio.sleep(args.settle)
+
+        say(f"[{tag}] measuring {args.seconds:g} s")
+        me = psutil.Process()
+        exclude = _pg_pids(server)
+        sys0, gen0 = psutil.cpu_times(), me.cpu_times()
+        cpu0 = tree_cpu(proc, exclude)
+        pg0 = tree_cpu(server.pg) if server.pg else None
+        t0 = perf()
+        c2m.window(t0, float("inf"))
+        m2c.window(t0, float("inf"))
+        rss_samples = []
+        end = t0 + args.seconds
+        while (now := perf()) < end:
+            await asyncio.sleep(min(1.0, end - now))
+            rss_samples.append(tree_rss(proc, exclude))
+        t1 = perf()
+        c2m.window(t0, t1)
+        m2c.window(t0, t1)
+        cpu1 = tree_cpu(proc, exclude)
+        pg1 = tree_cpu(server.pg) if server.pg else None
+        sys1, gen1 = psutil.cpu_times(), me.cpu_times()
+        dropped = sum(c.closed for c in callers)
+        await asyncio.sleep(args.grace)  # frames in flight at t1 still count
+        window = t1 - t0
+        call_min = n * window / 60
+        sys_total = sum(sys1) - sum(sys0)
+        busy = 1 - ((sys1.idle + getattr(sys1, "iowait", 0)) - (sys0.idle + getattr(sys0, "iowait", 0))) / sys_total
+        rss_live = statistics.median(rss_samples)
+        busy_pct = 100 * busy * (os.cpu_count() or 1)
+        server_pct = 100 * (cpu1 - cpu0) / window
+        pg_pct = 100 * (pg1 - pg0) / window if pg0 is not None else 0.0
+        gen_pct = 100 * ((gen1.user + gen1.system) - (gen0.user + gen0.system)) / window
+        return Result(
+            stack=stack,
+            calls=n,
+            window_s=window,
+            cpu_per_call_min=(cpu1 - cpu0) / call_min,
+            pg_cpu_per_call_min=(pg1 - pg0) / call_min if pg0 is not None else None,
+            mib_per_call=(rss_live - rss_idle) / n / MiB,
+            rss_idle_mib=rss_idle / MiB,
+            rss_live_mib=rss_live / MiB,
+            c2m_ms=pct(c2m.samples),
+            m2c_ms=pct(m2c.samples),
+            c2m_frames=len(c2m.samples),
+            m2c_frames=len(m2c.samples),
+            c2m_lost=c2m.sent_in_window - len(c2m.samples),
+            m2c_lost=m2c.sent_in_window - len(m2c.samples),
+            late_frames=c2m.late_in_window + m2c.late_in_window,
+            max_late_ms=max(c2m.max_late, m2c.max_late) * 1000,
+            server_cpu_pct=server_pct,
+            pg_cpu_pct=pg_pct,
+            gen_cpu_pct=gen_pct,
+            other_cpu_pct=max(busy_pct - server_pct - pg_pct - gen_pct, 0.0),
+            dropped_calls=dropped,
+        )
+    finally:
+        say(f"[{tag}] hanging up")
+        await asyncio.gather(*(c.stop() for c in callers if not c.closed), return_exceptions=True)
+        await pacer.stop()
+        try:
+            await wait_until(lambda: not model.sessions, 15, "model sessions to close")
+        except RuntimeError as exc:
+            say(f"[{tag}] {exc}; closing them")
+            for s in list(model.sessions):
+                s.close()
+        code = await stop_server(server)
+        if code not in (0, -signal.SIGTERM):
+            say(f"[{tag}] server exited with {code}; log {server.log_path}:\n{tail(server.log_path)}")
+
+
+def _pg_pids(server: Server) -> set[int]:
+    return {q.pid for q in _tree(server.pg)} if server.pg else set()
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def fmt_ms(v: list[float]) -> str:
+    return " / ".join(f"{x:.2f}" for x in v)
+
+
+def report(results: list[Result], args) -> str:
+    out = []
+    out.append("| stack | calls | CPU-s / call-min | MiB / call | caller→model ms p50 / p99 / max "
+               "| model→caller ms p50 / p99 / max | frames relayed c→m / m→c |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    by = {(r.stack, r.calls): r for r in results}
+    for n in args.calls:
+        shim, bare = by.get(("shim", n)), by.get(("bare", n))
+        for r, name in ((shim, "shim"), (bare, "bare relay")):
+            if r is None:
+                continue
+            cpu = f"{r.cpu_per_call_min:.3f}"
+            if r.pg_cpu_per_call_min is not None:
+                cpu += f" (+{r.pg_cpu_per_call_min:.3f} PG)"
+            out.append(f"| {name} | {n} | {cpu} | {r.mib_per_call:.3f} | {fmt_ms(r.c2m_ms)} | {fmt_ms(r.m2c_ms)} "
+                       f"| {r.c2m_frames:,} / {r.m2c_frames:,} |")
+        if shim and bare:
+            d = lambda a, b: " / ".join(f"{x - y:+.2f}" for x, y in zip(a, b))  # noqa: E731
+            out.append(f"| **shim − bare** | {n} | {shim.cpu_per_call_min - bare.cpu_per_call_min:+.3f} "
+                       f"| {shim.mib_per_call - bare.mib_per_call:+.3f} | {d(shim.c2m_ms, bare.c2m_ms)} "
+                       f"| {d(shim.m2c_ms, bare.m2c_ms)} | |")
+    out.append("")
+    out.append("| stack | calls | window s | RSS idle → live MiB | lost c→m / m→c | frames sent >20 ms late "
+               "(max late ms) | calls dropped | CPU % of a core: server / PG / load-gen / other |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        out.append(f"| {'shim' if r.stack == 'shim' else 'bare relay'} | {r.calls} | {r.window_s:.1f} "
+                   f"| {r.rss_idle_mib:.1f} → {r.rss_live_mib:.1f} | {r.c2m_lost} / {r.m2c_lost} "
+                   f"| {r.late_frames} ({r.max_late_ms:.1f}) | {r.dropped_calls} "
+                   f"| {r.server_cpu_pct:.0f} / {r.pg_cpu_pct:.0f} / {r.gen_cpu_pct:.0f} / {r.other_cpu_pct:.0f} |")
+    out.append("")
+    ncpu = os.cpu_count()
+    out.append(
+        f"Machine: {ncpu} CPU ({cpu_model()}), Python {platform.python_version()}, uvloop; everything on 127.0.0.1. "
+        f"The load generator (all callers and model stand-ins, one process) shares the {ncpu} cores with the "
+        "server under test (and, for the shim, its embedded PostgreSQL), so the figures are upper bounds. "
+        "CPU = user+system of the server process and its children over the window, per minute of live call; "
+        "'+PG' is the embedded PostgreSQL (not a child of the server) for the same window. "
+        "MiB/call = (median RSS with all calls live − RSS idle after a warm-up) / calls. Delay = load generator "
+        "writes a tagged frame → the other peer receives it (perf_counter, one process), so it includes two "
+        "loopback hops and both event loops; 'shim − bare' isolates what the shim adds. "
+        f"Traffic: 20 ms caller frames ({FRAME_BYTES} B) all call long; the assistant talks "
+        f"{args.talk:g} s of every {args.cycle:g} s in {DELTA_BYTES} B (100 ms) deltas, each relayed as media + mark "
+        "and echoed when played; calls ramp up over "
+        f"{args.ramp:g} s; window {args.seconds:g} s per run."
+    )
+    late = [r for r in results if r.late_frames]
+    if late:
+        out.append("")
+        out.append("WARNING: the load generator sent frames more than 20 ms late in "
+                   + ", ".join(f"{r.stack}/{r.calls} ({r.late_frames}, max {r.max_late_ms:.0f} ms)" for r in late)
+                   + ": it did not keep up, so those delay figures include its own backlog.")
+    busy = [r for r in results if r.other_cpu_pct > 10]
+    if busy:
+        out.append("")
+        out.append("WARNING: other processes used CPU during "
+                   + ", ".join(f"{r.stack}/{r.calls} ({r.other_cpu_pct:.0f}% of a core)" for r in busy)
+                   + "; rerun on a quiet machine for comparable figures.")
+    bad = [r for r in results if r.dropped_calls or r.c2m_lost or r.m2c_lost]
+    if bad:
+        out.append("")
+        out.append("WARNING: calls dropped or frames lost in "
+                   + ", ".join(f"{r.stack}/{r.calls}" for r in bad) + " (see the second table).")
+    return "\n".join(out)
+
+
+async def bench(args) -> int:
+    c2m, m2c = Delays(), Delays()
+    model = ModelServer(c2m, m2c, cycle_s=args.cycle, talk_s=args.talk)
+    await model.start()
+    results: list[Result] = []
+    started = perf()
+    try:
+        for n in args.calls:
+            stacks = ["shim", "bare"] if args.baseline else ["shim"]
+            for stack in stacks:
+                results.append(await run_stack(stack, n, model, c2m, m2c, args))
+    finally:
+        await model.stop()
+    say(f"(bench took {perf() - started:.0f} s)")
+    print(report(results, args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", default="50,100",
+                        type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+                        help="concurrent calls, a comma-separated list: one run per value (default 50,100)")
+    parser.add_argument("--seconds", type=float, default=20, help="steady-state window per run (default 20)")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the bare picows relay for comparison (default on)")
+    parser.add_argument("--ramp", type=float, default=3.0, help="seconds over which calls start (default 3)")
+    parser.add_argument("--cycle", type=float, default=6.0, help="seconds per assistant+caller turn (default 6)")
+    parser.add_argument("--talk", type=float, default=3.0, help="seconds the assistant talks per cycle (default 3)")
+    parser.add_argument("--warmup", type=float, default=3.5, help=argparse.SUPPRESS)
+    parser.add_argument("--settle", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument("--grace", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--model-url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_bare:
+        serve_bare(args.serve_bare, args.model_url)
+        return 0
+    if not args.calls or min(args.calls) < 1:
+        parser.error("--calls: expected positive integers, e.g. 50,100")
+    if not 0 < args.talk < args.cycle - 1:
+        parser.error("--talk must be positive and at least 1 s shorter than --cycle")
+    import uvloop
+
+    return uvloop.run(bench(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
