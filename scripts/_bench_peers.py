@@ -4,13 +4,13 @@ The validating stand-ins in shim/testing/ check every event with pydantic and de
 100+ calls they would measure themselves. These do the protocol minimum with picows, in one
 process, and time-stamp tagged frames with time.perf_counter:
 
-* every caller media frame carries a unique counter in its first 9 μ-law bytes (the first 12
-  base64 characters of the payload); the model stand-in looks those 12 characters up when the
-  matching input_audio_buffer.append arrives;
-* every model audio delta (100 ms, 800 bytes) is tagged the same way and looked up when the
+* every caller media frame carries a unique counter in its first 64 μ-law samples; the model
+  stand-in reads it back when the matching input_audio_buffer.append arrives;
+* every model audio delta (100 ms, 800 bytes) is tagged the same way and read back when the
   caller receives the Twilio media frame carrying it.
 
-The relay under test passes base64 through untouched, so the tag needs no decoding on arrival.
+Tags are carried by the signs of full-scale samples (see Tagger), so they survive the shim's
+background-ambience mixing; the caller audio is relayed untouched anyway.
 """
 
 from __future__ import annotations
@@ -33,20 +33,43 @@ TEXT = WSMsgType.TEXT
 FRAME_S = 0.020  # Twilio's inbound cadence
 FRAME_BYTES = 160
 DELTA_BYTES = 800  # 100 ms of μ-law
-TAG_CHARS = 12  # base64 of the 9 tag bytes
 
 
 class Tagger:
-    """base64 payloads of `size` bytes whose first 9 bytes are a unique counter."""
+    """base64 μ-law payloads of `size` bytes that carry a unique 64-bit counter.
 
-    _counter = itertools.count(1)
+    The counter is written as the signs of the first 64 samples at full scale (0x80 = +32124,
+    0x00 = -32124), so it survives anything that adds a quieter signal, changes the gain a little
+    or requantizes: the shim's background-ambience mixer rewrites every assistant chunk, and a
+    tag in raw payload bytes would not survive it. The next 2 bytes are silence, so the tag is
+    exactly the first 88 base64 characters and the rest is a precomputed constant."""
 
-    def __init__(self, size: int, fill: int):
-        self.tail = base64.b64encode(bytes([fill]) * (size - 9)).decode()
+    _counter = itertools.count(0x5A00_0000_0000_0001)
 
-    def next(self) -> tuple[str, str]:
-        tag = base64.b64encode(b"\x7e" + next(self._counter).to_bytes(8, "big")).decode()
-        return tag, tag + self.tail
+    def __init__(self, size: int):
+        self.tail = base64.b64encode(b"\xff" * (size - TAG_BYTES)).decode()
+
+    def next(self) -> tuple[int, str]:
+        n = next(self._counter)
+        head = format(n, "064b").encode().translate(_BITS_TO_ULAW) + b"\xff\xff"
+        return n, base64.b64encode(head).decode() + self.tail
+
+
+TAG_BYTES = 66  # 64 sign-carrying samples + 2 silent ones (a multiple of 3: clean base64 split)
+TAG_CHARS = 88
+_BITS_TO_ULAW = bytes(0x80 if i == ord("1") else 0x00 for i in range(256))
+_ULAW_TO_BITS = bytes(ord("1") if i >= 0x80 else ord("0") for i in range(256))
+
+
+def tag_of(payload: str) -> int | None:
+    """The counter in a tagged payload (None if it is too short to carry one)."""
+    if len(payload) < TAG_CHARS:
+        return None
+    try:
+        head = base64.b64decode(payload[:TAG_CHARS])
+    except ValueError:
+        return None
+    return int(head[:64].translate(_ULAW_TO_BITS), 2)
 
 
 class Delays:
@@ -55,7 +78,7 @@ class Delays:
 
     def __init__(self) -> None:
         self.t0 = self.t1 = math.inf
-        self.sent: dict[str, float] = {}
+        self.sent: dict[int, float] = {}
         self.samples: list[float] = []
         self.sent_in_window = 0
         self.late_in_window = 0  # sent > 20 ms after their schedule
@@ -67,7 +90,7 @@ class Delays:
     def window(self, t0: float, t1: float) -> None:
         self.t0, self.t1 = t0, t1
 
-    def on_send(self, tag: str, t: float, late: float) -> None:
+    def on_send(self, tag: int, t: float, late: float) -> None:
         self.sent[tag] = t
         if self.t0 <= t <= self.t1:
             self.sent_in_window += 1
@@ -76,10 +99,13 @@ class Delays:
             if late > 0.020:
                 self.late_in_window += 1
 
-    def on_recv(self, tag: str, t: float) -> None:
+    def on_recv(self, tag: int | None, t: float) -> bool:
         ts = self.sent.pop(tag, None)
-        if ts is not None and self.t0 <= ts <= self.t1:
+        if ts is None:
+            return False
+        if self.t0 <= ts <= self.t1:
             self.samples.append(t - ts)
+        return True
 
 
 # --- the Realtime stand-in ---------------------------------------------------------------------
@@ -98,7 +124,7 @@ class ModelServer:
         self.connections = 0
         self.server: asyncio.Server | None = None
         self.url = ""
-        self.tagger = Tagger(DELTA_BYTES, 0xFF)
+        self.tagger = Tagger(DELTA_BYTES)
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
@@ -154,7 +180,7 @@ class ModelSession(WSListener):
             if typ == "input_audio_buffer.append":
                 audio = msg["audio"]
                 self.in_chars += len(audio)
-                self.server.c2m.on_recv(audio[:TAG_CHARS], now)
+                self.server.c2m.on_recv(tag_of(audio), now)
             elif typ == "session.update":
                 session = dict(msg.get("session") or {})
                 audio = session.get("audio") or {}
@@ -257,6 +283,7 @@ class Caller(WSListener):
         self.closed = False
         self.stopped = False
         self.media_in = 0
+        self.media_untagged = 0
         self.marks_echoed = 0
 
     async def connect(self, url: str, auth_token: str) -> None:
@@ -320,8 +347,10 @@ class Caller(WSListener):
             event = msg.get("event")
             if event == "media":
                 payload = msg["media"]["payload"]
-                self.m2c.on_recv(payload[:TAG_CHARS], now)
-                self.media_in += 1
+                if self.m2c.on_recv(tag_of(payload), now):
+                    self.media_in += 1
+                else:
+                    self.media_untagged += 1  # e.g. ambience the shim plays between answers
                 nbytes = len(payload) * 3 // 4 - (2 if payload.endswith("==") else 1 if payload.endswith("=") else 0)
                 self.play_end = max(self.play_end, now) + nbytes / 8000
             elif event == "mark":

@@ -224,7 +224,7 @@ class Server:
     pg: psutil.Process | None = None  # embedded Postgres, when it is not a child of the server
 
 
-async def start_shim(model: ModelServer, tag: str) -> Server:
+async def start_shim(model: ModelServer, tag: str, source: Path) -> Server:
     data_dir = REPO / ".shim" / "bench"
     data_dir.mkdir(parents=True, exist_ok=True)
     http_port, media_port = free_port(), free_port()
@@ -237,17 +237,19 @@ async def start_shim(model: ModelServer, tag: str) -> Server:
         PUBLIC_URL=f"http://127.0.0.1:{http_port}",
         PUBLIC_MEDIA_URL=f"ws://127.0.0.1:{media_port}/twilio/media",
         SHIM_DATA_DIR=str(data_dir),
-        SHIM_ASSISTANTS_DIR=str(REPO / "assistants"),
+        SHIM_ASSISTANTS_DIR=str(source / "assistants"),
         SHIM_LOG_LEVEL="warning",
         SHIM_DRAIN_TIMEOUT="5",
     )
     env.pop("DATABASE_URL", None)
+    if source != REPO:  # benchmark another checkout of the shim (python -m puts cwd first on sys.path)
+        env["PYTHONPATH"] = str(source)
     log_path = data_dir / f"serve-{tag}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "shim.cli", "serve", "--host", "127.0.0.1", "--port", str(http_port),
              "--media-port", str(media_port)],
-            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env=env, cwd=source, stdout=log, stderr=subprocess.STDOUT,
         )
     server = Server(proc, env["PUBLIC_MEDIA_URL"], log_path)
     deadline = perf() + 90
@@ -330,6 +332,7 @@ class Result:
     gen_cpu_pct: float
     other_cpu_pct: float  # everything else on the machine (other processes)
     dropped_calls: int
+    untagged_media: int  # media frames to the caller that carried no tag (e.g. ambience between answers)
     exit_code: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -346,13 +349,14 @@ def pct(samples: list[float]) -> list[float]:
 
 async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: Delays, args) -> Result:
     tag = f"{stack}-{n}"
+    await wait_quiet(args.quiet_wait, tag)
     say(f"[{tag}] starting server")
-    server = await (start_shim(model, tag) if stack == "shim" else start_bare(model, tag))
+    server = await (start_shim(model, tag, args.shim_dir) if stack == "shim" else start_bare(model, tag))
     proc = psutil.Process(server.proc.pid)
     pacer = Pacer()
     pacer.start()
     callers: list[Caller] = []
-    tagger = Tagger(FRAME_BYTES, 0xFF)
+    tagger = Tagger(FRAME_BYTES)
     numbers = itertools.count(1)
     try:
         c2m.reset()
@@ -435,6 +439,7 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
             gen_cpu_pct=gen_pct,
             other_cpu_pct=max(busy_pct - server_pct - pg_pct - gen_pct, 0.0),
             dropped_calls=dropped,
+            untagged_media=sum(c.media_untagged for c in callers),
         )
     finally:
         say(f"[{tag}] hanging up")
@@ -449,6 +454,28 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         code = await stop_server(server)
         if code not in (0, -signal.SIGTERM):
             say(f"[{tag}] server exited with {code}; log {server.log_path}:\n{tail(server.log_path)}")
+
+
+async def wait_quiet(max_wait: float, tag: str) -> None:
+    """Other processes on a shared machine skew every figure: wait (bounded) until the machine
+    is nearly idle before a run."""
+    deadline = perf() + max_wait
+    said = False
+    while True:
+        t0 = psutil.cpu_times()
+        await asyncio.sleep(1.0)
+        t1 = psutil.cpu_times()
+        total = sum(t1) - sum(t0)
+        idle = (t1.idle + t1.iowait) - (t0.idle + t0.iowait)
+        busy_core_pct = 100 * (1 - idle / total) * (os.cpu_count() or 1) if total > 0 else 0.0
+        if busy_core_pct < 20:
+            return
+        if perf() > deadline:
+            say(f"[{tag}] machine still busy ({busy_core_pct:.0f}% of a core), measuring anyway")
+            return
+        if not said:
+            say(f"[{tag}] machine busy ({busy_core_pct:.0f}% of a core): waiting up to {max_wait:g} s for it to settle")
+            said = True
 
 
 def _pg_pids(server: Server) -> set[int]:
@@ -499,12 +526,12 @@ def report(results: list[Result], args) -> str:
                        f"| {d(shim.m2c_ms, bare.m2c_ms)} | |")
     out.append("")
     out.append("| stack | calls | window s | RSS idle → live MiB | lost c→m / m→c | frames sent >20 ms late "
-               "(max late ms) | calls dropped | CPU % of a core: server / PG / load-gen / other |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+               "(max late ms) | calls dropped | untagged media | CPU % of a core: server / PG / load-gen / other |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         out.append(f"| {'shim' if r.stack == 'shim' else 'bare relay'} | {r.calls} | {r.window_s:.1f} "
                    f"| {r.rss_idle_mib:.1f} → {r.rss_live_mib:.1f} | {r.c2m_lost} / {r.m2c_lost} "
-                   f"| {r.late_frames} ({r.max_late_ms:.1f}) | {r.dropped_calls} "
+                   f"| {r.late_frames} ({r.max_late_ms:.1f}) | {r.dropped_calls} | {r.untagged_media} "
                    f"| {r.server_cpu_pct:.0f} / {r.pg_cpu_pct:.0f} / {r.gen_cpu_pct:.0f} / {r.other_cpu_pct:.0f} |")
     out.append("")
     ncpu = os.cpu_count()
@@ -571,6 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ramp", type=float, default=3.0, help="seconds over which calls start (default 3)")
     parser.add_argument("--cycle", type=float, default=6.0, help="seconds per assistant+caller turn (default 6)")
     parser.add_argument("--talk", type=float, default=3.0, help="seconds the assistant talks per cycle (default 3)")
+    parser.add_argument("--shim-dir", type=lambda p: Path(p).resolve(), default=REPO,
+                        help="source tree of the shim to run (default: this checkout), e.g. a `git archive` of a commit")
+    parser.add_argument("--quiet-wait", type=float, default=60,
+                        help="before each run, wait up to this long for other processes to go idle (default 60)")
     parser.add_argument("--warmup", type=float, default=3.5, help=argparse.SUPPRESS)
     parser.add_argument("--settle", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--grace", type=float, default=1.0, help=argparse.SUPPRESS)

@@ -102,6 +102,8 @@ class Shim:
             await self.recorder.close(timeout=10)
         if self.pool is not None:
             await self.pool.close()
+        if self.bridge._http is not None:
+            await self.bridge._http.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from contextvars import ContextVar
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -54,7 +55,7 @@ def vapi_date(value: Any, fmt: str = "%b %d, %Y, %I:%M %p", tz: str | None = Non
     """Liquid `date` filter with Vapi's extra timezone argument (python-liquid's stock filter
     rejects the third argument)."""
     if value in ("now", "today", None):
-        dt = datetime.now(timezone.utc)
+        dt = _render_now.get() or datetime.now(timezone.utc)
     elif isinstance(value, (int, float)):
         dt = datetime.fromtimestamp(value / (1000 if value > 1e11 else 1), timezone.utc)
     elif isinstance(value, datetime):
@@ -72,6 +73,8 @@ def vapi_date(value: Any, fmt: str = "%b %d, %Y, %I:%M %p", tz: str | None = Non
     return dt.strftime(fmt)
 
 
+# The call's "now", so a template renders the same whenever it is rendered during one call.
+_render_now: ContextVar[datetime | None] = ContextVar("render_now", default=None)
 _liquid = Environment()
 _liquid.filters["date"] = vapi_date
 
@@ -107,11 +110,14 @@ class CallContext:
         return values
 
 
-def render(template: str, variables: dict[str, Any], path: str) -> str:
+def render(template: str, variables: dict[str, Any], path: str, now: datetime | None = None) -> str:
+    token = _render_now.set(now)
     try:
         return _liquid.from_string(template).render(**variables)
     except Exception as exc:  # a template error must name where it is
         raise AssistantError(path, template[:80], f"a valid Liquid template ({exc})") from None
+    finally:
+        _render_now.reset(token)
 
 
 def load_saved_tools(assistants_dir: Path, tool_ids: Any) -> dict[str, dict[str, Any]]:

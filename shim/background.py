@@ -194,8 +194,12 @@ async def fetch_ambience(
         _URL_CACHE.move_to_end(url)
         return cached
     safe = public_url(url)
-    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
-        raise AmbienceError(f"background sound {safe}: not an http(s) URL")
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError:
+        scheme = ""
+    if scheme not in ("http", "https"):
+        raise AmbienceError(f"background sound {safe}: not a valid http(s) URL")
     try:
         async with asyncio.timeout(timeout):
             data, content_type = await _download(url, safe, client, max_bytes, timeout)
@@ -251,10 +255,12 @@ _DECODERS_WE_LACK = (
 )
 
 
-def decode_ambience(data: bytes, where: str = "background sound", content_type: str = "") -> bytes:
+def decode_ambience(data: bytes, source: str = "", content_type: str = "") -> bytes:
     """Audio file bytes -> mu-law 8 kHz mono, at most MAX_AMBIENCE_SECONDS, at AMBIENCE_FILE_RMS_DBFS,
-    its end crossfaded into its start. `where` prefixes error messages (pass a query-less URL)."""
-    path = urllib.parse.urlsplit(where).path.lower() if "://" in where else where.lower()
+    its end crossfaded into its start. `source` (a query-less URL or a file name) names the file in
+    error messages, and its extension marks raw mu-law (.ulaw/.mulaw/.ul)."""
+    where = f"background sound {source}".rstrip()
+    path = urllib.parse.urlsplit(source).path.lower() if "://" in source else source.lower()
     if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         samples, rate = _read_wav(data, where)
     elif data[:4] == b".snd":
@@ -379,10 +385,11 @@ def _to_ambience(x: np.ndarray, rate: int, where: str) -> bytes:
         x = np.frombuffer(pcm, np.int16).astype(np.float64)
     fade = int(_SEAM_FADE_SECONDS * RATE)
     if x.size > 4 * fade:
-        # Loop seam: fade the last `fade` samples out while the first fade in over them, then drop
-        # the overlap, so the loop's end runs into its start with no step.
-        ramp = np.linspace(0.0, 1.0, fade, endpoint=False)
-        head = x[:fade] * ramp + x[-fade:] * (1 - ramp)
+        # Loop seam: the last `fade` samples fade out while the first fade in over them (equal
+        # power: ambience is mostly uncorrelated noise), then the overlap is dropped, so the loop's
+        # end runs into its start with no step. The loop is `fade` samples shorter than the file.
+        ramp = np.linspace(0.0, np.pi / 2, fade, endpoint=False)
+        head = x[:fade] * np.sin(ramp) + x[-fade:] * np.cos(ramp)
         x = np.concatenate([head, x[fade:-fade]])
     level = _rms(x)
     if level < 1.0:

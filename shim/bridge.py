@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Callable, Protocol
 
+import httpx
 import structlog
 from picows import (
     WSCloseCode,
@@ -34,6 +35,7 @@ from twilio.request_validator import RequestValidator
 
 from . import twilio_media as tw
 from .assistant import CallContext, load_assistant, load_saved_tools
+from .background import AmbienceError, BackgroundMixer, ambience_for, public_url
 from .translate import CallSetup, translate
 from .call import Call, RecordSink
 from .config import Config
@@ -56,6 +58,13 @@ class BridgeState:
     metrics: Any
     runners: set["CallRunner"] = field(default_factory=set)
     validator: RequestValidator | None = None
+    _http: httpx.AsyncClient | None = None
+
+    def http(self) -> httpx.AsyncClient:
+        """One HTTP client for the process (background sounds now, webhooks later)."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=10, follow_redirects=True)
+        return self._http
 
     def __post_init__(self) -> None:
         self.validator = RequestValidator(self.config.twilio_auth_token)
@@ -194,7 +203,8 @@ class CallRunner:
     async def run(self) -> None:
         call = self.call
         try:
-            await self._connect_model()
+            # The background sound loads while the model socket opens (a URL can take seconds).
+            await asyncio.gather(self._connect_model(), self._load_background())
             while not self.ended.is_set():
                 try:
                     await asyncio.wait_for(self.ended.wait(), TICK_SECONDS)
@@ -242,6 +252,21 @@ class CallRunner:
         self.model = transport
         call.on_model_connected()
         self.pump()
+
+    async def _load_background(self) -> None:
+        setup = self.call.setup
+        if setup is None or setup.policy.background_sound == "off":
+            return
+        sound = setup.policy.background_sound
+        try:
+            ambience = await ambience_for(sound, self.state.http())
+        except AmbienceError as exc:
+            # Vapi would play *something*; the office loop is the closest honest fallback.
+            log.warning("background_sound_unavailable", call_sid=self.call.call_sid, url=public_url(sound), error=str(exc))
+            self.call.record_event("background_sound_unavailable", error=str(exc))
+            ambience = await ambience_for("office", self.state.http())
+        if ambience:
+            self.call.mixer = BackgroundMixer(ambience)
 
     def _close_twilio(self) -> None:
         if not self._twilio_closed:

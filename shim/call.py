@@ -121,6 +121,7 @@ class PendingEnd:
     reason: str
     deadline: float
     say_first: str = ""  # spoken (word for word) before hanging up
+    awaiting_goodbye: bool = False  # its response.create is sent, the response not yet created
 
 
 def heard_text(text: str, heard_bytes: int, total_bytes: int) -> str:
@@ -207,7 +208,7 @@ class Call:
         self._seq += 1
         return self._seq
 
-    def _event(self, kind: str, **detail: Any) -> None:
+    def record_event(self, kind: str, **detail: Any) -> None:
         self.records.insert(
             "call_events",
             {"call_sid": self.call_sid, "at": self._wall_at(self.clock()), "kind": kind, "detail": detail or None},
@@ -260,7 +261,7 @@ class Call:
         elif type(event) is tw.Stop:
             self._finish("customer-ended-call")
         elif type(event) is tw.Dtmf:
-            self._event("dtmf", digit=event.digit)
+            self.record_event("dtmf", digit=event.digit)
 
     def on_start(self, start: tw.Start) -> None:
         if self.phase is not Phase.AWAITING_START:
@@ -337,7 +338,7 @@ class Call:
 
     def on_model_connect_failed(self, status: int | None, detail: str) -> None:
         self.metrics.model_error()
-        self._event("model_connect_failed", status=status, detail=detail[:300])
+        self.record_event("model_connect_failed", status=status, detail=detail[:300])
         self.log.error("model_connect_failed", status=status, detail=detail[:300])
         reason = {
             401: "pipeline-error-openai-401-unauthorized",
@@ -350,14 +351,14 @@ class Call:
         if self.end is not None:
             return
         self.metrics.model_error()
-        self._event("model_socket_closed", code=code, reason=reason[:300])
+        self.record_event("model_socket_closed", code=code, reason=reason[:300])
         self.log.error("model_socket_closed", code=code, reason=reason[:300])
         self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
 
     def abort(self, reason: str) -> None:
         """End the call for a reason of the shim's own (shutdown, an internal error): the
         caller hears an apology from Twilio and is hung up, never left in silence."""
-        self._event("aborted", reason=reason)
+        self.record_event("aborted", reason=reason)
         self._finish(reason, {"verb": "hangup", "say": APOLOGY})
 
     def on_model_text(self, text: str | bytes) -> None:
@@ -382,7 +383,7 @@ class Call:
         formats = [((audio.get(side) or {}).get("format") or {}).get("type") for side in ("input", "output")]
         if formats != ["audio/pcmu", "audio/pcmu"]:
             # Relaying μ-law into a PCM session would play static to the caller: end cleanly.
-            self._event("session_format_mismatch", formats=formats)
+            self.record_event("session_format_mismatch", formats=formats)
             self.log.error("session_format_mismatch", formats=formats)
             self._finish("pipeline-error-openai-400-bad-request-validation-failed", {"verb": "hangup", "say": APOLOGY})
             return
@@ -497,7 +498,7 @@ class Call:
                 # the model must not believe it said these words.
                 self.model_out.append(rt.item_delete(item.item_id))
             self._record_item(item)
-        self._event("barge_in", response_id=self._response_id)
+        self.record_event("barge_in", response_id=self._response_id)
         self.log.info("barge_in", response_id=self._response_id)
 
     def _on_speech_stopped(self, event: dict) -> None:
@@ -521,7 +522,7 @@ class Call:
             self._turn_end = None
             self._noise_reply_until = now + NOISE_REPLY_WINDOW_S
             self._noise_items.append(item_id)
-            self._event("interruption_ignored", item_id=item_id)
+            self.record_event("interruption_ignored", item_id=item_id)
 
     def _on_transcription_completed(self, event: dict) -> None:
         item_id = str(event.get("item_id") or "")
@@ -553,6 +554,8 @@ class Call:
         if self._greeting_pending:
             self._greeting_pending = False
             self._greeting_response_id = response_id
+        if self._pending_end is not None:
+            self._pending_end.awaiting_goodbye = False
 
     def _on_audio_delta(self, event: dict) -> None:
         item_id = event.get("item_id")
@@ -666,7 +669,7 @@ class Call:
         if status == "failed":
             self.metrics.model_error()
             detail = (response.get("status_details") or {}).get("error")
-            self._event("response_failed", error=detail)
+            self.record_event("response_failed", error=detail)
             self.log.error("response_failed", error=detail)
         calls, self._function_calls = self._function_calls, []
         if status == "completed" and calls and response_id not in self._cancelled:
@@ -719,10 +722,11 @@ class Call:
 
     def _maybe_hang_up(self) -> None:
         pending = self._pending_end
-        if pending is None or self._response_id is not None:
+        if pending is None or self._response_id is not None or pending.awaiting_goodbye:
             return
         if pending.say_first:
             text, pending.say_first = pending.say_first, ""
+            pending.awaiting_goodbye = True
             pending.deadline = self.clock() + len(text) * 0.1 + HANGUP_GRACE_S
             self.model_out.append(rt.response_create(instructions=SAY_EXACTLY.format(text=text), metadata={"purpose": "goodbye"}))
             return
@@ -735,7 +739,7 @@ class Call:
         if code == "response_cancel_not_active":
             return  # benign race: the response ended before our cancel arrived
         self.metrics.model_error()
-        self._event("model_error", code=code, message=str(error.get("message") or "")[:300], param=error.get("param"))
+        self.record_event("model_error", code=code, message=str(error.get("message") or "")[:300], param=error.get("param"))
         self.log.warning("model_error", code=code, message=str(error.get("message") or "")[:300])
         if code in ("session_expired", "invalid_api_key"):
             self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})

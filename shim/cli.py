@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--media-port", type=int, default=None,
                        help="serve /twilio/media on this port with picows (set PUBLIC_MEDIA_URL to match)")
 
+    tr = sub.add_parser("translate", help="print the Realtime session an exported Vapi assistant becomes; findings on stderr")
+    tr.add_argument("file", help="exported assistant JSON (GET /assistant/{id})")
+    tr.add_argument("--tools", help="saved tools JSON (a list, or one tool) that model.toolIds name")
+    tr.add_argument("--var", action="append", default=[], metavar="K=V", help="template variable (repeatable)")
+    tr.add_argument("--from", dest="from_number", default="+15550001111", help="caller number for {{customer.number}}")
+    tr.add_argument("--to", dest="to_number", default="+15550002222", help="called number for {{phoneNumber.number}}")
+
     numbers = sub.add_parser("numbers", help="which assistant answers which number (local table)")
     nsub = numbers.add_subparsers(dest="numbers_command", required=True)
     nset = nsub.add_parser("set", help="route NUMBER to an assistant")
@@ -87,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"shim: {exc}", file=sys.stderr)
         return 2
+    if args.command == "translate":
+        return translate_command(args, config)
 
     from . import logs
 
@@ -126,6 +135,65 @@ def main(argv: list[str] | None = None) -> int:
             print(orjson.dumps(dict(row)).decode())
         return 0
     return 2
+
+
+def _read_json(path: str, what: str):
+    try:
+        raw = open(path, "rb").read()
+    except OSError as exc:
+        raise SystemExit(f"shim translate: {what} {path}: {exc.strerror}") from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise SystemExit(f"shim translate: {what} {path}: not JSON ({exc})") from None
+
+
+def translate_command(args, config: Config) -> int:
+    from pathlib import Path
+
+    from .assistant import AssistantError, CallContext
+    from .translate import translate
+
+    assistant = _read_json(args.file, "assistant")
+    saved: dict = {}
+    if args.tools:
+        tools = _read_json(args.tools, "--tools")
+        for i, tool in enumerate(tools if isinstance(tools, list) else [tools]):
+            if not isinstance(tool, dict) or not isinstance(tool.get("id"), str):
+                print(f"shim translate: --tools {args.tools}[{i}]: got {str(tool)[:80]!r}, expected a saved tool object with an id", file=sys.stderr)
+                return 2
+            saved[tool["id"]] = tool
+    variables = {}
+    for item in args.var:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"shim translate: --var {item!r}: expected K=V", file=sys.stderr)
+            return 2
+        variables[key] = value
+    assistant_id = Path(args.file).stem.split(".")[0]
+    ctx = CallContext(call_sid="CA" + "0" * 32, from_number=args.from_number, to_number=args.to_number, variables=variables)
+    try:
+        setup = translate(assistant_id, assistant, ctx, model=config.openai_realtime_model, saved_tools=saved,
+                          transcription_model=config.transcription_model, voice_overrides=dict(config.voice_map))
+    except AssistantError as exc:
+        print(f"shim translate: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(orjson.dumps(setup.session, option=orjson.OPT_INDENT_2).decode() + "\n")
+    print(findings_table(setup.findings), file=sys.stderr)
+    return 0
+
+
+def findings_table(findings) -> str:
+    rows = [(f.status, f.path, f.detail) for f in findings]
+    if not rows:
+        return "no findings"
+    w0 = max(len("status"), *(len(r[0]) for r in rows))
+    w1 = max(len("field"), *(len(r[1]) for r in rows))
+    lines = [f"{'status':<{w0}}  {'field':<{w1}}  what the shim does", f"{'-' * w0}  {'-' * w1}  {'-' * 18}"]
+    order = {"unsupported": 0, "approximated": 1, "mapped": 2}
+    for status, path, detail in sorted(rows, key=lambda r: (order.get(r[0], 3), r[1])):
+        lines.append(f"{status:<{w0}}  {path:<{w1}}  {detail}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -171,9 +171,6 @@ class CallSetup:
     metadata: dict[str, Any] | None = None
 
 
-_MISSING = object()
-
-
 class _Reader:
     """Typed access to the assistant JSON that records which paths were read and raises
     AssistantError naming the path, the value and the expected type."""
@@ -194,7 +191,12 @@ class _Reader:
         return cur
 
     def has(self, path: str) -> bool:
-        return self.get(path, object, _MISSING) is not _MISSING
+        cur: Any = self.data
+        for part in path.split("."):
+            if not isinstance(cur, dict) or cur.get(part) is None:
+                return False
+            cur = cur[part]
+        return True
 
     def note(self, path: str, detail: str | None = None, status: str | None = None) -> None:
         rule = FIELD_STATUS.get(path)
@@ -264,9 +266,9 @@ def translate(
         if content is not None and not isinstance(content, str):
             raise AssistantError(f"{path}.content", content, "a string")
         if role == "system":
-            system_parts.append(render(content or "", variables, f"{path}.content"))
+            system_parts.append(render(content or "", variables, f"{path}.content", ctx.now))
         elif role in ("user", "assistant") and content:
-            few_shot.append((role, render(content, variables, f"{path}.content")))
+            few_shot.append((role, render(content, variables, f"{path}.content", ctx.now)))
         else:
             r.findings.append(Finding(f"{path}", "unsupported", f"a {role} message in the prompt is not replayed"))
     if system_parts:
@@ -274,7 +276,7 @@ def translate(
     legacy_prompt = r.get("model.systemPrompt", str)
     if legacy_prompt is not None:
         if not system_parts:
-            system_parts.append(render(legacy_prompt, variables, "model.systemPrompt"))
+            system_parts.append(render(legacy_prompt, variables, "model.systemPrompt", ctx.now))
         r.note("model.systemPrompt")
     if few_shot:
         r.note("model.messages[user|assistant]")
@@ -367,7 +369,7 @@ def translate(
     mode = r.get("firstMessageMode", str, "assistant-speaks-first")
     if mode not in FIRST_MESSAGE_MODES:
         raise AssistantError("firstMessageMode", mode, " | ".join(FIRST_MESSAGE_MODES))
-    first_message = render(r.get("firstMessage", str, ""), variables, "firstMessage")
+    first_message = render(r.get("firstMessage", str, ""), variables, "firstMessage", ctx.now)
     if r.has("firstMessage"):
         r.note("firstMessage")
         if re.match(r"https?://\S+\.(mp3|wav)$", first_message.strip()):
@@ -425,7 +427,7 @@ def translate(
             raise AssistantError(f"endCallPhrases[{i}]", phrase, "a string")
     if phrases:
         r.note("endCallPhrases")
-    end_call_message = render(r.get("endCallMessage", str, ""), variables, "endCallMessage")
+    end_call_message = render(r.get("endCallMessage", str, ""), variables, "endCallMessage", ctx.now)
     if r.has("endCallMessage"):
         r.note("endCallMessage")
     max_duration = r.get("maxDurationSeconds", (int, float), 600)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 import httpx
+import orjson
 import uvicorn
 
 from shim.app import create_app
@@ -73,13 +73,20 @@ def parse_stream(twiml: str) -> tuple[str, dict[str, str]]:
 
 
 @contextlib.asynccontextmanager
-async def running_shim(tmp_path: Path, dsn: str, script: Script | None = None, *, media: str = "picows", **overrides):
+async def running_shim(
+    tmp_path: Path, dsn: str, script: Script | None = None, *, media: str = "picows",
+    assistant_overrides: dict[str, Any] | None = None, **overrides,
+):
     fake = FakeRealtime(script or Script())
     await fake.start()
     http_port, media_port = free_port(), free_port()
     assistants = tmp_path / "assistants"
     assistants.mkdir(exist_ok=True)
-    shutil.copy(REPO / "assistants" / "demo.json", assistants / "demo.json")
+    demo = orjson.loads((REPO / "assistants" / "demo.json").read_bytes())
+    # Byte-identical relay is asserted unless a test asks for background sound.
+    demo.setdefault("backgroundSound", "off")
+    demo.update(assistant_overrides or {})
+    (assistants / "demo.json").write_bytes(orjson.dumps(demo))
     config = Config(
         openai_api_key=API_KEY,
         openai_realtime_url=fake.url,
