@@ -81,7 +81,7 @@ async def running_shim(
     await fake.start()
     http_port, media_port = free_port(), free_port()
     assistants = tmp_path / "assistants"
-    assistants.mkdir(exist_ok=True)
+    assistants.mkdir(parents=True, exist_ok=True)
     demo = orjson.loads((REPO / "assistants" / "demo.json").read_bytes())
     # Byte-identical relay is asserted unless a test asks for background sound.
     demo.setdefault("backgroundSound", "off")

@@ -269,11 +269,11 @@ async def test_5xx_then_success(fake, tmp_path):
 
 
 async def test_timeout_is_an_error(fake, tmp_path):
-    fake.stall_next(f"/assistant/{MINIMAL['id']}", 1.0)
+    fake.stall_next(f"/assistant/{MINIMAL['id']}", 0.5)
     with pytest.raises(PullError) as info:
         await pull_assistants([MINIMAL["id"]], api_key=KEY, dest=tmp_path, base_url=fake.base_url,
-                              timeout=0.2, **FAST)
-    assert "timed out after 0.2s" in str(info.value.failures[MINIMAL["id"]])
+                              timeout=0.1, **FAST)
+    assert "timed out after 0.1s" in str(info.value.failures[MINIMAL["id"]])
 
 
 async def test_unreachable_server_is_an_error(tmp_path):
