@@ -37,6 +37,7 @@ from . import twilio_media as tw
 from .assistant import CallContext, load_assistant, load_saved_tools
 from .background import AmbienceError, BackgroundMixer, ambience_for, public_url
 from .translate import CallSetup, translate
+from .twilio_rest import TwilioRestError, start_recording
 from .call import Call, RecordSink
 from .config import Config
 
@@ -204,7 +205,7 @@ class CallRunner:
         call = self.call
         try:
             # The background sound loads while the model socket opens (a URL can take seconds).
-            await asyncio.gather(self._connect_model(), self._load_background())
+            await asyncio.gather(self._connect_model(), self._load_background(), self._start_recording())
             while not self.ended.is_set():
                 try:
                     await asyncio.wait_for(self.ended.wait(), TICK_SECONDS)
@@ -252,6 +253,23 @@ class CallRunner:
         self.model = transport
         call.on_model_connected()
         self.pump()
+
+    async def _start_recording(self) -> None:
+        """artifactPlan.recordingEnabled (Vapi's default): Twilio records the live call in two
+        channels; the URL goes on the call row."""
+        call, config = self.call, self.state.config
+        if call.setup is None or not call.setup.policy.recording:
+            return
+        if not (config.twilio_account_sid and config.twilio_auth_token):
+            call.record_event("recording_skipped", reason="TWILIO_ACCOUNT_SID/TWILIO_AUTH_TOKEN not set")
+            return
+        try:
+            url = await asyncio.to_thread(start_recording, config, call.account_sid, call.call_sid)
+        except TwilioRestError as exc:
+            log.warning("recording_failed", call_sid=call.call_sid, error=str(exc))
+            call.record_event("recording_failed", error=str(exc))
+            return
+        call.on_recording_started(url)
 
     async def _load_background(self) -> None:
         setup = self.call.setup

@@ -166,6 +166,7 @@ class Call:
         self.setup: CallSetup | None = None
         self.call_sid = ""
         self.stream_sid = ""
+        self.account_sid = ""
         self.frames_in = 0
         self.frames_out = 0
 
@@ -267,7 +268,7 @@ class Call:
         if self.phase is not Phase.AWAITING_START:
             self.log.warning("duplicate_start_ignored")
             return
-        self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
+        self.call_sid, self.stream_sid, self.account_sid = start.call_sid, start.stream_sid, start.account_sid
         self._stream_t0 = self.clock()
         self.log = self.log.bind(call_sid=start.call_sid)
         params = start.custom_parameters
@@ -327,6 +328,10 @@ class Call:
             item.played_bytes = cumulative
         if self._pending_end is not None and not self._marks:
             self._maybe_hang_up()
+
+    def on_recording_started(self, url: str) -> None:
+        self.records.upsert("calls", {"call_sid": self.call_sid, "recording_url": url})
+        self.record_event("recording_started", url=url)
 
     def on_twilio_closed(self) -> None:
         self._finish("phone-call-provider-closed-websocket")

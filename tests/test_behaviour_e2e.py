@@ -131,3 +131,27 @@ async def test_background_sound_is_under_the_voice_when_on(tmp_path, db_dsn):
     ambience = audioop.add(heard_pcm, audioop.mul(voice_pcm, 2, -1), 2)
     ratio_db = 20 * math.log10(max(audioop.rms(ambience, 2), 1) / audioop.rms(voice_pcm, 2))
     assert -35 < ratio_db < -8  # audible, well under the voice
+
+
+async def test_recording_starts_on_the_live_call_and_its_url_is_stored(tmp_path, db_dsn):
+    from shim.testing.fake_twilio_api import FakeTwilioApi
+
+    from .harness import AUTH_TOKEN
+
+    account = "AC" + "1" * 32
+    async with FakeTwilioApi(account, AUTH_TOKEN) as twilio_api:
+        for name, overrides in (("on", {}), ("off", {"artifactPlan": {"recordingEnabled": False}})):
+            async with running_shim(tmp_path / name, db_dsn, Script(audio_ms_per_char=20), assistant_overrides=overrides,
+                                    twilio_account_sid=account, twilio_api_base=twilio_api.url) as run:
+                caller = await run.place_call()
+                await silent_until(caller, caller.wait_for_audio(1, timeout=10))
+                await caller.stop()
+                await run.drain()
+            call = await fetchrow(db_dsn, "SELECT recording_url FROM calls WHERE call_sid = $1", caller.call_sid)
+            if name == "on":
+                (request,) = twilio_api.of(f"/Calls/{caller.call_sid}/Recordings.json")
+                assert request.form == {"RecordingChannels": "dual", "RecordingTrack": "both"}
+                assert call["recording_url"].startswith(f"{twilio_api.url}/2010-04-01/Accounts/")
+            else:
+                assert twilio_api.of(f"/Calls/{caller.call_sid}/Recordings.json") == []
+                assert call["recording_url"] is None
