@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--from", dest="from_number", default="+15550001111", help="caller number for {{customer.number}}")
     tr.add_argument("--to", dest="to_number", default="+15550002222", help="called number for {{phoneNumber.number}}")
 
+    assistants = sub.add_parser("assistants", help="exported Vapi assistants")
+    asub = assistants.add_subparsers(dest="assistants_command", required=True)
+    pull = asub.add_parser("pull", help="fetch assistants and their saved tools from the Vapi API (VAPI_API_KEY) into SHIM_ASSISTANTS_DIR")
+    pull.add_argument("ids", nargs="+", metavar="ID")
+
     numbers = sub.add_parser("numbers", help="which assistant answers which number (local table)")
     nsub = numbers.add_subparsers(dest="numbers_command", required=True)
     nset = nsub.add_parser("set", help="route NUMBER to an assistant")
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "translate":
         return translate_command(args, config)
+    if args.command == "assistants":
+        return pull_command(args, config)
 
     from . import logs
 
@@ -148,10 +155,45 @@ def _read_json(path: str, what: str):
         raise SystemExit(f"shim translate: {what} {path}: not JSON ({exc})") from None
 
 
+def pull_command(args, config: Config) -> int:
+    """Exit codes: 0 all pulled; 1 some failed (the others are on disk); 2 usage (bad id, no
+    key: no request made); 3 the key was rejected."""
+    import os
+
+    from .vapi_api import VAPI_BASE_URL, InvalidIdError, PullError, VapiApiError, VapiAuthError, pull_assistants
+
+    key = os.environ.get("VAPI_API_KEY", "").strip()
+    if not key:
+        print("shim assistants pull: VAPI_API_KEY is not set", file=sys.stderr)
+        return 2
+    base_url = os.environ.get("VAPI_BASE_URL", VAPI_BASE_URL).strip().rstrip("/")
+    try:
+        results = _run(pull_assistants(args.ids, api_key=key, dest=config.assistants_dir, base_url=base_url))
+    except InvalidIdError as exc:
+        print(f"shim assistants pull: {exc}", file=sys.stderr)
+        return 2
+    except VapiAuthError as exc:
+        print(f"shim assistants pull: {exc}", file=sys.stderr)
+        return 3
+    except PullError as exc:
+        for result in exc.results:
+            print(f"{result.assistant_id} -> {result.path} (+{len(result.tool_paths)} tools)")
+        print(f"shim assistants pull: {exc}", file=sys.stderr)
+        return 1
+    except VapiApiError as exc:
+        print(f"shim assistants pull: {exc}", file=sys.stderr)
+        return 1
+    for result in results:
+        print(f"{result.assistant_id} -> {result.path} (+{len(result.tool_paths)} tools)")
+        for warning in result.warnings:
+            print(f"shim assistants pull: {result.assistant_id}: warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def translate_command(args, config: Config) -> int:
     from pathlib import Path
 
-    from .assistant import AssistantError, CallContext
+    from .assistant import AssistantError, CallContext, load_saved_tools
     from .translate import translate
 
     assistant = _read_json(args.file, "assistant")
@@ -163,6 +205,10 @@ def translate_command(args, config: Config) -> int:
                 print(f"shim translate: --tools {args.tools}[{i}]: got {str(tool)[:80]!r}, expected a saved tool object with an id", file=sys.stderr)
                 return 2
             saved[tool["id"]] = tool
+    # Saved tools `shim assistants pull` wrote beside the assistant (tools/<id>.json) count too.
+    model = assistant.get("model") if isinstance(assistant, dict) else None
+    for tool_id, tool in load_saved_tools(Path(args.file).parent, model.get("toolIds") if isinstance(model, dict) else None).items():
+        saved.setdefault(tool_id, tool)
     variables = {}
     for item in args.var:
         key, sep, value = item.partition("=")

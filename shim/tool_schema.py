@@ -61,8 +61,8 @@ are dropped; validation keywords outside the subset that cannot be worded (`not`
 Errors: `ToolSchemaError` only for input that is not Vapi-tool- or JSON-Schema-shaped at all (a tool
 that is not an object or has no `type`, a `function` tool without `function.name`, `parameters`
 that is a string, ...). Odd but valid schemas never raise; malformed keyword values deep inside a
-schema are dropped with a finding. Nesting is cut at `MAX_DEPTH` levels and `MAX_NODES` nodes per
-schema (a `$ref` DAG can otherwise blow up when inlined).
+schema are dropped with a finding. Nesting is cut at `MAX_DEPTH` levels, `MAX_NODES` nodes per schema
+(a `$ref` DAG can otherwise blow up when inlined) and `MAX_NESTING` stacked allOf/anyOf/$ref levels.
 """
 
 from __future__ import annotations
@@ -482,7 +482,8 @@ def _collapse_union(kw: str, branches: Any, base_kind: str | None, path: str, ct
             enums = [f.get("enum") for _, f in rest]
             if all(isinstance(e, list) for e in enums):
                 out["enum"] = [v for e in enums for v in e]
-            ctx.add(where, APPROXIMATED, f"{what} of {', '.join(sorted(kinds))}: the model sends a string; the alternatives are listed in the description")
+            ctx.add(where, APPROXIMATED, f"{what} of {', '.join(sorted(kinds))}: the model sends a string; "
+                                         "the alternatives are listed in the description")
         else:
             out = _union_same_kind(rest, kinds)
             kind = next(iter(kinds)) if len(kinds) == 1 else ("number" if kinds else None)
@@ -1062,7 +1063,8 @@ def _dtmf(path: str, tool: dict, findings: list[Finding]) -> _Draft:
     desc = _description(fn.get("description"), f"{path}.function.description", findings)
     _ignored_parameters(path, fn, findings, "dtmf always takes one 'keys' string")
     findings.append(Finding(path, APPROXIMATED,
-                            "exposed as dtmf(keys); Twilio Media Streams cannot send out-of-band DTMF, so the keys must be played in-band by the bridge, which some phone menus detect less reliably"))
+                            "exposed as dtmf(keys); Twilio Media Streams cannot send out-of-band DTMF, so the keys "
+                            "must be played in-band by the bridge, which some phone menus detect less reliably"))
     if tool.get("sipInfoDtmfEnabled") is True:
         findings.append(Finding(f"{path}.sipInfoDtmfEnabled", UNSUPPORTED, "DTMF via SIP INFO is not available over Twilio Media Streams"))
     _common_findings(path, tool, findings, ("messages",))

@@ -200,7 +200,7 @@ class _Puller:
         tool_ids, warnings = _tool_ids(assistant)
         bad = [t for t in tool_ids if not ID_RE.match(t)]
         if bad:
-            raise VapiApiError(f"assistant {aid}: model.toolIds has invalid id(s) {', '.join(map(repr, bad))}")
+            raise VapiApiError(f"model.toolIds has invalid id(s) {', '.join(map(repr, bad))}")
         tools: list[tuple[str, dict[str, Any]]] = []
         errors: list[str] = []
         fetched = await asyncio.gather(*(self._tool(t) for t in tool_ids))
@@ -210,7 +210,7 @@ class _Puller:
             else:
                 tools.append((tid, outcome))
         if errors:
-            raise VapiApiError(f"assistant {aid}: saved tool(s) in model.toolIds not fetched: " + "; ".join(errors))
+            raise VapiApiError("saved tool(s) in model.toolIds not fetched: " + "; ".join(errors))
 
         # Everything fetched: write tools first, the assistant file last.
         files = [(self.dest / TOOLS_SUBDIR / f"{tid}.json", body) for tid, body in tools]
@@ -218,7 +218,7 @@ class _Puller:
         try:
             await asyncio.to_thread(_write_files_atomically, files)
         except OSError as exc:
-            raise VapiApiError(f"assistant {aid}: fetched but not written: {exc}") from exc
+            raise VapiApiError(f"fetched but not written: {exc}") from exc
         for w in warnings:
             log.warning("vapi.pull.warning", assistant_id=aid, warning=w)
         return PullResult(aid, files[-1][0], [p for p, _ in files[:-1]], warnings)
@@ -324,12 +324,11 @@ def _first_leaf(eg: BaseExceptionGroup) -> BaseException:
 
 def _tool_ids(assistant: dict[str, Any]) -> tuple[list[str], list[str]]:
     """model.toolIds (deduplicated, in order) and warnings about tool references not pulled."""
-    aid = assistant.get("id")
     model = assistant.get("model")
     if model is None:
         return [], []
     if not isinstance(model, dict):
-        raise VapiApiError(f"assistant {aid}: model is a {type(model).__name__}, expected an object")
+        raise VapiApiError(f"model is a {type(model).__name__}, expected an object")
     raw = model.get("toolIds")
     warnings = []
     if model.get("toolRefs"):
@@ -338,7 +337,7 @@ def _tool_ids(assistant: dict[str, Any]) -> tuple[list[str], list[str]]:
     if raw is None:
         return [], warnings
     if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
-        raise VapiApiError(f"assistant {aid}: model.toolIds is {json.dumps(raw)[:80]}, expected a list of ids")
+        raise VapiApiError(f"model.toolIds is {json.dumps(raw)[:80]}, expected a list of ids")
     return list(dict.fromkeys(raw)), warnings
 
 

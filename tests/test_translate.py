@@ -20,7 +20,7 @@ from shim.testing.fake_realtime import CLIENT, find_extras
 from shim.translate import FIELDS, translate
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "reference" / "vapi-fixtures"
+FIXTURES = Path(__file__).parent / "fixtures" / "vapi"  # copies of ../shared/reference/vapi-fixtures
 OWN = Path(__file__).parent / "fixtures"
 CTX = CallContext(call_sid="CA123", from_number="+15550001111", to_number="+15550002222",
                   variables={"vip": "yes"}, now=datetime(2026, 3, 2, 17, 5, tzinfo=timezone.utc))

@@ -24,7 +24,7 @@ from shim.vapi_api import (
     pull_assistants,
 )
 
-FIXTURES = Path(os.environ.get("VAPI_FIXTURES_DIR", "/work/shared/reference/vapi-fixtures"))
+FIXTURES = Path(os.environ.get("VAPI_FIXTURES_DIR", Path(__file__).parent / "fixtures" / "vapi"))
 if not (FIXTURES / "luna_trattoria.tools.json").is_file():  # pragma: no cover
     pytest.skip(f"Vapi fixtures not found in {FIXTURES} (set VAPI_FIXTURES_DIR)", allow_module_level=True)
 
@@ -364,3 +364,41 @@ def test_retry_after_parsing():
 
     assert 8 <= vapi_api._retry_after(formatdate(time.time() + 10, usegmt=True)) <= 10
     assert vapi_api._retry_after(formatdate(time.time() - 10, usegmt=True)) == 0.0
+
+
+async def test_cli_pulls_into_the_assistants_dir_and_the_shim_can_translate_them(tmp_path):
+    """`shim assistants pull` end to end: the real CLI against the stand-in Vapi API, then
+    `shim translate` on what it wrote (the saved tools are found in tools/)."""
+    import asyncio
+    import subprocess
+    import sys
+
+    async with FakeVapi({LUNA["id"]: LUNA, MINIMAL["id"]: MINIMAL}, LUNA_TOOLS, KEY) as fake:
+        env = dict(os.environ, VAPI_API_KEY=KEY, VAPI_BASE_URL=fake.base_url, SHIM_ASSISTANTS_DIR=str(tmp_path))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shim.cli", "assistants", "pull", LUNA["id"], MINIMAL["id"], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert KEY not in out.decode() + err.decode()
+        env["VAPI_API_KEY"] = "sk-wrong"
+        bad = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shim.cli", "assistants", "pull", MINIMAL["id"], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        _, bad_err = await bad.communicate()
+        assert bad.returncode == 3 and b"VAPI_API_KEY rejected" in bad_err and b"sk-wrong" not in bad_err
+    assert json.loads((tmp_path / f"{LUNA['id']}.json").read_text()) == LUNA
+    translated = subprocess.run(
+        [sys.executable, "-m", "shim.cli", "translate", str(tmp_path / f"{LUNA['id']}.json")],
+        capture_output=True, text=True,
+    )
+    assert translated.returncode == 0, translated.stderr  # saved tools found in tools/
+    assert len(json.loads(translated.stdout)["tools"]) == len(LUNA["model"]["toolIds"])
+    (tmp_path / "tools" / f"{LUNA['model']['toolIds'][1]}.json").unlink()
+    missing = subprocess.run(
+        [sys.executable, "-m", "shim.cli", "translate", str(tmp_path / f"{LUNA['id']}.json")],
+        capture_output=True, text=True,
+    )
+    assert missing.returncode == 2 and "model.toolIds[1]" in missing.stderr
