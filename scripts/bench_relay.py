@@ -164,6 +164,27 @@ def tree_cpu(p: psutil.Process, exclude: set[int] = frozenset()) -> float:
     return total
 
 
+def tree_counters(p: psutil.Process, exclude: set[int] = frozenset()) -> tuple[float, float, int, int]:
+    """(user s, system s, read+write syscalls, context switches) summed over the process tree."""
+    user = system = 0.0
+    syscalls = switches = 0
+    for q in _tree(p):
+        if q.pid in exclude:
+            continue
+        try:
+            with q.oneshot():
+                t = q.cpu_times()
+                user += t.user
+                system += t.system
+                io = q.io_counters()
+                syscalls += io.read_count + io.write_count
+                c = q.num_ctx_switches()
+                switches += c.voluntary + c.involuntary
+        except (psutil.Error, AttributeError):
+            pass
+    return user, system, syscalls, switches
+
+
 def tree_rss(p: psutil.Process, exclude: set[int] = frozenset()) -> int:
     total = 0
     for q in _tree(p):
@@ -232,7 +253,6 @@ async def start_shim(model: ModelServer, tag: str, source: Path) -> Server:
         os.environ,
         OPENAI_API_KEY="sk-bench-not-a-real-key",
         OPENAI_REALTIME_URL=model.url,
-        TWILIO_ACCOUNT_SID="AC" + "0" * 32,
         TWILIO_AUTH_TOKEN=AUTH_TOKEN,
         PUBLIC_URL=f"http://127.0.0.1:{http_port}",
         PUBLIC_MEDIA_URL=f"ws://127.0.0.1:{media_port}/twilio/media",
@@ -242,6 +262,10 @@ async def start_shim(model: ModelServer, tag: str, source: Path) -> Server:
         SHIM_DRAIN_TIMEOUT="5",
     )
     env.pop("DATABASE_URL", None)
+    # Without an account SID the shim skips starting Twilio's call recording (one REST call per
+    # call, at call start, outside the measuring window); nothing may leave 127.0.0.1.
+    for name in ("TWILIO_ACCOUNT_SID", "TWILIO_API_BASE"):
+        env.pop(name, None)
     if source != REPO:  # benchmark another checkout of the shim (python -m puts cwd first on sys.path)
         env["PYTHONPATH"] = str(source)
     log_path = data_dir / f"serve-{tag}.log"
@@ -333,6 +357,9 @@ class Result:
     other_cpu_pct: float  # everything else on the machine (other processes)
     dropped_calls: int
     untagged_media: int  # media frames to the caller that carried no tag (e.g. ambience between answers)
+    user_share: float = 0.0  # share of the server's CPU spent in user mode
+    syscalls_per_s: float = 0.0  # read+write syscalls of the server (/proc/PID/io syscr+syscw)
+    switches_per_s: float = 0.0  # context switches of the server
     exit_code: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -383,14 +410,20 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         say(f"[{tag}] ramping up {n} calls over {args.ramp:g} s")
         start = perf()
         callers = await asyncio.gather(*(open_call(start + args.ramp * i / n) for i in range(n)))
-        await wait_until(lambda: model.live >= n, 30 + args.ramp, f"{n} live model sessions", server.proc)
+        try:
+            await wait_until(lambda: model.live >= n, 30 + args.ramp, f"{n} live model sessions", server.proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc} (live: {model.live}, callers hung up by the server: "
+                               f"{sum(c.closed for c in callers)}); server log {server.log_path}:\n"
+                               f"{tail(server.log_path, 5)[-3000:]}") from None
         await asyncio.sleep(args.settle)
 
         say(f"[{tag}] measuring {args.seconds:g} s")
         me = psutil.Process()
         exclude = _pg_pids(server)
         sys0, gen0 = psutil.cpu_times(), me.cpu_times()
-        cpu0 = tree_cpu(proc, exclude)
+        cnt0 = tree_counters(proc, exclude)
+        cpu0 = cnt0[0] + cnt0[1]
         pg0 = tree_cpu(server.pg) if server.pg else None
         t0 = perf()
         c2m.window(t0, float("inf"))
@@ -403,7 +436,8 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         t1 = perf()
         c2m.window(t0, t1)
         m2c.window(t0, t1)
-        cpu1 = tree_cpu(proc, exclude)
+        cnt1 = tree_counters(proc, exclude)
+        cpu1 = cnt1[0] + cnt1[1]
         pg1 = tree_cpu(server.pg) if server.pg else None
         sys1, gen1 = psutil.cpu_times(), me.cpu_times()
         dropped = sum(c.closed for c in callers)
@@ -440,6 +474,9 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
             other_cpu_pct=max(busy_pct - server_pct - pg_pct - gen_pct, 0.0),
             dropped_calls=dropped,
             untagged_media=sum(c.media_untagged for c in callers),
+            user_share=(cnt1[0] - cnt0[0]) / max(cpu1 - cpu0, 1e-9),
+            syscalls_per_s=(cnt1[2] - cnt0[2]) / window,
+            switches_per_s=(cnt1[3] - cnt0[3]) / window,
         )
     finally:
         say(f"[{tag}] hanging up")
@@ -499,6 +536,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def source_version(path: Path) -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return str(path)
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no", "--", "shim"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + (" + uncommitted changes in shim/" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return str(path)
+
+
 def fmt_ms(v: list[float]) -> str:
     return " / ".join(f"{x:.2f}" for x in v)
 
@@ -526,13 +576,15 @@ def report(results: list[Result], args) -> str:
                        f"| {d(shim.m2c_ms, bare.m2c_ms)} | |")
     out.append("")
     out.append("| stack | calls | window s | RSS idle → live MiB | lost c→m / m→c | frames sent >20 ms late "
-               "(max late ms) | calls dropped | untagged media | CPU % of a core: server / PG / load-gen / other |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+               "(max late ms) | calls dropped | untagged media | CPU % of a core: server / PG / load-gen / other "
+               "| server user share | server syscalls/s | server ctx switches/s |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         out.append(f"| {'shim' if r.stack == 'shim' else 'bare relay'} | {r.calls} | {r.window_s:.1f} "
                    f"| {r.rss_idle_mib:.1f} → {r.rss_live_mib:.1f} | {r.c2m_lost} / {r.m2c_lost} "
                    f"| {r.late_frames} ({r.max_late_ms:.1f}) | {r.dropped_calls} | {r.untagged_media} "
-                   f"| {r.server_cpu_pct:.0f} / {r.pg_cpu_pct:.0f} / {r.gen_cpu_pct:.0f} / {r.other_cpu_pct:.0f} |")
+                   f"| {r.server_cpu_pct:.0f} / {r.pg_cpu_pct:.0f} / {r.gen_cpu_pct:.0f} / {r.other_cpu_pct:.0f} "
+                   f"| {100 * r.user_share:.0f}% | {r.syscalls_per_s:,.0f} | {r.switches_per_s:,.0f} |")
     out.append("")
     ncpu = os.cpu_count()
     out.append(
@@ -547,7 +599,7 @@ def report(results: list[Result], args) -> str:
         f"Traffic: 20 ms caller frames ({FRAME_BYTES} B) all call long; the assistant talks "
         f"{args.talk:g} s of every {args.cycle:g} s in {DELTA_BYTES} B (100 ms) deltas, each relayed as media + mark "
         "and echoed when played; calls ramp up over "
-        f"{args.ramp:g} s; window {args.seconds:g} s per run."
+        f"{args.ramp:g} s; window {args.seconds:g} s per run. Shim source: {source_version(args.shim_dir)}."
     )
     late = [r for r in results if r.late_frames]
     if late:
@@ -574,17 +626,24 @@ async def bench(args) -> int:
     model = ModelServer(c2m, m2c, cycle_s=args.cycle, talk_s=args.talk)
     await model.start()
     results: list[Result] = []
+    failures: list[str] = []
     started = perf()
     try:
         for n in args.calls:
             stacks = ["shim", "bare"] if args.baseline else ["shim"]
             for stack in stacks:
-                results.append(await run_stack(stack, n, model, c2m, m2c, args))
+                try:
+                    results.append(await run_stack(stack, n, model, c2m, m2c, args))
+                except Exception as exc:  # one failed run must not lose the others
+                    failures.append(f"{stack}/{n}: {type(exc).__name__}: {exc}")
+                    say(f"[{stack}-{n}] FAILED: {exc}")
     finally:
         await model.stop()
     say(f"(bench took {perf() - started:.0f} s)")
     print(report(results, args))
-    return 0
+    for failure in failures:
+        print(f"\nFAILED RUN {failure}")
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:

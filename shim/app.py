@@ -200,9 +200,31 @@ async def stream_ended(request: Request) -> Response:
         return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
     call_sid = params.get("CallSid", "")
     action = shim.endings.get(call_sid) or await _stored_action(shim, call_sid)
+    if action and action.get("verb") == "dial":
+        return twiml(dial_twiml(action, fallback_caller_id=params.get("To", "")))
     if action and action.get("verb") == "hangup":
         return hangup_twiml(action.get("say"))
     return hangup_twiml()
+
+
+def dial_twiml(action: dict[str, Any], *, fallback_caller_id: str) -> VoiceResponse:
+    """A transfer (Vapi transferCall, blind): <Dial> the number or SIP URI, caller id as
+    configured or the shim's own number, ringing until answered; if nobody answers, a short
+    apology rather than dead air."""
+    vr = VoiceResponse()
+    dial = vr.dial(caller_id=action.get("callerId") or fallback_caller_id or None, answer_on_bridge=True, timeout=60)
+    if action.get("sip"):
+        uri = action["sip"]
+        headers = action.get("sipHeaders") or {}
+        if headers:
+            uri += ("&" if "?" in uri else "?") + "&".join(f"{k}={v}" for k, v in headers.items())
+        dial.sip(uri)
+    else:
+        extension = action.get("extension")
+        dial.number(action.get("number", ""), send_digits=f"ww{extension}" if extension else None)
+    vr.say("Sorry, nobody is available to take your call. Goodbye.")
+    vr.hangup()
+    return vr
 
 
 async def _stored_action(shim: Shim, call_sid: str) -> dict[str, Any] | None:

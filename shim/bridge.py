@@ -34,7 +34,7 @@ from picows import (
 from twilio.request_validator import RequestValidator
 
 from . import twilio_media as tw
-from .assistant import CallContext, load_assistant, load_saved_tools
+from .assistant import AssistantError, CallContext, load_assistant, load_saved_tools
 from .background import AmbienceError, BackgroundMixer, ambience_for, public_url
 from .translate import CallSetup, translate
 from .twilio_rest import TwilioRestError, start_recording
@@ -79,7 +79,12 @@ class BridgeState:
         assert self.validator is not None
         return self.validator.validate(url, {}, signature) or self.validator.validate(url + "/", {}, signature)
 
-    def resolve_setup(self, start: tw.Start) -> CallSetup:
+    async def resolve_setup(self, start: tw.Start) -> CallSetup:
+        """Load and translate the call's assistant (file reads and template rendering run in a
+        worker thread: nothing slow on the event loop that carries every call's audio)."""
+        return await asyncio.to_thread(self._resolve_setup, start)
+
+    def _resolve_setup(self, start: tw.Start) -> CallSetup:
         params = start.custom_parameters
         assistant_id = params.get("assistant", "")
         assistant = load_assistant(self.config.assistants_dir, assistant_id)
@@ -132,7 +137,7 @@ class CallRunner:
         self.state = state
         self.twilio = twilio
         self.model: WSTransport | None = None
-        self.call = Call(state.resolve_setup, state.records, log=log, metrics=state.metrics)
+        self.call = Call(state.records, log=log, metrics=state.metrics)
         self.task: asyncio.Task | None = None
         self.ended = asyncio.Event()
         self._twilio_closed = False
@@ -194,7 +199,7 @@ class CallRunner:
             model = self.model
             for event in call.take_model_out():
                 model.send(WSMsgType.TEXT, event.encode())
-        if call.model_wanted and self.task is None:
+        if call.start is not None and self.task is None:
             self.task = asyncio.get_running_loop().create_task(self.run(), name=f"call:{call.call_sid}")
         if call.end is not None and not self.ended.is_set():
             self.ended.set()
@@ -204,8 +209,10 @@ class CallRunner:
     async def run(self) -> None:
         call = self.call
         try:
-            # The background sound loads while the model socket opens (a URL can take seconds).
-            await asyncio.gather(self._connect_model(), self._load_background(), self._start_recording())
+            await self._resolve()
+            if call.end is None:
+                # The background sound loads while the model socket opens (a URL can take seconds).
+                await asyncio.gather(self._connect_model(), self._load_background(), self._start_recording())
             while not self.ended.is_set():
                 try:
                     await asyncio.wait_for(self.ended.wait(), TICK_SECONDS)
@@ -222,6 +229,17 @@ class CallRunner:
                 model.disconnect()
             self._close_twilio()
             self._forget()
+
+    async def _resolve(self) -> None:
+        call = self.call
+        assert call.start is not None
+        try:
+            setup = await self.state.resolve_setup(call.start)
+        except AssistantError as exc:
+            call.on_setup_failed(exc)
+        else:
+            call.on_setup(setup)
+        self.pump()
 
     async def _connect_model(self) -> None:
         call, config = self.call, self.state.config

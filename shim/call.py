@@ -30,7 +30,12 @@ except ImportError:  # pragma: no cover
 
 from . import realtime_events as rt
 from . import twilio_media as tw
-from .assistant import AssistantError, AssistantNotFound
+from .assistant import AssistantError, AssistantNotFound, render
+from tools import envelope
+from tools.dtmf import DtmfError, KeypadBuffer, dtmf_ulaw, keypad_text, validate_keys
+from tools.results import ToolOutcome, async_outcome, tool_message
+
+from .tool_schema import ToolBinding
 from .translate import CallSetup
 
 # Caller audio that arrives before the model session is configured waits here (20 ms frames).
@@ -44,6 +49,7 @@ HANGUP_GRACE_S = 5.0
 # A turn the gate judged to be noise: the reply the server creates for it is cancelled if it
 # starts within this window.
 NOISE_REPLY_WINDOW_S = 3.0
+HANG_AFTER_S = 5.0  # no reply this long after the caller stopped: Vapi's `hang` server message
 SAY_EXACTLY = 'Say exactly the following words, word for word, and nothing else: "{text}"'
 TOOL_UNAVAILABLE = "This tool is not available right now."
 
@@ -71,6 +77,7 @@ class AudioMixer(Protocol):
 
 class Phase(Enum):
     AWAITING_START = "awaiting_start"
+    RESOLVING = "resolving"  # `start` received; the shell is loading the assistant
     CONFIGURING = "configuring"  # model socket opening, session.update not yet acknowledged
     LIVE = "live"
     ENDED = "ended"
@@ -90,6 +97,7 @@ class AssistantItem:
     response_id: str
     seq: int
     greeting: bool
+    started: float = 0.0  # clock() when the caller starts hearing it (estimated)
     sent_bytes: int = 0
     played_bytes: int = 0  # confirmed by Twilio mark echoes
     transcript: list[str] = field(default_factory=list)
@@ -102,6 +110,7 @@ class AssistantItem:
 class UserTurn:
     seq: int
     item_id: str
+    started: float = 0.0
 
 
 @dataclass(slots=True)
@@ -122,6 +131,33 @@ class PendingEnd:
     deadline: float
     say_first: str = ""  # spoken (word for word) before hanging up
     awaiting_goodbye: bool = False  # its response.create is sent, the response not yet created
+    next_action: dict[str, Any] | None = None  # e.g. a transfer's <Dial>
+
+
+@dataclass(slots=True)
+class ToolRequest:
+    """Work for the shell: a webhook to call for one function call (the core decides, the shell
+    does the I/O and feeds the answer back through on_tool_outcome / on_transfer_destination)."""
+
+    call_id: str
+    binding: ToolBinding
+    arguments: dict[str, Any]
+    seq: int
+    fire_and_forget: bool = False  # async tools: the model was answered already
+    kind: str = "tool-calls"  # or "transfer-destination-request"
+
+
+@dataclass(slots=True)
+class ToolBatch:
+    """The function calls of one response, until the last answer is in."""
+
+    pending: set[str] = field(default_factory=set)
+    speak_instead: str | None = None  # a request-complete/failed message answers instead of the model
+    system_notes: list[str] = field(default_factory=list)
+    end_reason: str | None = None
+    end_say: str = ""
+    transfer: dict[str, Any] | None = None
+    transfer_say: str = ""
 
 
 def heard_text(text: str, heard_bytes: int, total_bytes: int) -> str:
@@ -141,7 +177,6 @@ def heard_text(text: str, heard_bytes: int, total_bytes: int) -> str:
 class Call:
     def __init__(
         self,
-        resolve_setup: Callable[[tw.Start], CallSetup],
         records: RecordSink,
         *,
         log: Any,
@@ -149,7 +184,6 @@ class Call:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ):
-        self._resolve_setup = resolve_setup
         self.records = records
         self.log = log
         self.metrics = metrics or NoMetrics()
@@ -162,6 +196,14 @@ class Call:
         self.model_out: list[str] = []
         self.model_wanted = False
         self.end: End | None = None
+        self.start: tw.Start | None = None  # set on `start`: the shell then resolves the assistant
+        self.info: envelope.CallInfo | None = None  # who/what the call is, for Vapi's envelopes
+        self.server_out: list[tuple[str, dict[str, Any]]] = []  # server messages to deliver
+        self.recording_url: str | None = None
+        self._artifact: dict[tuple, envelope.Message] = {}
+        self._hang_sent_for: float | None = None
+        self._ignored_turns: set[str] = set()
+        self.keypad: KeypadBuffer | None = None
 
         self.setup: CallSetup | None = None
         self.call_sid = ""
@@ -197,6 +239,14 @@ class Call:
         self._noise_items: list[str] = []
         self._pending_end: PendingEnd | None = None
         self._function_calls: list[dict[str, Any]] = []  # finished in the current response
+        self._response_queue: deque[tuple[str, str]] = deque()  # (event_id, response.create) waiting
+        self._create_in_flight: str | None = None  # event_id of a response.create not yet started
+        self._sent_creates: dict[str, str] = {}
+        self.tool_requests: list[ToolRequest] = []  # webhooks for the shell to run
+        self._batch: ToolBatch | None = None
+        self._tool_calls: dict[str, tuple[int, float, str]] = {}  # call_id -> (seq, started, name)
+        self._tool_args: dict[str, dict[str, Any]] = {}
+        self._last_delay_message = -1e9
         self._tool_seq = 0
         self.mixer: AudioMixer | None = None  # background sound, set by the shell when ready
 
@@ -208,6 +258,27 @@ class Call:
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
+
+    def _epoch_ms(self, mono: float) -> int:
+        return int(self._wall_at(mono).timestamp() * 1000)
+
+    def _artifact_add(self, key: tuple, role: str, text: str, started: float, **extra: Any) -> None:
+        """Vapi's artifact.messages (webhooks, end-of-call report), kept as the call goes."""
+        if self.setup is not None and self.setup.policy.hipaa and role in ("user", "bot"):
+            text = ""
+        self._artifact[key] = envelope.Message(
+            role=role, text=text, time_ms=self._epoch_ms(started),
+            seconds_from_start=round(max(0.0, started - self._stream_t0), 3), **extra,
+        )
+
+    def artifact_messages(self) -> list[envelope.Message]:
+        return sorted(self._artifact.values(), key=lambda m: m.time_ms)
+
+    def _server_message(self, kind: str, build: Callable[[envelope.CallInfo, int], dict[str, Any]]) -> None:
+        """Queue a Vapi server message for the shell to deliver, if the assistant subscribed."""
+        if self.info is None or self.setup is None or kind not in self.setup.policy.server_messages:
+            return
+        self.server_out.append((kind, build(self.info, self._epoch_ms(self.clock()))))
 
     def record_event(self, kind: str, **detail: Any) -> None:
         self.records.insert(
@@ -227,6 +298,8 @@ class Call:
             return
         for item in self._items.values():
             self._record_item(item, final=True)
+        self._server_message("status-update", lambda info, now_ms: envelope.status_update_message(
+            info, "ended", self.artifact_messages(), now_ms, ended_reason=reason, ended_at=self._wall_at(now)))
         self.records.upsert(
             "calls",
             {
@@ -262,7 +335,7 @@ class Call:
         elif type(event) is tw.Stop:
             self._finish("customer-ended-call")
         elif type(event) is tw.Dtmf:
-            self.record_event("dtmf", digit=event.digit)
+            self.on_keypress(event.digit)
 
     def on_start(self, start: tw.Start) -> None:
         if self.phase is not Phase.AWAITING_START:
@@ -272,33 +345,50 @@ class Call:
         self._stream_t0 = self.clock()
         self.log = self.log.bind(call_sid=start.call_sid)
         params = start.custom_parameters
-        row: dict[str, Any] = {
-            "call_sid": start.call_sid,
-            "stream_sid": start.stream_sid,
-            "account_sid": start.account_sid or None,
-            "assistant_id": params.get("assistant") or None,
-            "from_number": params.get("from") or None,
-            "to_number": params.get("to") or None,
-            "stack": "shim",
-            "status": "in-progress",
-            "started_at": self._wall_at(self._mono0),
-            "custom_parameters": params,
-        }
-        try:
-            self.setup = self._resolve_setup(start)
-        except AssistantError as exc:
-            self.records.upsert("calls", row)
-            self.log.error("assistant_unusable", error=str(exc))
-            reason = "assistant-not-found" if isinstance(exc, AssistantNotFound) else "assistant-not-valid"
-            self._finish(reason, {"verb": "hangup", "say": APOLOGY})
-            return
-        row.update(
-            assistant_name=self.setup.assistant_name or None, model=self.setup.model, voice=self.setup.voice
+        self.records.upsert(
+            "calls",
+            {
+                "call_sid": start.call_sid,
+                "stream_sid": start.stream_sid,
+                "account_sid": start.account_sid or None,
+                "from_number": params.get("from") or None,
+                "to_number": params.get("to") or None,
+                "stack": "shim",
+                "status": "in-progress",
+                "started_at": self._wall_at(self._mono0),
+                "custom_parameters": params,
+            },
         )
-        self.records.upsert("calls", row)
+        self.start = start
+        self.phase = Phase.RESOLVING  # caller audio waits while the shell loads the assistant
+
+    def on_setup(self, setup: CallSetup) -> None:
+        """The assistant is loaded and translated: open the model connection."""
+        if self.phase is not Phase.RESOLVING:
+            return
+        self.setup = setup
+        assert self.start is not None
+        params = self.start.custom_parameters
+        self.info = envelope.CallInfo(
+            call_sid=self.call_sid, account_sid=self.account_sid, assistant_id=setup.assistant_id,
+            assistant=setup.assistant, from_number=params.get("from", ""), to_number=params.get("to", ""),
+            started_at=self._wall_at(self._mono0), variable_values=setup.policy.variable_values,
+        )
+        self.keypad = KeypadBuffer(setup.policy.keypad_plan)
+        self.records.upsert(
+            "calls",
+            {"call_sid": self.call_sid, "assistant_id": setup.assistant_id, "assistant_name": setup.assistant_name or None,
+             "model": setup.model, "voice": setup.voice, "metadata": setup.metadata or None},
+        )
         self.phase = Phase.CONFIGURING
         self.model_wanted = True
-        self.log.info("call_started", assistant_id=self.setup.assistant_id)
+        self.log.info("call_started", assistant_id=setup.assistant_id)
+
+    def on_setup_failed(self, error: AssistantError) -> None:
+        self.log.error("assistant_unusable", error=str(error))
+        self.record_event("assistant_unusable", error=str(error))
+        reason = "assistant-not-found" if isinstance(error, AssistantNotFound) else "assistant-not-valid"
+        self._finish(reason, {"verb": "hangup", "say": APOLOGY})
 
     def on_caller_audio(self, payload: str, timestamp_ms: int) -> None:
         self.frames_in += 1
@@ -306,7 +396,7 @@ class Call:
             self._append_audio(payload, timestamp_ms)
             if self._gate is not None:
                 self._gate_frame(payload)
-        elif self.phase is Phase.CONFIGURING:
+        elif self.phase is Phase.CONFIGURING or self.phase is Phase.RESOLVING:
             self._early_audio.append((payload, timestamp_ms))
 
     def _append_audio(self, payload: str, timestamp_ms: int) -> None:
@@ -329,7 +419,24 @@ class Call:
         if self._pending_end is not None and not self._marks:
             self._maybe_hang_up()
 
+    def on_keypress(self, digit: str) -> None:
+        """Caller keypresses reach the model as Vapi presents them ("User's Keypad Entry: 123")
+        when keypadInputPlan is enabled; Vapi drops them otherwise, and so does the shim."""
+        self.record_event("dtmf", digit=digit)
+        if self.keypad is None or self.phase is not Phase.LIVE:
+            return
+        entry = self.keypad.press(digit, self.clock())
+        if entry:
+            self._keypad_entry(entry)
+
+    def _keypad_entry(self, digits: str) -> None:
+        text = keypad_text(digits)
+        self.model_out.append(rt.item_create_message("user", text))
+        self._artifact_add(("k", self.clock()), "user", text, self.clock())
+        self._request_response()
+
     def on_recording_started(self, url: str) -> None:
+        self.recording_url = url
         self.records.upsert("calls", {"call_sid": self.call_sid, "recording_url": url})
         self.record_event("recording_started", url=url)
 
@@ -394,21 +501,18 @@ class Call:
             return
         self.phase = Phase.LIVE
         self._live_at = self.clock()
+        self._server_message("status-update", lambda info, now_ms: envelope.status_update_message(
+            info, "in-progress", self.artifact_messages(), now_ms))
         assert self.setup is not None
         greeting = self.setup.greeting
         for role, text in self.setup.policy.few_shot:
             self.model_out.append(rt.item_create_message(role, text))
         if greeting.mode == "assistant-speaks-first":
             self._greeting_pending = True
-            self.model_out.append(
-                rt.response_create(
-                    instructions="Greet the caller. " + SAY_EXACTLY.format(text=greeting.text),
-                    metadata={"purpose": "greeting"},
-                )
-            )
+            self._request_response("Greet the caller. " + SAY_EXACTLY.format(text=greeting.text), "greeting")
         elif greeting.mode == "assistant-speaks-first-with-model-generated-message":
             self._greeting_pending = True
-            self.model_out.append(rt.response_create(metadata={"purpose": "greeting"}))
+            self._request_response(None, "greeting")
         for payload, timestamp_ms in self._early_audio:
             self._append_audio(payload, timestamp_ms)
         self._early_audio.clear()
@@ -428,7 +532,7 @@ class Call:
         assert self.setup is not None
         onset_ms = (event.get("audio_start_ms") or 0) + self.setup.policy.prefix_padding_ms
         started = min(now, self._input_time(onset_ms))
-        turn = UserTurn(self._next_seq(), item_id)
+        turn = UserTurn(self._next_seq(), item_id, started)
         self._user_turns[item_id] = turn
         self.records.upsert(
             "utterances",
@@ -527,27 +631,48 @@ class Call:
             self._turn_end = None
             self._noise_reply_until = now + NOISE_REPLY_WINDOW_S
             self._noise_items.append(item_id)
+            self._ignored_turns.add(item_id)
             self.record_event("interruption_ignored", item_id=item_id)
 
     def _on_transcription_completed(self, event: dict) -> None:
         item_id = str(event.get("item_id") or "")
         turn = self._user_turns.get(item_id)
         if turn is None:  # no speech_started seen (e.g. a manual commit): place it now
-            turn = self._user_turns[item_id] = UserTurn(self._next_seq(), item_id)
+            turn = self._user_turns[item_id] = UserTurn(self._next_seq(), item_id, self.clock())
             self.records.upsert(
                 "utterances",
                 {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "item_id": item_id,
                  "started_at": self._wall_at(self.clock())},
             )
+        text = str(event.get("transcript") or "")
         self.records.upsert(
             "utterances",
-            {"call_sid": self.call_sid, "seq": turn.seq, "role": "user",
-             "text": self._keep_text(str(event.get("transcript") or ""))},
+            {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "text": self._keep_text(text)},
         )
+        if item_id in self._ignored_turns:
+            return  # not a turn: a cough or an "mm-hm" under the assistant
+        self._artifact_add(("u", turn.seq), "user", text, turn.started)
+        self._server_message("transcript", lambda info, now_ms: envelope.transcript_message(info, "user", text, now_ms))
+
+    def _request_response(self, instructions: str | None = None, purpose: str | None = None) -> None:
+        """Ask the model for a response. Only one response may be active at a time: while one
+        is, or one we asked for has not started yet, requests wait here, in order."""
+        event_id = rt.new_event_id()
+        event = rt.response_create(instructions, {"purpose": purpose} if purpose else None, event_id)
+        self._response_queue.append((event_id, event))
+        self._next_response()
+
+    def _next_response(self) -> None:
+        if self._response_queue and self._response_id is None and self._create_in_flight is None:
+            event_id, event = self._response_queue.popleft()
+            self._create_in_flight = event_id
+            self._sent_creates = {event_id: event}
+            self.model_out.append(event)
 
     def _on_response_created(self, event: dict) -> None:
         response_id = str((event.get("response") or {}).get("id") or "")
         self._response_id = response_id
+        self._create_in_flight = None
         if self._noise_items:
             noise, self._noise_items = self._noise_items, []
             if self.clock() < self._noise_reply_until and not self._greeting_pending:
@@ -595,6 +720,7 @@ class Call:
             response_id=response_id,
             seq=self._next_seq(),
             greeting=response_id != "" and response_id == self._greeting_response_id,
+            started=max(now, self._playback_free_at),
         )
         self._items[item_id] = item
         item.transcript.extend(self._early_transcript.pop(item_id, ()))
@@ -646,14 +772,18 @@ class Call:
             "heard_ms": item.played_bytes // tw.MULAW_BYTES_PER_MS,
         }
         if item.interrupted:
-            row.update(
-                interrupted=True,
-                text=self._keep_text(heard_text(full, item.played_bytes, item.sent_bytes)),
-                full_text=self._keep_text(full),
-            )
-        elif full or final:
-            row["text"] = self._keep_text(full)
+            said = heard_text(full, item.played_bytes, item.sent_bytes)
+            row.update(interrupted=True, text=self._keep_text(said), full_text=self._keep_text(full))
+        else:
+            said = full
+            if full or final:
+                row["text"] = self._keep_text(full)
         self.records.upsert("utterances", row)
+        if said and (item.interrupted or item.final_transcript is not None or final):
+            first = ("b", item.seq) not in self._artifact
+            self._artifact_add(("b", item.seq), "bot", said, item.started)
+            if first:
+                self._server_message("transcript", lambda info, now_ms: envelope.transcript_message(info, "assistant", said, now_ms))
 
     def _keep_text(self, text: str) -> str | None:
         """hipaaEnabled: no transcript text is stored (the row, its timing and flags still are)."""
@@ -681,48 +811,213 @@ class Call:
             self._run_function_calls(calls)
         if self._pending_end is not None:
             self._maybe_hang_up()
+        self._next_response()
+
+    # --- tools ---------------------------------------------------------------------------
+    #
+    # At response.done (only one response may be active), every function call of the response
+    # becomes a ToolRequest for the shell (webhooks) or is handled here (endCall, transferCall,
+    # dtmf). Every call_id gets a function_call_output; when the last one is in, exactly one
+    # response.create follows (or the tool's own spoken message, as Vapi does).
 
     def _run_function_calls(self, calls: list[dict[str, Any]]) -> None:
-        """Answer every call_id, then exactly one response.create (the model never goes silent
-        after a tool). endCall is the shim's own; webhook tools arrive with the tools issue."""
         assert self.setup is not None
         bindings = {b.realtime_name: b for b in self.setup.tools}
-        end_call = None
-        now = self._wall_at(self.clock())
+        batch = ToolBatch()
+        start_message = None
         for call in calls:
             name, call_id = str(call.get("name") or ""), str(call.get("call_id") or "")
             binding = bindings.get(name)
-            kind = binding.kind if binding is not None else "unknown"
             try:
                 arguments = orjson.loads(call.get("arguments") or "{}")
             except orjson.JSONDecodeError:
-                arguments = {"_raw": str(call.get("arguments"))[:1000]}
-            if kind == "endCall":
-                output, status = "Ending the call.", "ok"
-                end_call = binding
-            else:
-                output, status = TOOL_UNAVAILABLE, "error"
+                arguments = None
+            if not isinstance(arguments, dict):
+                arguments = {}
+                self._tool_output(call_id, "Error: the arguments were not a JSON object.", "error", name=name)
+                continue
             self._tool_seq += 1
+            seq = self._tool_seq
+            self._tool_calls[call_id] = (seq, self.clock(), name)
+            self._tool_args[call_id] = arguments
+            self._artifact_add(("t", call_id), "tool_calls", "", self.clock(), tool_calls=[
+                {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}])
             self.records.upsert(
                 "tool_calls",
-                {"call_sid": self.call_sid, "seq": self._tool_seq, "call_id": call_id, "name": name,
-                 "arguments": arguments if isinstance(arguments, dict) else {"_value": arguments},
-                 "status": status, "result": output, "requested_at": now, "completed_at": now, "latency_ms": 0},
+                {"call_sid": self.call_sid, "seq": seq, "call_id": call_id, "name": name, "arguments": arguments,
+                 "status": "requested", "requested_at": self._wall_at(self.clock())},
             )
-            self.model_out.append(rt.function_call_output(call_id, output))
-        if end_call is not None:
-            goodbye = _request_start_text(end_call.vapi_tool) or self.setup.policy.end_call_message
-            self._end_after_playback("assistant-ended-call", say_first=goodbye)
-            return
-        self.model_out.append(rt.response_create())
+            kind = binding.kind if binding is not None else "unknown"
+            if kind == "endCall":
+                self._tool_output(call_id, "Ending the call.", "ok")
+                batch.end_reason = "assistant-ended-call"
+                batch.end_say = tool_message(binding.vapi_tool, "request-start", arguments) or self.setup.policy.end_call_message
+            elif kind == "transferCall":
+                self._transfer(call_id, binding, arguments, batch)
+            elif kind == "dtmf":
+                self._press_keys(call_id, arguments)
+            elif kind in ("function", "apiRequest"):
+                request = ToolRequest(call_id=call_id, binding=binding, arguments=arguments, seq=seq,
+                                      fire_and_forget=bool(binding.vapi_tool.get("async")))
+                self.tool_requests.append(request)
+                if request.fire_and_forget:
+                    self._tool_output(call_id, async_outcome(call_id).output, "async")
+                else:
+                    batch.pending.add(call_id)
+                    start_message = start_message or tool_message(binding.vapi_tool, "request-start", arguments)
+            else:
+                self._tool_output(call_id, f"Error: there is no tool named {name!r}.", "error")
+        self._batch = batch
+        if start_message:
+            self._say(start_message, "tool-message")  # while the webhook runs, without blocking audio
+        if not batch.pending:
+            self._finish_batch()
 
-    def _end_after_playback(self, reason: str, say_first: str = "") -> None:
-        """Hang up once everything queued at Twilio has been played (marks), optionally after
-        saying `say_first` word for word; bounded so a lost mark cannot keep the line open."""
+    def on_tool_outcome(self, outcome: ToolOutcome, url: str | None = None) -> None:
+        """A webhook answered (or failed): pass it to the model; continue once all are in."""
+        batch = self._batch
+        if self.end is not None or batch is None or outcome.call_id not in batch.pending:
+            return
+        batch.pending.discard(outcome.call_id)
+        self._tool_output(outcome.call_id, outcome.output, outcome.status, result=outcome.result,
+                          error=outcome.error, url=url)
+        binding = self._binding_for(outcome.call_id)
+        if binding is not None:
+            kind = "request-complete" if outcome.status == "ok" else "request-failed"
+            # The endpoint's own `message` wins over the tool's configured one (Vapi).
+            if isinstance(outcome.message, dict) and outcome.message.get("type") == kind:
+                spoken, text = outcome.message, str(outcome.message.get("content") or "")
+            else:
+                spoken = _first_message(binding.vapi_tool, kind)
+                text = (tool_message(binding.vapi_tool, kind, self._tool_args.get(outcome.call_id, {})) or "") if spoken else ""
+            if spoken and text:
+                if spoken.get("role") == "system":
+                    batch.system_notes.append(text)  # a hint for the model, which then answers
+                else:
+                    batch.speak_instead = text  # said word for word; the model is not asked
+                    if spoken.get("endCallAfterSpokenEnabled"):
+                        batch.end_reason = "assistant-ended-call-after-message-spoken"
+        if not batch.pending:
+            self._finish_batch()
+
+    def on_tool_delayed(self, call_id: str, text: str) -> None:
+        """request-response-delayed: the webhook is slow, say so (2.5 s apart at most, as Vapi)."""
+        batch = self._batch
+        now = self.clock()
+        if batch is None or call_id not in batch.pending or now - self._last_delay_message < 2.5:
+            return
+        self._last_delay_message = now
+        self._say(text, "tool-message")
+
+    def _finish_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        assert batch is not None and self.setup is not None
+        for note in batch.system_notes:
+            self.model_out.append(rt.item_create_message("system", note))
+        if batch.transfer is not None:
+            self._end_after_playback("assistant-forwarded-call", say_first=batch.transfer_say,
+                                     next_action=batch.transfer)
+        elif batch.end_reason is not None:
+            self._end_after_playback(batch.end_reason, say_first=batch.speak_instead or batch.end_say)
+        elif batch.speak_instead:
+            self._say(batch.speak_instead, "tool-message")  # Vapi: this, not the model, answers
+        else:
+            self._request_response()
+
+    def _tool_output(self, call_id: str, output: str, status: str, *, name: str | None = None,
+                     result: str | None = None, error: str | None = None, url: str | None = None) -> None:
+        self.model_out.append(rt.function_call_output(call_id, output))
+        info = self._tool_calls.get(call_id)
+        if info is not None:
+            seq, started, tool_name = info
+            self._artifact_add(("r", call_id), "tool_call_result", "", self.clock(), name=tool_name,
+                               result=self._keep_text(output) or "", tool_call_id=call_id)
+            self.records.upsert(
+                "tool_calls",
+                {"call_sid": self.call_sid, "seq": seq, "status": status, "url": url,
+                 "result": self._keep_text(result if result is not None else output), "error": error,
+                 "latency_ms": int(round((self.clock() - started) * 1000)),
+                 "completed_at": self._wall_at(self.clock())},
+            )
+
+    def _binding_for(self, call_id: str) -> ToolBinding | None:
+        info = self._tool_calls.get(call_id)
+        if info is None or self.setup is None:
+            return None
+        return next((b for b in self.setup.tools if b.realtime_name == info[2]), None)
+
+    def _transfer(self, call_id: str, binding: ToolBinding, arguments: dict[str, Any], batch: ToolBatch) -> None:
+        wanted = str(arguments.get("destination") or "")
+        destination = binding.destinations.get(wanted) if wanted else None
+        if destination is None and len(binding.destinations) == 1 and not wanted:
+            destination = next(iter(binding.destinations.values()))
+        if destination is None and not binding.destinations:
+            # Vapi asks the server where to transfer (transfer-destination-request).
+            self.tool_requests.append(ToolRequest(call_id=call_id, binding=binding, arguments=arguments,
+                                                  seq=self._tool_calls[call_id][0], kind="transfer-destination-request"))
+            batch.pending.add(call_id)
+            return
+        if destination is None:
+            self._tool_output(call_id, f"Error: {wanted!r} is not one of the transfer destinations.", "error")
+            return
+        self._tool_output(call_id, "Transferring the call.", "ok")
+        batch.transfer = transfer_action(destination, self._template_variables())
+        batch.transfer_say = _transfer_message(binding.vapi_tool, destination, arguments)
+        self.records.upsert("calls", {"call_sid": self.call_sid, "transfer": batch.transfer})
+
+    def on_transfer_destination(self, call_id: str, answer: dict[str, Any] | None, error: str | None) -> None:
+        """The server's answer to transfer-destination-request: a destination, or an error to say."""
+        batch = self._batch
+        if self.end is not None or batch is None or call_id not in batch.pending:
+            return
+        batch.pending.discard(call_id)
+        destination = (answer or {}).get("destination")
+        spoken_error = (answer or {}).get("error") or error
+        if isinstance(destination, dict) and (destination.get("number") or destination.get("sipUri")):
+            self._tool_output(call_id, "Transferring the call.", "ok")
+            batch.transfer = transfer_action(destination, self._template_variables())
+            message = (answer or {}).get("message")
+            batch.transfer_say = (message.get("content") if isinstance(message, dict) else None) or destination.get(
+                "message", "Transferring the call now")
+            self.records.upsert("calls", {"call_sid": self.call_sid, "transfer": batch.transfer})
+        else:
+            text = str(spoken_error or "No transfer destination is available.")
+            self._tool_output(call_id, f"Error: {text}", "error", error=text)
+            if (answer or {}).get("error"):
+                batch.speak_instead = text  # Vapi speaks the server's error
+        if not batch.pending:
+            self._finish_batch()
+
+    def _press_keys(self, call_id: str, arguments: dict[str, Any]) -> None:
+        """Vapi's dtmf tool: Media Streams cannot send out-of-band DTMF, so the tones are played
+        in-band, queued at Twilio like speech (the far end's IVR hears them)."""
+        try:
+            keys = validate_keys(str(arguments.get("keys") or arguments.get("digits") or ""))
+            tones = dtmf_ulaw(keys)
+        except DtmfError as exc:
+            self._tool_output(call_id, f"Error: {exc}", "error", error=str(exc))
+            return
+        payload = base64.b64encode(tones).decode()
+        self.twilio_out.append(tw.media_frame(self.stream_sid, payload))
+        self._playback_free_at = max(self._playback_free_at, self.clock()) + len(tones) / 8000
+        self.record_event("dtmf_sent", keys=keys)
+        self._tool_output(call_id, f"Pressed {keys}.", "ok")
+
+    def _template_variables(self) -> dict[str, Any]:
+        return self.setup.variables if self.setup is not None else {}
+
+    def _say(self, text: str, purpose: str) -> None:
+        """Speak a fixed sentence (tool messages), word for word, in turn with other responses."""
+        self._request_response(SAY_EXACTLY.format(text=text), purpose)
+
+    def _end_after_playback(self, reason: str, say_first: str = "", next_action: dict[str, Any] | None = None) -> None:
+        """Hang up (or transfer) once everything queued at Twilio has been played (marks),
+        optionally after saying `say_first` word for word; bounded so a lost mark cannot keep
+        the line open."""
         if self._pending_end is not None:
             return
         remaining = max(0.0, self._playback_free_at - self.clock())
-        self._pending_end = PendingEnd(reason, self.clock() + remaining + HANGUP_GRACE_S, say_first)
+        self._pending_end = PendingEnd(reason, self.clock() + remaining + HANGUP_GRACE_S, say_first, next_action=next_action)
         self._maybe_hang_up()
 
     def _maybe_hang_up(self) -> None:
@@ -733,16 +1028,24 @@ class Call:
             text, pending.say_first = pending.say_first, ""
             pending.awaiting_goodbye = True
             pending.deadline = self.clock() + len(text) * 0.1 + HANGUP_GRACE_S
-            self.model_out.append(rt.response_create(instructions=SAY_EXACTLY.format(text=text), metadata={"purpose": "goodbye"}))
+            self._request_response(SAY_EXACTLY.format(text=text), "goodbye")
             return
         if not self._marks or self.clock() >= pending.deadline:
-            self._finish(pending.reason)
+            self._finish(pending.reason, pending.next_action)
 
     def _on_error(self, event: dict) -> None:
         error = event.get("error") or {}
         code = error.get("code")
         if code == "response_cancel_not_active":
             return  # benign race: the response ended before our cancel arrived
+        if code == "conversation_already_has_active_response" and error.get("event_id") == self._create_in_flight:
+            # The server started a response of its own (the caller spoke) just before ours:
+            # ours goes back to the front of the queue and is sent after that one.
+            event = self._sent_creates.get(self._create_in_flight)
+            if event is not None:
+                self._response_queue.appendleft((self._create_in_flight, event))
+            self._create_in_flight = None
+            return
         self.metrics.model_error()
         self.record_event("model_error", code=code, message=str(error.get("message") or "")[:300], param=error.get("param"))
         self.log.warning("model_error", code=code, message=str(error.get("message") or "")[:300])
@@ -778,9 +1081,17 @@ class Call:
         if self._live_at is not None and now - self._live_at >= policy.max_duration_s:
             self._finish("exceeded-max-duration")
             return
+        if self.keypad is not None:
+            entry = self.keypad.due(now)
+            if entry:
+                self._keypad_entry(entry)
+        if self._turn_end is not None and now - self._turn_end > HANG_AFTER_S and self._hang_sent_for != self._turn_end:
+            # Vapi's `hang`: the caller finished speaking and nothing has come back for a while.
+            self._hang_sent_for = self._turn_end
+            self._server_message("hang", lambda info, now_ms: envelope.hang_message(info, now_ms))
         if self._pending_end is not None:
             if now >= self._pending_end.deadline:
-                self._finish(self._pending_end.reason)
+                self._finish(self._pending_end.reason, self._pending_end.next_action)
             return
         if self._marks or self._response_id is not None:
             self._last_activity = now  # the assistant is talking or about to
@@ -794,6 +1105,14 @@ class Call:
         out, self.twilio_out = self.twilio_out, []
         return out
 
+    def take_tool_requests(self) -> list[ToolRequest]:
+        out, self.tool_requests = self.tool_requests, []
+        return out
+
+    def take_server_messages(self) -> list[tuple[str, dict[str, Any]]]:
+        out, self.server_out = self.server_out, []
+        return out
+
     def take_model_out(self) -> list[str]:
         out, self.model_out = self.model_out, []
         return out
@@ -805,3 +1124,42 @@ def _request_start_text(tool: dict[str, Any]) -> str:
         if isinstance(message, dict) and message.get("type") == "request-start" and isinstance(message.get("content"), str):
             return message["content"]
     return ""
+
+
+def _first_message(tool: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for message in tool.get("messages") or []:
+        if isinstance(message, dict) and message.get("type") == kind:
+            return message
+    return None
+
+
+def _transfer_message(tool: dict[str, Any], destination: dict[str, Any], arguments: dict[str, Any]) -> str:
+    """What Vapi says before a transfer: the tool's request-start if it has one (\"\" = silence),
+    else the destination's message, else "Transferring the call now"."""
+    if _first_message(tool, "request-start") is not None:
+        return tool_message(tool, "request-start", arguments) or ""
+    message = destination.get("message")
+    if message is None:
+        return "Transferring the call now"
+    return message if isinstance(message, str) else str((message or {}).get("content") or "")
+
+
+def transfer_action(destination: dict[str, Any], variables: dict[str, Any]) -> dict[str, Any]:
+    """The next_action /twilio/stream-ended turns into <Dial>: a number (with extension) or a SIP
+    URI, and the caller id (Liquid, e.g. {{phoneNumber.number}})."""
+    action: dict[str, Any] = {"verb": "dial"}
+    if destination.get("sipUri"):
+        action["sip"] = str(destination["sipUri"])
+        if isinstance(destination.get("sipHeaders"), dict):
+            action["sipHeaders"] = {str(k): str(v) for k, v in destination["sipHeaders"].items()}
+    else:
+        action["number"] = str(destination.get("number") or "")
+        if destination.get("extension"):
+            action["extension"] = str(destination["extension"])
+    caller_id = destination.get("callerId")
+    if isinstance(caller_id, str) and caller_id:
+        try:
+            action["callerId"] = render(caller_id, variables, "destination.callerId")
+        except AssistantError:
+            action["callerId"] = caller_id
+    return action

@@ -71,6 +71,9 @@ class Config:
     transcription_model: str = "gpt-4o-mini-transcribe"
     voice_map: tuple[tuple[str, str], ...] = ()  # Vapi voiceId -> Realtime voice overrides
     twilio_api_base: str = "https://api.twilio.com"
+    openai_base_url: str = "https://api.openai.com/v1"  # post-call analysis (chat completions)
+    analysis_model: str = "gpt-4.1-mini"
+    secrets_file: str = ""  # SHIM_SECRETS_FILE: X-Vapi-Secret / headers per assistant and tool
 
     @property
     def public_base(self) -> str:
@@ -123,4 +126,7 @@ class Config:
             transcription_model=get("SHIM_TRANSCRIPTION_MODEL", cls.transcription_model),
             voice_map=_voice_map(get("SHIM_VOICE_MAP")),
             twilio_api_base=get("TWILIO_API_BASE", cls.twilio_api_base).rstrip("/"),
+            openai_base_url=get("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/"),
+            analysis_model=get("SHIM_ANALYSIS_MODEL", cls.analysis_model),
+            secrets_file=get("SHIM_SECRETS_FILE"),
         )

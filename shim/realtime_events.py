@@ -32,13 +32,19 @@ def append_audio(payload_b64: str) -> str:
     return '{"type":"input_audio_buffer.append","audio":"' + payload_b64 + '"}'
 
 
-def response_create(instructions: str | None = None, metadata: dict[str, str] | None = None) -> str:
+def new_event_id() -> str:
+    return _event_id()
+
+
+def response_create(
+    instructions: str | None = None, metadata: dict[str, str] | None = None, event_id: str | None = None
+) -> str:
     response: dict[str, Any] = {}
     if instructions is not None:
         response["instructions"] = instructions
     if metadata:
         response["metadata"] = metadata
-    event: dict[str, Any] = {"type": "response.create", "event_id": _event_id()}
+    event: dict[str, Any] = {"type": "response.create", "event_id": event_id or _event_id()}
     if response:
         event["response"] = response
     return dumps(event)

@@ -178,6 +178,7 @@ TABLES: dict[str, TableSpec] = {
                 "assistant_name": TEXT, "from_number": TEXT, "to_number": TEXT, "stack": TEXT, "model": TEXT,
                 "voice": TEXT, "status": TEXT, "started_at": TS, "ended_at": TS, "ended_reason": TEXT,
                 "next_action": JSON, "custom_parameters": JSON, "metadata": JSON, "recording_url": TEXT,
+                "summary": TEXT, "analysis": JSON, "transfer": JSON,  # 0002
             },
             required=("call_sid",),
             choices={"stack": _STACKS},
@@ -222,9 +223,21 @@ TABLES: dict[str, TableSpec] = {
             op="i",
         ),
         TableSpec(
+            "webhook_deliveries",  # 0002
+            key=("id",),
+            columns={
+                "id": UUID, "call_sid": TEXT, "kind": TEXT, "url": TEXT, "attempt": INT, "status": TEXT,
+                "http_status": INT, "latency_ms": INT, "error": TEXT, "at": TS,
+            },
+            required=("id", "kind", "url", "attempt", "status", "at"),
+            choices={"status": frozenset({"ok", "error", "timeout"})},
+            managed=(),
+            op="i",
+        ),
+        TableSpec(
             "numbers",
             key=("number",),
-            columns={"number": TEXT, "assistant_id": TEXT, "stack": TEXT},
+            columns={"number": TEXT, "assistant_id": TEXT, "stack": TEXT, "server_url": TEXT},
             required=("number",),
             choices={"stack": _STACKS},
             managed=("updated_at",),
@@ -640,7 +653,7 @@ class Recorder:
         self._accept(entry)
 
     def insert(self, table: str, row: dict) -> str:
-        """Queue an append to an event-log table (call_events); never blocks. Returns the row's id.
+        """Queue an append to an event-log table (call_events, webhook_deliveries); never blocks. Returns the row's id.
 
         `id` is a client-generated uuid4 if absent and `at` defaults to now (UTC), so a replay never
         duplicates the event (ON CONFLICT (id) DO NOTHING)."""

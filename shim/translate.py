@@ -112,14 +112,14 @@ FIELDS: tuple[FieldRule, ...] = (
     FieldRule("artifactPlan.recordingEnabled", "mapped", "default true: Twilio dual-channel recording started on the live call, URL on the call row"),
     FieldRule("voicemailDetection", "unsupported", "inbound calls only: nothing to detect"),
     FieldRule("voicemailMessage", "unsupported", "inbound calls only"),
-    FieldRule("server", "unsupported", "server messages are not sent yet (tools issue)"),
-    FieldRule("serverUrl", "unsupported", "legacy server URL: server messages are not sent yet (tools issue)"),
-    FieldRule("serverUrlSecret", "unsupported", "legacy secret: server messages are not sent yet (tools issue)"),
-    FieldRule("serverMessages", "unsupported", "server messages are not sent yet (tools issue)"),
-    FieldRule("analysisPlan", "unsupported", "no post-call analysis yet (tools issue)"),
+    FieldRule("server", "mapped", "server messages and tool webhooks go to server.url with X-Vapi-Secret and server.headers (secrets: SHIM_SECRETS_FILE)"),
+    FieldRule("serverUrl", "mapped", "legacy server URL, used when there is no server.url"),
+    FieldRule("serverUrlSecret", "mapped", "legacy secret, sent as X-Vapi-Secret"),
+    FieldRule("serverMessages", "approximated", "status-update, transcript (final), hang, tool-calls, transfer-destination-request, end-of-call-report are sent; the other types are not"),
+    FieldRule("analysisPlan", "mapped", "summary, structured data and success evaluation after the call (OpenAI chat model), in the end-of-call-report"),
     FieldRule("hooks", "unsupported", "hooks are not run"),
     FieldRule("messagePlan", "unsupported", "legacy idle messages are not spoken"),
-    FieldRule("keypadInputPlan", "unsupported", "caller keypresses are recorded as call events only"),
+    FieldRule("keypadInputPlan", "mapped", "caller keypresses reach the model as 'User's Keypad Entry: …' (delimiters, timeout), as on Vapi"),
     FieldRule("monitorPlan", "unsupported", "no listen/control URLs"),
     FieldRule("clientMessages", "unsupported", "no Vapi client SDK on phone calls (harmless)"),
     FieldRule("modelOutputInMessagesEnabled", "unsupported", "history always holds what the model said (harmless)"),
@@ -155,6 +155,10 @@ class CallPolicy:
     hipaa: bool = False
     recording: bool = True
     few_shot: tuple[tuple[str, str], ...] = ()  # (role, text) items created before the first response
+    server_messages: tuple[str, ...] = DEFAULT_SERVER_MESSAGES  # what the assistant's server is sent
+    keypad_plan: dict[str, Any] | None = None
+    analysis_plan: dict[str, Any] | None = None
+    variable_values: dict[str, Any] = field(default_factory=dict)  # assistantOverrides.variableValues
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,8 @@ class CallSetup:
     tools: tuple[ToolBinding, ...] = ()
     findings: tuple[Finding, ...] = ()
     metadata: dict[str, Any] | None = None
+    assistant: dict[str, Any] = field(default_factory=dict)  # the export, for Vapi's webhook envelopes
+    variables: dict[str, Any] = field(default_factory=dict)  # template variables of this call
 
 
 class _Reader:
@@ -465,6 +471,10 @@ def translate(
         r.note("artifactPlan.transcriptPlan")
 
     metadata = r.get("metadata", dict)
+    listed = r.get("serverMessages", list)
+    server_messages = DEFAULT_SERVER_MESSAGES if listed is None else tuple(
+        # 'transcript[transcriptType="final"]' subscribes to final transcripts, which is all the shim sends
+        "transcript" if str(m).startswith("transcript") else str(m) for m in listed)
     for key in ("name", "metadata", "voicemailDetection", "voicemailMessage", "server", "serverUrl", "serverUrlSecret",
                 "serverMessages", "analysisPlan", "hooks", "messagePlan", "keypadInputPlan", "monitorPlan", "clientMessages",
                 "modelOutputInMessagesEnabled", "transportConfigurations", "observabilityPlan", "credentialIds", "credentials"):
@@ -508,6 +518,10 @@ def translate(
         hipaa=hipaa,
         recording=bool(recording),
         few_shot=tuple(few_shot),
+        server_messages=server_messages,
+        keypad_plan=r.get("keypadInputPlan", dict),
+        analysis_plan=r.get("analysisPlan", dict),
+        variable_values=dict(r.get("assistantOverrides.variableValues", dict, {})),
     )
     return CallSetup(
         assistant_id=assistant_id,
@@ -520,4 +534,6 @@ def translate(
         tools=tuple(bindings),
         findings=tuple(r.findings),
         metadata=metadata,
+        assistant=assistant,
+        variables=variables,
     )

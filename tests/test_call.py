@@ -96,8 +96,20 @@ def make_call(assistant=MINIMAL, **setup_kw):
                           now=datetime(2026, 11, 21, tzinfo=timezone.utc))
         return translate("acme", assistant, ctx, model="gpt-realtime-2.1", **setup_kw)
 
-    call = Call(resolve, rows, log=structlog.get_logger(), clock=clock,
+    call = Call(rows, log=structlog.get_logger(), clock=clock,
                 wall=lambda: datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc))
+    real_on_twilio_text = call.on_twilio_text
+
+    def on_twilio_text(text):
+        # what the shell does after `start`: resolve the assistant, hand it to the call
+        real_on_twilio_text(text)
+        if call.start is not None and call.setup is None and call.end is None:
+            try:
+                call.on_setup(resolve(call.start))
+            except AssistantNotFound as exc:
+                call.on_setup_failed(exc)
+
+    call.on_twilio_text = on_twilio_text
     return call, rows, clock
 
 
@@ -429,7 +441,9 @@ def test_end_call_tool_says_end_call_message_then_hangs_up():
     assert tool["name"] == "endCall" and tool["status"] == "ok"
 
 
-def test_other_tools_answer_the_model_and_keep_the_conversation_going():
+def test_webhook_tools_filler_then_every_output_then_one_response():
+    from tools.results import DEFAULT_FILLERS, parse_tool_response
+
     assistant = dict(MINIMAL, model=dict(MINIMAL["model"], tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]))
     call, rows, clock = live_call(assistant)
     call.take_model_out()
@@ -438,9 +452,22 @@ def test_other_tools_answer_the_model_and_keep_the_conversation_going():
         call.on_model_text(ev("response.output_item.done", response_id="resp_1", output_index=i,
                               item={"id": f"fc_{i}", "type": "function_call", "status": "completed", "call_id": f"call_{i}", "name": "lookup", "arguments": "{\"q\": 1}"}))
     call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
+    requests = call.take_tool_requests()
+    assert [(r.call_id, r.arguments) for r in requests] == [("call_1", {"q": 1}), ("call_2", {"q": 1})]
+    (filler,) = sent(call)  # Vapi's default filler while the webhook runs
+    assert filler["type"] == "response.create"
+    assert any(f'"{text}"' in filler["response"]["instructions"] for text in DEFAULT_FILLERS)
+    call.on_model_text(ev("response.created", response={"id": "resp_filler"}))
+    body = b'{"results": [{"toolCallId": "call_1", "result": "found"}, {"toolCallId": "call_2", "error": "nope"}]}'
+    outcomes = parse_tool_response(["call_1", "call_2"], http_status=200, body=body)
+    call.on_tool_outcome(outcomes["call_1"])
+    call.on_tool_outcome(outcomes["call_2"])
     out = sent(call)
-    assert [e["type"] for e in out] == ["conversation.item.create", "conversation.item.create", "response.create"]
-    assert {e["item"]["call_id"] for e in out[:2]} == {"call_1", "call_2"}
+    assert [e["item"]["output"] for e in out] == ["found", "Error: nope"]  # the response waits for the filler
+    call.on_model_text(ev("response.done", response={"id": "resp_filler", "status": "completed"}))
+    assert [e["type"] for e in sent(call)] == ["response.create"]
+    tools = rows.merged("tool_calls", ["call_sid", "seq"])
+    assert [(t["call_id"], t["status"]) for t in tools.values()] == [("call_1", "ok"), ("call_2", "error")]
 
 
 def test_hipaa_stores_no_transcript_text():
