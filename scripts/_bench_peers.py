@@ -20,6 +20,7 @@ import base64
 import heapq
 import itertools
 import math
+import random
 import secrets
 import time
 from collections import deque
@@ -119,6 +120,11 @@ class ModelServer:
     def __init__(self, c2m: Delays, m2c: Delays, *, cycle_s: float = 6.0, talk_s: float = 3.0):
         self.c2m, self.m2c = c2m, m2c
         self.cycle_s, self.talk_s = cycle_s, talk_s
+        # Where in its cycle each new session starts: 0 = answer at once (warm-up); otherwise a
+        # random phase, so the assistant of about half the calls is talking at any moment
+        # instead of all of them in step.
+        self.spread_phases = False
+        self.rng = random.Random(1)
         self.sessions: set[ModelSession] = set()
         self.live = 0  # sessions configured (session.update seen) and still connected
         self.connections = 0
@@ -219,7 +225,7 @@ class ModelSession(WSListener):
         server = self.server
         m2c, tagger = server.m2c, server.tagger
         chunks = int(round(server.talk_s / 0.1))
-        start = perf()
+        start = perf() + (server.rng.uniform(0, server.cycle_s) if server.spread_phases else 0.0)
         for k in itertools.count():
             base = start + k * server.cycle_s
             rid, iid, uid = f"resp_{self.sid}_{k}", f"item_{self.sid}_{k}", f"item_{self.sid}_u{k}"

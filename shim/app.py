@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+from datetime import datetime, timezone
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,15 @@ from .config import Config
 from .db import redact_dsn, resolve_dsn
 from .metrics import ShimMetrics
 from .store import Recorder, migrate
+from tools import envelope
+from tools.delivery import WebhookSender
+from tools.secrets import SecretsBook, resolve_server
+
+from .call import transfer_action
 
 log = structlog.get_logger("shim.app")
 SORRY_NO_ASSISTANT = "Sorry, this number is not in service. Goodbye."
+ASSISTANT_REQUEST_BUDGET_S = 7.5  # Vapi's fixed budget for assistant-request
 
 # Twilio's final call statuses -> Vapi endedReason (only used when the stream did not already
 # record a more precise reason).
@@ -67,8 +75,11 @@ class Shim:
         self.recorder: Recorder | None = None
         self.media_server: asyncio.Server | None = None
         self.metrics = ShimMetrics(lambda: [r.call for r in self.bridge.runners])
-        self.bridge = BridgeState(config=config, records=_DeferredRecords(self), metrics=self.metrics)
+        # Secrets for the customer's webhooks: a bad file stops the start, naming file and key.
+        secrets = SecretsBook.load(config.secrets_file or None, {"SHIM_VAPI_SECRET": os.environ.get("SHIM_VAPI_SECRET", "")})
+        self.bridge = BridgeState(config=config, records=_DeferredRecords(self), metrics=self.metrics, secrets=secrets)
         self.endings: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.assistant_requests: dict[str, dict[str, Any]] = {}  # this instance's recent answers
 
     async def startup(self) -> None:
         config = self.config
@@ -79,6 +90,10 @@ class Shim:
         # work even when the database is down at boot.
         self.recorder = Recorder(self.dsn, spool_path=config.data_dir / "spool.jsonl")
         await self.recorder.start()
+        self.bridge.sender = WebhookSender(self.bridge.http(), self.recorder)
+        self.bridge.drain = self.recorder.drain
+        self.bridge.number_lookup = self.lookup_number
+        self.bridge.request_lookup = lambda call_sid: load_assistant_request(self, call_sid)
         try:
             await asyncio.wait_for(migrate(self.dsn), 15)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
@@ -98,6 +113,10 @@ class Shim:
             runner.pump()
         while self.bridge.runners and asyncio.get_running_loop().time() < deadline + 5:
             await asyncio.sleep(0.05)  # let the runners close their sockets and write their rows
+        if self.bridge.post_call:  # end-of-call reports of calls that just ended (bounded)
+            await asyncio.wait(list(self.bridge.post_call), timeout=10)
+        if self.bridge.sender is not None:
+            await self.bridge.sender.close(timeout=10)
         if self.recorder is not None:
             await self.recorder.close(timeout=10)
         if self.pool is not None:
@@ -111,6 +130,19 @@ class Shim:
         if self.pool is None:
             self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=2)
         return self.pool
+
+    async def lookup_number(self, number: str) -> dict[str, Any] | None:
+        """The numbers row for `number` ({assistant_id, server_url}); None when unknown or when
+        Postgres is unreachable (the call then runs on what the stream says)."""
+        if not number:
+            return None
+        try:
+            pool = await asyncio.wait_for(self.db(), 2)
+            row = await pool.fetchrow("SELECT assistant_id, server_url FROM numbers WHERE number = $1", number, timeout=2)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            log.error("number_lookup_failed", error=str(exc))
+            return None
+        return dict(row) if row else None
 
     def remember_end(self, call_sid: str, action: dict[str, Any]) -> None:
         self.endings[call_sid] = action
@@ -155,18 +187,35 @@ async def twilio_voice(request: Request) -> Response:
     if params is None:
         return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
     call_sid, to, from_ = params.get("CallSid", ""), params.get("To", ""), params.get("From", "")
-    assistant_id = await lookup_assistant(shim, to)
     bound = log.bind(call_sid=call_sid)
-    if not assistant_id or not (shim.config.assistants_dir / f"{assistant_id}.json").is_file():
+    number = await shim.lookup_number(to) or {}
+    assistant_id = number.get("assistant_id") or ""
+    row = {"call_sid": call_sid, "from_number": from_ or None, "to_number": to or None,
+           "account_sid": params.get("AccountSid") or None, "status": "ringing", "stack": "shim"}
+    if not assistant_id and number.get("server_url"):
+        # Vapi's assistant-request: the number's server picks the assistant (7.5 s budget).
+        answer, reason = await assistant_request(shim, params, number["server_url"])
+        if reason is not None:
+            bound.warning("assistant_request_failed", ended_reason=reason)
+            shim.recorder.upsert("calls", {**row, "status": "ended", "ended_reason": reason,
+                                           "ended_at": datetime.now(timezone.utc)}, keep_existing=("ended_reason",))
+            spoken = answer.get("error") if isinstance(answer.get("error"), str) else SORRY_NO_ASSISTANT
+            return hangup_twiml(spoken)
+        if isinstance(answer.get("destination"), dict):
+            shim.recorder.upsert("calls", {**row, "status": "forwarding", "ended_reason": "assistant-forwarded-call",
+                                           "ended_at": datetime.now(timezone.utc), "assistant_request": answer})
+            return twiml(dial_twiml(transfer_action(answer["destination"], {}), fallback_caller_id=to))
+        assistant_id = "@request"
+        await store_assistant_request(shim, {**row, "assistant_request": answer})
+    elif not assistant_id:
+        assistant_id = shim.config.default_assistant
+    if assistant_id != "@request" and (
+        not ASSISTANT_ID_RE.match(assistant_id) or not (shim.config.assistants_dir / f"{assistant_id}.json").is_file()
+    ):
         bound.warning("no_assistant_for_number", to=to, assistant_id=assistant_id)
         return hangup_twiml(SORRY_NO_ASSISTANT)
-    if call_sid:
-        shim.recorder.upsert(
-            "calls",
-            {"call_sid": call_sid, "assistant_id": assistant_id, "from_number": from_ or None,
-             "to_number": to or None, "account_sid": params.get("AccountSid") or None, "status": "ringing",
-             "stack": "shim"},
-        )
+    if call_sid and assistant_id != "@request":
+        shim.recorder.upsert("calls", {**row, "assistant_id": assistant_id})
     vr = VoiceResponse()
     connect = Connect(action=shim.config.http_url("/twilio/stream-ended"), method="POST")
     stream = connect.stream(url=shim.config.media_stream_url)
@@ -178,17 +227,69 @@ async def twilio_voice(request: Request) -> Response:
     return twiml(vr)
 
 
-async def lookup_assistant(shim: Shim, number: str) -> str:
-    """numbers table first, SHIM_DEFAULT_ASSISTANT second. A database outage falls back to the
-    default rather than failing the call."""
+async def assistant_request(shim: Shim, params: dict[str, str], server_url: str) -> tuple[dict[str, Any], str | None]:
+    """Ask the number's server which assistant runs this call. Returns (answer, None) or
+    (answer, Vapi endedReason) when the call cannot go on."""
+    info = envelope.CallInfo(
+        call_sid=params.get("CallSid", ""), account_sid=params.get("AccountSid", ""), assistant_id="", assistant={},
+        from_number=params.get("From", ""), to_number=params.get("To", ""), started_at=datetime.now(timezone.utc),
+    )
+    target = resolve_server(tool=None, assistant={}, assistant_id="", number_server_url=server_url,
+                            secrets=shim.bridge.secrets)
+    if target is None or shim.bridge.sender is None:
+        return {}, "assistant-request-failed"
+    delivery = await shim.bridge.sender.post(
+        target, envelope.assistant_request(info, int(datetime.now(timezone.utc).timestamp() * 1000)),
+        kind="assistant-request", call_sid=info.call_sid, retries=0, timeout_s=ASSISTANT_REQUEST_BUDGET_S,
+    )
+    answer = delivery.json() if delivery.ok else None
+    if not isinstance(answer, dict):
+        return {}, "assistant-request-failed"
+    if answer.get("error"):
+        return answer, "assistant-request-returned-error"
+    if isinstance(answer.get("destination"), dict):
+        return answer, None
+    if isinstance(answer.get("assistant"), dict):
+        return answer, None
+    assistant_id = answer.get("assistantId")
+    if isinstance(assistant_id, str) and ASSISTANT_ID_RE.match(assistant_id) and (
+        shim.config.assistants_dir / f"{assistant_id}.json"
+    ).is_file():
+        return answer, None
+    if assistant_id:
+        return answer, "assistant-request-returned-invalid-assistant"
+    return answer, "assistant-request-returned-no-assistant"
+
+
+async def store_assistant_request(shim: Shim, row: dict[str, Any]) -> None:
+    """The server's answer must reach whichever instance gets the media stream: write it before
+    answering Twilio (and keep it in memory for this instance, in case Postgres is away)."""
+    shim.assistant_requests[row["call_sid"]] = row["assistant_request"]
+    while len(shim.assistant_requests) > 10_000:
+        shim.assistant_requests.pop(next(iter(shim.assistant_requests)))
     try:
         pool = await asyncio.wait_for(shim.db(), 2)
-        found = await pool.fetchval("SELECT assistant_id FROM numbers WHERE number = $1", number, timeout=2)
-        if found and ASSISTANT_ID_RE.match(found):
-            return found
+        await pool.execute(
+            """INSERT INTO calls (call_sid, from_number, to_number, account_sid, status, stack, assistant_request)
+               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+               ON CONFLICT (call_sid) DO UPDATE SET assistant_request = EXCLUDED.assistant_request, updated_at = now()""",
+            row["call_sid"], row["from_number"], row["to_number"], row["account_sid"], row["status"], row["stack"],
+            orjson.dumps(row["assistant_request"]).decode(), timeout=2,
+        )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        log.error("number_lookup_failed", error=str(exc))
-    return shim.config.default_assistant
+        log.error("assistant_request_not_stored", call_sid=row["call_sid"], error=str(exc))
+
+
+async def load_assistant_request(shim: Shim, call_sid: str) -> dict[str, Any] | None:
+    if call_sid in shim.assistant_requests:
+        return shim.assistant_requests[call_sid]
+    try:
+        pool = await asyncio.wait_for(shim.db(), 2)
+        raw = await pool.fetchval("SELECT assistant_request FROM calls WHERE call_sid = $1", call_sid, timeout=2)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        log.error("assistant_request_lookup_failed", call_sid=call_sid, error=str(exc))
+        return None
+    return orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
 
 
 async def stream_ended(request: Request) -> Response:

@@ -12,9 +12,10 @@ timers, and on the way out closes both sockets). Every task a call starts ends w
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import httpx
 import structlog
@@ -34,11 +35,17 @@ from picows import (
 from twilio.request_validator import RequestValidator
 
 from . import twilio_media as tw
-from .assistant import AssistantError, CallContext, load_assistant, load_saved_tools
+from .assistant import AssistantError, CallContext, load_assistant, load_saved_tools, render
 from .background import AmbienceError, BackgroundMixer, ambience_for, public_url
+from tools import envelope
+from tools.analysis import analyze
+from tools.delivery import WebhookSender
+from tools.results import ToolOutcome, delayed_messages, parse_tool_response
+from tools.secrets import SecretsBook, ServerTarget, resolve_server
+
 from .translate import CallSetup, translate
 from .twilio_rest import TwilioRestError, start_recording
-from .call import Call, RecordSink
+from .call import Call, RecordSink, ToolRequest
 from .config import Config
 
 log = structlog.get_logger("shim.bridge")
@@ -59,6 +66,13 @@ class BridgeState:
     metrics: Any
     runners: set["CallRunner"] = field(default_factory=set)
     validator: RequestValidator | None = None
+    secrets: SecretsBook = field(default_factory=SecretsBook)
+    sender: WebhookSender | None = None  # set at start-up (needs the writer)
+    # number -> {"assistant_id", "server_url"} from the numbers table (injected by the app)
+    number_lookup: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None
+    post_call: set[asyncio.Task] = field(default_factory=set)  # end-of-call work still running
+    drain: Callable[[float], Awaitable[bool]] | None = None  # wait (bounded) until rows are written
+    request_lookup: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None  # assistant-request answers
     _http: httpx.AsyncClient | None = None
 
     def http(self) -> httpx.AsyncClient:
@@ -82,18 +96,37 @@ class BridgeState:
     async def resolve_setup(self, start: tw.Start) -> CallSetup:
         """Load and translate the call's assistant (file reads and template rendering run in a
         worker thread: nothing slow on the event loop that carries every call's audio)."""
-        return await asyncio.to_thread(self._resolve_setup, start)
+        requested = None
+        if start.custom_parameters.get("assistant") == "@request":
+            requested = await self.request_lookup(start.call_sid) if self.request_lookup else None
+            if not isinstance(requested, dict):
+                raise AssistantError("assistant", "@request", "the number server's assistant-request answer (not found)")
+        return await asyncio.to_thread(self._resolve_setup, start, requested)
 
-    def _resolve_setup(self, start: tw.Start) -> CallSetup:
+    def _resolve_setup(self, start: tw.Start, requested: dict[str, Any] | None = None) -> CallSetup:
         params = start.custom_parameters
-        assistant_id = params.get("assistant", "")
-        assistant = load_assistant(self.config.assistants_dir, assistant_id)
+        overrides: dict[str, Any] = {}
+        if requested is not None:
+            # Vapi's assistant-request answer: an inline assistant or an id, plus overrides
+            # (top-level keys replace, variableValues become template variables).
+            overrides = dict(requested.get("assistantOverrides") or {})
+            if isinstance(requested.get("assistant"), dict):
+                assistant = dict(requested["assistant"])
+                assistant_id = str(assistant.get("id") or assistant.get("name") or "inline")
+            else:
+                assistant_id = str(requested.get("assistantId") or "")
+                assistant = load_assistant(self.config.assistants_dir, assistant_id)
+        else:
+            assistant_id = params.get("assistant", "")
+            assistant = load_assistant(self.config.assistants_dir, assistant_id)
+        variable_values = overrides.pop("variableValues", None) or {}
+        assistant = {**assistant, **overrides}
         reserved = {"assistant", "from", "to"}
         ctx = CallContext(
             call_sid=start.call_sid,
             from_number=params.get("from", ""),
             to_number=params.get("to", ""),
-            variables={k: v for k, v in params.items() if k not in reserved},
+            variables={**variable_values, **{k: v for k, v in params.items() if k not in reserved}},
         )
         model = assistant.get("model")
         saved = load_saved_tools(self.config.assistants_dir, model.get("toolIds") if isinstance(model, dict) else None)
@@ -141,6 +174,8 @@ class CallRunner:
         self.task: asyncio.Task | None = None
         self.ended = asyncio.Event()
         self._twilio_closed = False
+        self._tasks: set[asyncio.Task] = set()  # the call's own work (webhooks): ends with the call
+        self.number_server_url: str | None = None
         state.runners.add(self)
 
     # picows / Starlette callbacks (synchronous). A bug in the call core ends this call, with
@@ -199,6 +234,11 @@ class CallRunner:
             model = self.model
             for event in call.take_model_out():
                 model.send(WSMsgType.TEXT, event.encode())
+        if call.tool_requests:
+            self._dispatch_tools(call.take_tool_requests())
+        if call.server_out:
+            for kind, body in call.take_server_messages():
+                self._deliver(kind, body)
         if call.start is not None and self.task is None:
             self.task = asyncio.get_running_loop().create_task(self.run(), name=f"call:{call.call_sid}")
         if call.end is not None and not self.ended.is_set():
@@ -227,12 +267,28 @@ class CallRunner:
             if model is not None:
                 model.send_close(WSCloseCode.OK)
                 model.disconnect()
+            end = call.end
+            if end is not None and end.next_action.get("verb") == "dial" and self.state.drain is not None:
+                # The <Connect action> request may reach another instance: make the transfer
+                # decision durable before Twilio asks for it (bounded).
+                await self.state.drain(2.0)
             self._close_twilio()
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
             self._forget()
+            if call.info is not None and call.setup is not None:
+                post = asyncio.get_running_loop().create_task(self._after_call(), name=f"post-call:{call.call_sid}")
+                self.state.post_call.add(post)
+                post.add_done_callback(self.state.post_call.discard)
 
     async def _resolve(self) -> None:
         call = self.call
         assert call.start is not None
+        if self.state.number_lookup is not None:
+            number = await self.state.number_lookup(call.start.custom_parameters.get("to", ""))
+            self.number_server_url = (number or {}).get("server_url")
         try:
             setup = await self.state.resolve_setup(call.start)
         except AssistantError as exc:
@@ -303,6 +359,179 @@ class CallRunner:
             ambience = await ambience_for("office", self.state.http())
         if ambience:
             self.call.mixer = BackgroundMixer(ambience)
+
+    # --- webhooks (off the audio path: tasks of this call, fed back through the core) ----------
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _target(self, tool: dict[str, Any] | None) -> ServerTarget | None:
+        setup = self.call.setup
+        assert setup is not None
+        return resolve_server(tool=tool, assistant=setup.assistant, assistant_id=setup.assistant_id,
+                              number_server_url=self.number_server_url, secrets=self.state.secrets)
+
+    def _deliver(self, kind: str, body: dict[str, Any]) -> None:
+        sender = self.state.sender
+        target = self._target(None) if self.call.setup is not None else None
+        if sender is not None and target is not None:
+            sender.send_in_background(target, body, kind=kind, call_sid=self.call.call_sid)
+
+    def _dispatch_tools(self, requests: list[ToolRequest]) -> None:
+        """One tool-calls message per server (Vapi batches the calls of a turn that go to the
+        same URL); transfer-destination-request and apiRequest tools on their own."""
+        groups: dict[str, tuple[ServerTarget, list[ToolRequest]]] = {}
+        for request in requests:
+            if request.kind == "transfer-destination-request":
+                self._spawn(self._transfer_destination(request))
+                continue
+            if request.binding.kind == "apiRequest":
+                self._spawn(self._api_request(request))
+                continue
+            target = self._target(request.binding.vapi_tool)
+            if target is None:
+                self.call.on_tool_outcome(_failed(request.call_id, "No server URL is configured for this tool."))
+                continue
+            groups.setdefault(target.url, (target, []))[1].append(request)
+        for target, batch in groups.values():
+            self._spawn(self._post_tool_calls(target, batch))
+        self.pump()
+
+    async def _post_tool_calls(self, target: ServerTarget, requests: list[ToolRequest]) -> None:
+        call = self.call
+        assert call.info is not None and call.setup is not None and self.state.sender is not None
+        variables = call.setup.variables
+
+        def render_static(text: str) -> str:
+            try:
+                return render(text, variables, "tool.parameters")
+            except AssistantError:
+                return text
+
+        calls = [
+            envelope.ToolCallRequest(
+                id=r.call_id, name=_vapi_tool_name(r.binding.vapi_tool, r.binding.realtime_name),
+                arguments=envelope.with_static_parameters(r.binding.vapi_tool, r.arguments, render_static),
+                tool=r.binding.vapi_tool,
+            )
+            for r in requests
+        ]
+        body = envelope.tool_calls_message(call.info, calls, call.artifact_messages(), _now_ms())
+        timers = [
+            asyncio.get_running_loop().create_task(self._delayed(r.call_id, ms, text))
+            for r in requests if not r.fire_and_forget
+            for ms, text in delayed_messages(r.binding.vapi_tool, r.arguments)
+        ]
+        try:
+            delivery = await self.state.sender.post(target, body, kind="tool-calls", call_sid=call.call_sid,
+                                                    retries=0, timeout_s=target.timeout_s)
+        finally:
+            for timer in timers:
+                timer.cancel()
+        outcomes = parse_tool_response(
+            [r.call_id for r in requests], http_status=delivery.http_status, body=delivery.body,
+            timed_out=delivery.status == "timeout", transport_error=delivery.error if delivery.http_status is None else None,
+        )
+        for request in requests:
+            if not request.fire_and_forget:
+                call.on_tool_outcome(outcomes[request.call_id], url=target.safe_url)
+        self.pump()
+
+    async def _delayed(self, call_id: str, after_ms: int, text: str) -> None:
+        await asyncio.sleep(after_ms / 1000)
+        self.call.on_tool_delayed(call_id, text)
+        self.pump()
+
+    async def _transfer_destination(self, request: ToolRequest) -> None:
+        """A transferCall without destinations: ask the server (transfer-destination-request)."""
+        call = self.call
+        assert call.info is not None and self.state.sender is not None
+        target = self._target(None)
+        if target is None:
+            call.on_transfer_destination(request.call_id, None, "No server URL to ask for a transfer destination.")
+        else:
+            body = envelope.transfer_destination_request(call.info, call.artifact_messages(), _now_ms())
+            delivery = await self.state.sender.post(target, body, kind="transfer-destination-request",
+                                                    call_sid=call.call_sid, retries=0, timeout_s=target.timeout_s)
+            answer = delivery.json() if delivery.ok else None
+            call.on_transfer_destination(request.call_id, answer if isinstance(answer, dict) else None,
+                                         None if delivery.ok else (delivery.error or f"HTTP {delivery.http_status}"))
+        self.pump()
+
+    async def _api_request(self, request: ToolRequest) -> None:
+        """Vapi's apiRequest tool: the platform calls the URL itself (method, Liquid URL, headers,
+        JSON body = the model's arguments + static parameters); the response is the result."""
+        call = self.call
+        tool = request.binding.vapi_tool
+        assert call.setup is not None
+        variables = {**call.setup.variables, **request.arguments}
+        try:
+            url = render(str(tool.get("url") or ""), variables, "tool.url")
+        except AssistantError as exc:
+            call.on_tool_outcome(_failed(request.call_id, f"Error: {exc}"))
+            self.pump()
+            return
+        headers = {
+            str(name): str(spec.get("value"))
+            for name, spec in ((tool.get("headers") or {}).get("properties") or {}).items()
+            if isinstance(spec, dict) and spec.get("value") is not None
+        }
+        body = envelope.with_static_parameters(tool, request.arguments)
+        started = asyncio.get_running_loop().time()
+        try:
+            response = await self.state.http().request(
+                str(tool.get("method") or "POST"), url, json=body, headers=headers,
+                timeout=float(tool.get("timeoutSeconds") or 20),
+            )
+            if 200 <= response.status_code < 300:
+                outcome = ToolOutcome(request.call_id, "ok", response.text[:20_000] or "Success.", response.text[:20_000],
+                                      None, None, response.status_code)
+            else:
+                outcome = _failed(request.call_id, f"Error: the request failed with HTTP {response.status_code}.",
+                                  http_status=response.status_code)
+        except httpx.TimeoutException:
+            outcome = _failed(request.call_id, "No result returned.", status="timeout")
+        except httpx.HTTPError as exc:
+            outcome = _failed(request.call_id, f"Error: the request could not be made ({type(exc).__name__}).")
+        log.info("api_request", call_sid=call.call_sid, status=outcome.status,
+                 latency_ms=int((asyncio.get_running_loop().time() - started) * 1000))
+        call.on_tool_outcome(outcome, url=public_url(url))
+        self.pump()
+
+    async def _after_call(self) -> None:
+        """Vapi's post-call work: analysisPlan (summary, structured data, success evaluation),
+        stored on the call row, then the end-of-call-report to the server. Bounded by timeouts."""
+        call, state = self.call, self.state
+        setup, info, end = call.setup, call.info, call.end
+        assert setup is not None and info is not None and end is not None
+        messages = call.artifact_messages()
+        transcript = envelope.artifact(messages)["transcript"]
+        analysis: dict[str, Any] | None = None
+        plan = setup.policy.analysis_plan
+        if state.config.openai_api_key and not setup.policy.hipaa:
+            try:
+                analysis = await analyze(
+                    plan, transcript, ended_reason=end.reason, client=state.http(), base_url=state.config.openai_base_url,
+                    api_key=state.config.openai_api_key, model=state.config.analysis_model, timeout_s=5,
+                    system_prompt=setup.session.get("instructions"),
+                )
+            except Exception:  # analysis must never lose the report
+                log.exception("analysis_failed", call_sid=call.call_sid)
+        if analysis and any(v is not None for v in analysis.values()):
+            state.records.upsert("calls", {"call_sid": call.call_sid, "summary": analysis.get("summary"),
+                                           "analysis": {k: v for k, v in analysis.items() if v is not None}})
+        if "end-of-call-report" in setup.policy.server_messages:
+            target = self._target(None)
+            if target is not None and state.sender is not None:
+                ended_at = call._wall_at(call.clock())
+                body = envelope.end_of_call_report(
+                    info, ended_reason=end.reason, ended_at=ended_at, messages=messages, now_ms=_now_ms(),
+                    recording_url=call.recording_url,
+                    analysis={k: v for k, v in (analysis or {}).items() if v is not None} or None,
+                )
+                state.sender.send_in_background(target, body, kind="end-of-call-report", call_sid=call.call_sid)
 
     def _close_twilio(self) -> None:
         if not self._twilio_closed:
@@ -391,3 +620,19 @@ async def start_media_server(state: BridgeState, host: str, port: int) -> asynci
         websocket_handshake_timeout=10,
         enable_auto_pong=True,
     )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _failed(call_id: str, output: str, *, status: str = "error", http_status: int | None = None) -> ToolOutcome:
+    return ToolOutcome(call_id, status, output, None, output, None, http_status)
+
+
+def _vapi_tool_name(tool: dict[str, Any], fallback: str) -> str:
+    function = tool.get("function")
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return function["name"]
+    return str(tool.get("name") or fallback)
+

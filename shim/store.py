@@ -179,6 +179,7 @@ TABLES: dict[str, TableSpec] = {
                 "voice": TEXT, "status": TEXT, "started_at": TS, "ended_at": TS, "ended_reason": TEXT,
                 "next_action": JSON, "custom_parameters": JSON, "metadata": JSON, "recording_url": TEXT,
                 "summary": TEXT, "analysis": JSON, "transfer": JSON,  # 0002
+                "assistant_request": JSON,  # 0003
             },
             required=("call_sid",),
             choices={"stack": _STACKS},

@@ -83,6 +83,12 @@ def find_extras(m: BaseModel, path: str = "") -> list[str]:
     return out
 
 
+def calls(*functions: tuple[str, dict[str, Any]], say: str = "") -> dict[str, Any]:
+    """A scripted reply that calls functions: `Script(replies=[calls(("lookup", {"id": 1}))])`,
+    optionally saying something first (`say=`)."""
+    return {"say": say, "calls": [{"name": name, "arguments": args} for name, args in functions]}
+
+
 @dataclass
 class Script:
     """What the stand-in model "says" and how it behaves; one Script serves every session."""
@@ -99,7 +105,7 @@ class Script:
     """16-bit RMS above which a 20 ms frame is voiced (scaled by turn_detection.threshold / 0.5)."""
     require_api_key: str | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    """Reserved for function-call scripting; ignored for now."""
+    """Unused: script function calls as `replies` entries made with `calls(...)`."""
     drop_after_responses: int | None = None
     """Close the socket with 1011 right after this many responses completed (model socket loss)."""
 
@@ -370,6 +376,7 @@ class _Response:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_reason: str | None = None
     task: asyncio.Task[None] | None = None
+    calls: list[dict[str, Any]] = field(default_factory=list)  # scripted function calls
 
 
 @dataclass
@@ -405,6 +412,7 @@ class FakeSession:
         self.audio_in = bytearray()
         self.audio_out: dict[str, bytearray] = {}
         self.truncations: list[dict[str, Any]] = []
+        self.function_calls: list[dict[str, Any]] = []  # function_call items this server produced
         self.closed = asyncio.Event()
         self.conversation_id = _new_id("conv")
         self.session: dict[str, Any] = {
@@ -818,7 +826,7 @@ class FakeSession:
 
     # ---- responses --------------------------------------------------------------------
 
-    def _next_reply(self) -> str:
+    def _next_reply(self) -> str | dict[str, Any]:
         replies = self._script.replies
         if not replies:
             return "Okay."
@@ -875,9 +883,14 @@ class FakeSession:
         modalities = params.get("output_modalities") or self.session.get("output_modalities") or ["audio"]
         fmt = ((params.get("audio") or {}).get("output") or {}).get("format")
         fmt = fmt or self._audio_conf("output").get("format")
+        calls: list[dict[str, Any]] = []
+        if isinstance(text, dict):  # a scripted function-calling reply: {"say": "...", "calls": [...]}
+            calls = list(text.get("calls") or [])
+            text = str(text.get("say") or "")
         response = _Response(
             id=_new_id("resp"),
             text=text,
+            calls=calls,
             modality="text" if modalities == ["text"] else "audio",
             codec=_codec(fmt),
             metadata=params.get("metadata"),
@@ -926,6 +939,31 @@ class FakeSession:
         ):
             await self._ws.close(1011, "Internal server error")  # model socket loss
 
+    async def _function_calls(self, r: _Response, output: list[dict[str, Any]]) -> None:
+        """A scripted reply may call functions: each becomes a function_call item, streamed the
+        way the API does (added, arguments delta/done, item done)."""
+        for call in r.calls:
+            if r.cancel.is_set():
+                return
+            index = len(output)
+            args = orjson.dumps(call.get("arguments") or {}).decode()
+            item: dict[str, Any] = {
+                "id": _new_id("item"), "object": "realtime.item", "type": "function_call", "status": "in_progress",
+                "call_id": _new_id("call"), "name": call["name"], "arguments": "",
+            }
+            previous = self._last_item_id()
+            self._items[item["id"]] = item
+            ids = {"response_id": r.id, "item_id": item["id"], "output_index": index, "call_id": item["call_id"]}
+            await self.send({"type": "response.output_item.added", "response_id": r.id, "output_index": index, "item": dict(item)})
+            await self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": dict(item)})
+            await self.send({"type": "response.function_call_arguments.delta", **ids, "delta": args})
+            await self.send({"type": "response.function_call_arguments.done", **ids, "name": call["name"], "arguments": args})
+            item.update(status="completed", arguments=args)
+            await self.send({"type": "response.output_item.done", "response_id": r.id, "output_index": index, "item": dict(item)})
+            await self.send({"type": "conversation.item.done", "previous_item_id": previous, "item": dict(item)})
+            self.function_calls.append(dict(item))
+            output.append(item)
+
     async def _flush_after_created(self, r: _Response) -> None:
         while r.after_created:
             await self.send(r.after_created.pop(0))
@@ -942,92 +980,98 @@ class FakeSession:
                 ],
             }
         )
-        previous = self._last_item_id()
-        item: dict[str, Any] = {
-            "id": r.item_id,
-            "object": "realtime.item",
-            "type": "message",
-            "status": "in_progress",
-            "role": "assistant",
-            "content": [],
-        }
-        self._items[r.item_id] = item
-        await self.send({"type": "response.output_item.added", "response_id": r.id, "output_index": 0, "item": item})
-        await self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
-        audio_mode = r.modality == "audio"
-        part_type = "audio" if audio_mode else "text"
-        empty_part = {"type": "audio", "transcript": ""} if audio_mode else {"type": "text", "text": ""}
-        await self.send({"type": "response.content_part.added", **ids, "part": empty_part})
+        output: list[dict[str, Any]] = []
+        said, cancelled, audio_mode = "", False, r.modality == "audio"
+        if r.text:
+            previous = self._last_item_id()
+            item: dict[str, Any] = {
+                "id": r.item_id,
+                "object": "realtime.item",
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            self._items[r.item_id] = item
+            await self.send({"type": "response.output_item.added", "response_id": r.id, "output_index": 0, "item": item})
+            await self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
+            audio_mode = r.modality == "audio"
+            part_type = "audio" if audio_mode else "text"
+            empty_part = {"type": "audio", "transcript": ""} if audio_mode else {"type": "text", "text": ""}
+            await self.send({"type": "response.content_part.added", **ids, "part": empty_part})
 
-        # Audio and text are cut into delta_ms slices; the transcript advances with the audio.
-        pcm = synthesize_speech(r.text, self._script.audio_ms_per_char, r.codec.rate)
-        audio = r.codec.from_linear(pcm) if audio_mode else b""
-        total_ms = len(r.text) * self._script.audio_ms_per_char
-        n_chunks = max(1, math.ceil(total_ms / self._script.delta_ms))
-        chunk_bytes = int(r.codec.bytes_per_ms * self._script.delta_ms)
-        if audio_mode:
-            self.audio_out[r.item_id] = bytearray()
-            self._item_ms_per_byte[r.item_id] = 1 / r.codec.bytes_per_ms
-        speed = self._script.generation_speed
-        interval = self._script.delta_ms / 1000 / speed if speed else 0.0
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        said = ""
-        for i in range(n_chunks):
-            if r.cancel.is_set():
-                break
-            piece = r.text[round(i * len(r.text) / n_chunks) : round((i + 1) * len(r.text) / n_chunks)]
+            # Audio and text are cut into delta_ms slices; the transcript advances with the audio.
+            pcm = synthesize_speech(r.text, self._script.audio_ms_per_char, r.codec.rate)
+            audio = r.codec.from_linear(pcm) if audio_mode else b""
+            total_ms = len(r.text) * self._script.audio_ms_per_char
+            n_chunks = max(1, math.ceil(total_ms / self._script.delta_ms))
+            chunk_bytes = int(r.codec.bytes_per_ms * self._script.delta_ms)
             if audio_mode:
-                if piece:
-                    await self.send({"type": "response.output_audio_transcript.delta", **ids, "delta": piece})
-                said += piece
-                data = audio[i * chunk_bytes : (i + 1) * chunk_bytes]
-                if data:
-                    self.audio_out[r.item_id] += data
-                    self._audio_output_started = True
-                    await self.send(
-                        {"type": "response.output_audio.delta", **ids, "delta": base64.b64encode(data).decode()}
-                    )
-            else:
-                if piece:
-                    await self.send({"type": "response.output_text.delta", **ids, "delta": piece})
-                said += piece
-            await self._flush_after_created(r)  # the caller's transcript lands amid the reply
-            # Pace on the loop clock (no drift); wake early on cancellation.
-            delay = started + (i + 1) * interval - loop.time() if interval else 0.0
-            if delay > 0:
-                try:
-                    async with asyncio.timeout(delay):
-                        await r.cancel.wait()
-                except TimeoutError:
-                    pass
-            else:
-                await asyncio.sleep(0)  # let the reader interleave (cancel, barge-in)
+                self.audio_out[r.item_id] = bytearray()
+                self._item_ms_per_byte[r.item_id] = 1 / r.codec.bytes_per_ms
+            speed = self._script.generation_speed
+            interval = self._script.delta_ms / 1000 / speed if speed else 0.0
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            said = ""
+            for i in range(n_chunks):
+                if r.cancel.is_set():
+                    break
+                piece = r.text[round(i * len(r.text) / n_chunks) : round((i + 1) * len(r.text) / n_chunks)]
+                if audio_mode:
+                    if piece:
+                        await self.send({"type": "response.output_audio_transcript.delta", **ids, "delta": piece})
+                    said += piece
+                    data = audio[i * chunk_bytes : (i + 1) * chunk_bytes]
+                    if data:
+                        self.audio_out[r.item_id] += data
+                        self._audio_output_started = True
+                        await self.send(
+                            {"type": "response.output_audio.delta", **ids, "delta": base64.b64encode(data).decode()}
+                        )
+                else:
+                    if piece:
+                        await self.send({"type": "response.output_text.delta", **ids, "delta": piece})
+                    said += piece
+                await self._flush_after_created(r)  # the caller's transcript lands amid the reply
+                # Pace on the loop clock (no drift); wake early on cancellation.
+                delay = started + (i + 1) * interval - loop.time() if interval else 0.0
+                if delay > 0:
+                    try:
+                        async with asyncio.timeout(delay):
+                            await r.cancel.wait()
+                    except TimeoutError:
+                        pass
+                else:
+                    await asyncio.sleep(0)  # let the reader interleave (cancel, barge-in)
 
-        await self._flush_after_created(r)
-        cancelled = r.cancel.is_set()
-        if not cancelled:
-            said = r.text
-        if audio_mode:
-            await self.send({"type": "response.output_audio.done", **ids})
-            await self.send({"type": "response.output_audio_transcript.done", **ids, "transcript": said})
-            done_part: dict[str, Any] = {"type": part_type, "transcript": said}
-            content = [{"type": "output_audio", "transcript": said}]
-        else:
-            await self.send({"type": "response.output_text.done", **ids, "text": said})
-            done_part = {"type": part_type, "text": said}
-            content = [{"type": "output_text", "text": said}]
-        await self.send({"type": "response.content_part.done", **ids, "part": done_part})
-        item.update(status="incomplete" if cancelled else "completed", content=content)
-        await self.send({"type": "response.output_item.done", "response_id": r.id, "output_index": 0, "item": item})
-        await self.send({"type": "conversation.item.done", "previous_item_id": previous, "item": item})
+            await self._flush_after_created(r)
+            cancelled = r.cancel.is_set()
+            if not cancelled:
+                said = r.text
+            if audio_mode:
+                await self.send({"type": "response.output_audio.done", **ids})
+                await self.send({"type": "response.output_audio_transcript.done", **ids, "transcript": said})
+                done_part: dict[str, Any] = {"type": part_type, "transcript": said}
+                content = [{"type": "output_audio", "transcript": said}]
+            else:
+                await self.send({"type": "response.output_text.done", **ids, "text": said})
+                done_part = {"type": part_type, "text": said}
+                content = [{"type": "output_text", "text": said}]
+            await self.send({"type": "response.content_part.done", **ids, "part": done_part})
+            item.update(status="incomplete" if cancelled else "completed", content=content)
+            await self.send({"type": "response.output_item.done", "response_id": r.id, "output_index": 0, "item": item})
+            await self.send({"type": "conversation.item.done", "previous_item_id": previous, "item": item})
+            output.append(item)
+        await self._function_calls(r, output)
 
+        cancelled = cancelled or r.cancel.is_set()
         audio_ms = len(self.audio_out.get(r.item_id, b"")) / r.codec.bytes_per_ms if audio_mode else 0.0
         text_tokens = math.ceil(len(said) / 4)
         audio_tokens = math.ceil(audio_ms / 50)
         input_tokens = 120 + self._tokens_in_context
         self._tokens_in_context += text_tokens + audio_tokens
-        final = self._response_object(r, "cancelled" if cancelled else "completed", [item])
+        final = self._response_object(r, "cancelled" if cancelled else "completed", output)
         if cancelled:
             final["status_details"] = {"type": "cancelled", "reason": r.cancel_reason}
         final["usage"] = {
