@@ -410,6 +410,7 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
 
         say(f"[{tag}] ramping up {n} calls over {args.ramp:g} s")
         model.spread_phases = True
+        model.rng = random.Random(n)  # the same phases for every stack at this size
         start = perf()
         callers = await asyncio.gather(*(open_call(start + args.ramp * i / n) for i in range(n)))
         try:

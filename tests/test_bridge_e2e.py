@@ -59,8 +59,8 @@ async def silent_until(caller, condition) -> None:
         await condition
     finally:
         line.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await line
+        with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
+            await line  # the shim may have hung up: the line is closed, which is fine
 
 
 async def converse(caller, session) -> None:

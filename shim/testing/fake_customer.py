@@ -113,6 +113,12 @@ def _model(name: str) -> type[pydantic.BaseModel]:
     return getattr(vapi.types, name)
 
 
+def _warm_models() -> None:
+    """Import the SDK's message models before the first request (seconds, once per process)."""
+    for name in list(MESSAGE_MODELS.values()) + list(_ROLE_MODELS.values()):
+        _model(name)
+
+
 def _summarize(exc: pydantic.ValidationError, limit: int = 6) -> str:
     errors = exc.errors()
     foreign = {tuple(e["loc"][:-1]) for e in errors
@@ -390,6 +396,7 @@ class FakeCustomer:
                 raise RuntimeError("fake customer server exited during startup")
             await asyncio.sleep(0.005)
         self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        await asyncio.to_thread(_warm_models)
         return self.base_url
 
     async def stop(self) -> None:
@@ -425,7 +432,9 @@ class FakeCustomer:
         rec = Received(path, {k.lower(): v for k, v in request.headers.items()}, body,
                        mtype if isinstance(mtype, str) else None, raw, time.monotonic())
         if request.method == "POST":
-            rec.errors = (validate_server_message(body) if body is not None
+            # Validated in a worker thread: building the SDK's models takes seconds, and this
+            # server shares its event loop with the shim under test, whose audio must not wait.
+            rec.errors = (await asyncio.to_thread(validate_server_message, body) if body is not None
                           else [f"{path}: the body is not JSON"])
             self.validation_errors.extend(f"{path} ({rec.message_type}): {e}" for e in rec.errors)
         self.received.append(rec)
