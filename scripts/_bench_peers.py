@@ -229,14 +229,14 @@ class ModelSession(WSListener):
         for k in itertools.count():
             base = start + k * server.cycle_s
             rid, iid, uid = f"resp_{self.sid}_{k}", f"item_{self.sid}_{k}", f"item_{self.sid}_u{k}"
-            await _sleep_until(base)
+            await sleep_until(base)
             self._event({"type": "response.created", "response": {
                 "id": rid, "object": "realtime.response", "status": "in_progress", "output": []}})
             head = ('{"type":"response.output_audio.delta","response_id":"' + rid + '","item_id":"' + iid
                     + '","output_index":0,"content_index":0,"event_id":"ev_' + self.sid + "_" + str(k) + "_")
             for i in range(chunks):
                 due = base + i * 0.1
-                await _sleep_until(due)
+                await sleep_until(due)
                 tag, payload = tagger.next()
                 data = (head + str(i) + '","delta":"' + payload + '"}').encode()
                 t = perf()
@@ -252,17 +252,17 @@ class ModelSession(WSListener):
             self._event({"type": "response.done", "response": {
                 "id": rid, "object": "realtime.response", "status": "completed", "output": []}})
             # the caller's turn: starts once the answer has played, ends before the next answer
-            await _sleep_until(base + server.talk_s + 0.5)
+            await sleep_until(base + server.talk_s + 0.5)
             self._event({"type": "input_audio_buffer.speech_started", "audio_start_ms": max(self._in_ms() - 300, 0),
                          "item_id": uid})
-            await _sleep_until(base + server.cycle_s - 0.8)
+            await sleep_until(base + server.cycle_s - 0.8)
             self._event({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self._in_ms(), "item_id": uid})
-            await _sleep_until(base + server.cycle_s - 0.5)
+            await sleep_until(base + server.cycle_s - 0.5)
             self._event({"type": "conversation.item.input_audio_transcription.completed", "item_id": uid,
                          "content_index": 0, "transcript": "I would like to book a cleaning."})
 
 
-async def _sleep_until(t: float) -> None:
+async def sleep_until(t: float) -> None:
     d = t - perf()
     if d > 0:
         await asyncio.sleep(d)

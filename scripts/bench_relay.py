@@ -3,8 +3,10 @@
 For each --calls value, runs N concurrent simulated calls (Twilio caller + Realtime stand-in,
 both lightweight and in this one uvloop process, see scripts/_bench_peers.py) through:
 
-* shim: `python -m shim.cli serve` as a subprocess, exactly as scripts/demo.py starts it
-  (picows media listener, embedded PostgreSQL, the batching writer, every feature on);
+* shim: `python -m shim.cli serve` as a subprocess, as scripts/demo.py starts it (picows media
+  listener, embedded PostgreSQL and its writer, the demo assistant with its defaults, e.g. the
+  office ambience mixed under every assistant chunk; only the Twilio REST recording start is
+  skipped, by leaving TWILIO_ACCOUNT_SID unset, so nothing leaves 127.0.0.1);
 * bare relay (--baseline): a ~60-line picows relay, also a subprocess of this script
   (`--serve-bare`), that forwards media -> input_audio_buffer.append and
   response.output_audio.delta -> media + mark, with no other logic.
@@ -25,15 +27,14 @@ import argparse
 import asyncio
 import itertools
 import os
-import random
 import platform
+import random
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -48,8 +49,8 @@ from _bench_peers import (  # noqa: E402
     ModelServer,
     Pacer,
     Tagger,
-    _sleep_until,
     perf,
+    sleep_until,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -358,8 +359,6 @@ class Result:
     untagged_media: int  # media frames to the caller that carried no tag (e.g. ambience between answers)
     user_share: float = 0.0  # share of the server's CPU spent in user mode
     switches_per_s: float = 0.0  # context switches of the server
-    exit_code: int | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def pct(samples: list[float]) -> list[float]:
@@ -389,7 +388,7 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         m2c.reset()
 
         async def open_call(due: float) -> Caller:
-            await _sleep_until(due)
+            await sleep_until(due)
             caller = Caller(next(numbers), c2m, m2c, tagger)
             await caller.connect(server.media_url, AUTH_TOKEN)
             # Twilio's 20 ms frames of different calls are not in step: a random phase per call.
@@ -594,7 +593,7 @@ def report(results: list[Result], args) -> str:
         f"The load generator (all callers and model stand-ins, one process) shares the {ncpu} cores with the "
         "server under test (and, for the shim, its embedded PostgreSQL), so the figures are upper bounds. "
         "CPU = user+system of the server process and its children over the window, per minute of live call; "
-        "'+PG' is the embedded PostgreSQL (not a child of the server) for the same window. "
+        "'+PG' is the embedded PostgreSQL's own processes (not children of the server) over the same window. "
         "MiB/call = (median RSS with all calls live − RSS idle after a warm-up) / calls. Delay = load generator "
         "writes a tagged frame → the other peer receives it (perf_counter, one process), so it includes two "
         "loopback hops and both event loops; 'shim − bare' isolates what the shim adds. "
@@ -648,10 +647,16 @@ async def bench(args) -> int:
     return 1 if failures else 0
 
 
+def _calls(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 50,100") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", default="50,100",
-                        type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+    parser.add_argument("--calls", default="50,100", type=_calls,
                         help="concurrent calls, a comma-separated list: one run per value (default 50,100)")
     parser.add_argument("--seconds", type=float, default=20, help="steady-state window per run (default 20)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,

