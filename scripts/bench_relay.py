@@ -359,6 +359,7 @@ class Result:
     untagged_media: int  # media frames to the caller that carried no tag (e.g. ambience between answers)
     user_share: float = 0.0  # share of the server's CPU spent in user mode
     switches_per_s: float = 0.0  # context switches of the server
+    idle_cpu_pct: float = 0.0  # the server with no call, after the warm-up (% of a core)
 
 
 def pct(samples: list[float]) -> list[float]:
@@ -404,7 +405,10 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         await asyncio.sleep(args.warmup)
         await asyncio.gather(*(c.stop() for c in warm))
         await wait_until(lambda: not model.sessions, 15, "warm-up sessions to close", server.proc)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(0.5)
+        idle0, i0 = tree_cpu(proc, _pg_pids(server)), perf()
+        await asyncio.sleep(2.0)
+        idle_pct = 100 * (tree_cpu(proc, _pg_pids(server)) - idle0) / (perf() - i0)
         rss_idle = tree_rss(proc, _pg_pids(server))
 
         say(f"[{tag}] ramping up {n} calls over {args.ramp:g} s")
@@ -478,6 +482,7 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
             untagged_media=sum(c.media_untagged for c in callers),
             user_share=(cnt1[0] - cnt0[0]) / max(cpu1 - cpu0, 1e-9),
             switches_per_s=(cnt1[2] - cnt0[2]) / window,
+            idle_cpu_pct=idle_pct,
         )
     finally:
         say(f"[{tag}] hanging up")
@@ -578,14 +583,14 @@ def report(results: list[Result], args) -> str:
     out.append("")
     out.append("| stack | calls | window s | RSS idle → live MiB | lost c→m / m→c | frames sent >20 ms late "
                "(max late ms) | calls dropped | untagged media | CPU % of a core: server / PG / load-gen / other "
-               "| server CPU in user mode | server ctx switches/s |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+               "| server CPU in user mode | server ctx switches/s | server idle CPU % |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         out.append(f"| {'shim' if r.stack == 'shim' else 'bare relay'} | {r.calls} | {r.window_s:.1f} "
                    f"| {r.rss_idle_mib:.1f} → {r.rss_live_mib:.1f} | {r.c2m_lost} / {r.m2c_lost} "
                    f"| {r.late_frames} ({r.max_late_ms:.1f}) | {r.dropped_calls} | {r.untagged_media} "
                    f"| {r.server_cpu_pct:.0f} / {r.pg_cpu_pct:.0f} / {r.gen_cpu_pct:.0f} / {r.other_cpu_pct:.0f} "
-                   f"| {100 * r.user_share:.0f}% | {r.switches_per_s:,.0f} |")
+                   f"| {100 * r.user_share:.0f}% | {r.switches_per_s:,.0f} | {r.idle_cpu_pct:.1f} |")
     out.append("")
     ncpu = os.cpu_count()
     out.append(
@@ -600,7 +605,7 @@ def report(results: list[Result], args) -> str:
         f"Traffic: 20 ms caller frames ({FRAME_BYTES} B) all call long; the assistant talks "
         f"{args.talk:g} s of every {args.cycle:g} s in {DELTA_BYTES} B (100 ms) deltas, each relayed as media + mark "
         "and echoed when played; calls ramp up over "
-        f"{args.ramp:g} s; window {args.seconds:g} s per run. Shim source: {source_version(args.shim_dir)}."
+        f"{args.ramp:g} s; window {args.seconds:g} s per run. Shim source: {args.source_version}."
     )
     late = [r for r in results if r.late_frames]
     if late:
@@ -623,6 +628,7 @@ def report(results: list[Result], args) -> str:
 
 
 async def bench(args) -> int:
+    args.source_version = source_version(args.shim_dir)
     c2m, m2c = Delays(), Delays()
     model = ModelServer(c2m, m2c, cycle_s=args.cycle, talk_s=args.talk)
     await model.start()
