@@ -36,7 +36,7 @@ from twilio.request_validator import RequestValidator
 
 from . import twilio_media as tw
 from .assistant import AssistantError, CallContext, load_assistant, load_saved_tools, render
-from .background import AmbienceError, BackgroundMixer, ambience_for, public_url
+from .background import BackgroundMixer, ambience_for, public_url
 from tools import envelope
 from tools.analysis import analyze
 from tools.delivery import WebhookSender
@@ -44,7 +44,7 @@ from tools.results import ToolOutcome, delayed_messages, parse_tool_response
 from tools.secrets import SecretsBook, ServerTarget, resolve_server
 
 from .translate import CallSetup, translate
-from .twilio_rest import TwilioRestError, start_recording
+from .twilio_rest import REST_TIMEOUT_S, TwilioRestError, start_recording
 from .call import Call, RecordSink, ToolRequest
 from .config import Config
 
@@ -175,6 +175,7 @@ class CallRunner:
         self.ended = asyncio.Event()
         self._twilio_closed = False
         self._tasks: set[asyncio.Task] = set()  # the call's own work (webhooks): ends with the call
+        self._recording: asyncio.Task | None = None
         self.number_server_url: str | None = None
         state.runners.add(self)
 
@@ -251,8 +252,10 @@ class CallRunner:
         try:
             await self._resolve()
             if call.end is None:
-                # The background sound loads while the model socket opens (a URL can take seconds).
-                await asyncio.gather(self._connect_model(), self._load_background(), self._start_recording())
+                # Side work never holds up the call: the recording is started in a task of the
+                # call, the background sound loads while the model socket opens.
+                self._recording = asyncio.get_running_loop().create_task(self._start_recording())
+                await asyncio.gather(self._connect_model(), self._load_background())
             while not self.ended.is_set():
                 try:
                     await asyncio.wait_for(self.ended.wait(), TICK_SECONDS)
@@ -274,9 +277,13 @@ class CallRunner:
                 await self.state.drain(2.0)
             self._close_twilio()
             for task in list(self._tasks):
-                task.cancel()
+                task.cancel()  # webhooks nobody is waiting for any more
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._recording is not None:
+                # A recording being started is let finish (bounded), so its URL is kept.
+                await asyncio.wait({self._recording}, timeout=REST_TIMEOUT_S + 1)
+                self._recording.cancel()
             self._forget()
             if call.info is not None and call.setup is not None:
                 post = asyncio.get_running_loop().create_task(self._after_call(), name=f"post-call:{call.call_sid}")
@@ -352,7 +359,7 @@ class CallRunner:
         sound = setup.policy.background_sound
         try:
             ambience = await ambience_for(sound, self.state.http())
-        except AmbienceError as exc:
+        except Exception as exc:  # AmbienceError, and anything unexpected: the call goes on
             # Vapi would play *something*; the office loop is the closest honest fallback.
             log.warning("background_sound_unavailable", call_sid=self.call.call_sid, url=public_url(sound), error=str(exc))
             self.call.record_event("background_sound_unavailable", error=str(exc))

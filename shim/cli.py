@@ -17,10 +17,9 @@ E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 def _run(coro):
     try:
         import uvloop
-
-        return uvloop.run(coro)
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
         return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def _serve(config: Config, host: str, port: int, media_port: int | None) -> None:

@@ -5,9 +5,13 @@ TWILIO_API_BASE points the client at a stand-in in tests; production uses api.tw
 from __future__ import annotations
 
 from twilio.base.exceptions import TwilioException
+from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
 from .config import Config
+
+
+REST_TIMEOUT_S = 10.0
 
 
 class TwilioRestError(RuntimeError):
@@ -17,8 +21,10 @@ class TwilioRestError(RuntimeError):
 def client(config: Config) -> Client:
     if not (config.twilio_account_sid and config.twilio_auth_token):
         raise TwilioRestError("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are needed for Twilio's REST API")
-    # environment={}: a developer's TWILIO_EDGE/REGION must not rewrite the host.
-    rest = Client(config.twilio_account_sid, config.twilio_auth_token, environment={})
+    # environment={}: a developer's TWILIO_EDGE/REGION must not rewrite the host; a timeout so a
+    # hung API call cannot hold a worker thread for long.
+    rest = Client(config.twilio_account_sid, config.twilio_auth_token, environment={},
+                  http_client=TwilioHttpClient(timeout=REST_TIMEOUT_S))
     rest.api.base_url = config.twilio_api_base
     return rest
 
@@ -33,5 +39,7 @@ def start_recording(config: Config, account_sid: str, call_sid: str) -> str:
         )
     except TwilioException as exc:
         raise TwilioRestError(f"starting the recording of {call_sid}: {exc}") from None
+    except Exception as exc:  # network errors from `requests` (DNS, refused, timeout)
+        raise TwilioRestError(f"starting the recording of {call_sid}: {type(exc).__name__}") from None
     account = recording.account_sid or account_sid or config.twilio_account_sid
     return f"{config.twilio_api_base}/2010-04-01/Accounts/{account}/Recordings/{recording.sid}"

@@ -155,3 +155,18 @@ async def test_recording_starts_on_the_live_call_and_its_url_is_stored(tmp_path,
             else:
                 assert twilio_api.of(f"/Calls/{caller.call_sid}/Recordings.json") == []
                 assert call["recording_url"] is None
+
+
+async def test_a_recording_that_cannot_start_does_not_end_the_call(tmp_path, db_dsn):
+    async with running_shim(tmp_path, db_dsn, Script(audio_ms_per_char=20), twilio_account_sid="AC" + "2" * 32,
+                            twilio_api_base="http://127.0.0.1:9") as run:
+        caller = await run.place_call()
+        await silent_until(caller, caller.wait_for_audio(1, timeout=10))
+        await silent_until(caller, caller.wait_until_played(timeout=10))
+        assert not caller.closed  # the call goes on
+        await caller.stop()
+        await run.drain()
+    call = await fetchrow(db_dsn, "SELECT ended_reason, recording_url FROM calls WHERE call_sid = $1", caller.call_sid)
+    assert call["ended_reason"] == "customer-ended-call" and call["recording_url"] is None
+    event = await fetchrow(db_dsn, "SELECT detail FROM call_events WHERE call_sid = $1 AND kind = 'recording_failed'", caller.call_sid)
+    assert event is not None
