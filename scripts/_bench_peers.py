@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import heapq
 import itertools
 import math
@@ -301,7 +303,10 @@ class Caller(WSListener):
         self._send({"event": "start", "sequenceNumber": str(self.seq), "streamSid": self.stream_sid, "start": {
             "accountSid": "AC" + "0" * 32, "streamSid": self.stream_sid, "callSid": self.call_sid,
             "tracks": ["inbound"], "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            "customParameters": {"assistant": "demo", "from": f"+1555{self.n:07d}", "to": "+15550100200"}}})
+            "customParameters": {"assistant": "demo", "from": f"+1555{self.n:07d}", "to": "+15550100200",
+                                 # what the shim's voice webhook would have issued for this CallSid
+                                 "token": hmac.new(auth_token.encode(), self.call_sid.encode(),
+                                                   hashlib.sha256).hexdigest()[:32]}}})
 
     def _send(self, obj: dict) -> None:
         self.transport.send(TEXT, orjson.dumps(obj))

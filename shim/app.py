@@ -80,6 +80,7 @@ class Shim:
         self.bridge = BridgeState(config=config, records=_DeferredRecords(self), metrics=self.metrics, secrets=secrets)
         self.endings: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.assistant_requests: dict[str, dict[str, Any]] = {}  # this instance's recent answers
+        self.ticker: asyncio.Task | None = None
 
     async def startup(self) -> None:
         config = self.config
@@ -94,6 +95,7 @@ class Shim:
         self.bridge.drain = self.recorder.drain
         self.bridge.number_lookup = self.lookup_number
         self.bridge.request_lookup = lambda call_sid: load_assistant_request(self, call_sid)
+        self.ticker = asyncio.get_running_loop().create_task(self.bridge.tick_forever(), name="call-timers")
         try:
             await asyncio.wait_for(migrate(self.dsn), 15)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
@@ -117,6 +119,8 @@ class Shim:
             await asyncio.wait(list(self.bridge.post_call), timeout=10)
         if self.bridge.sender is not None:
             await self.bridge.sender.close(timeout=10)
+        if self.ticker is not None:
+            self.ticker.cancel()
         if self.recorder is not None:
             await self.recorder.close(timeout=10)
         if self.pool is not None:
@@ -160,10 +164,16 @@ class _DeferredRecords:
     def upsert(self, table: str, row: dict[str, Any], *, keep_existing: tuple[str, ...] = ()) -> None:
         if table == "calls" and "next_action" in row and row["call_sid"] not in self.shim.endings:
             self.shim.remember_end(row["call_sid"], row["next_action"])
-        self.shim.recorder.upsert(table, row, keep_existing=keep_existing)
+        try:
+            self.shim.recorder.upsert(table, row, keep_existing=keep_existing)
+        except ValueError as exc:  # a value Postgres cannot take: lose the row, never the call
+            log.error("row_refused", table=table, call_sid=row.get("call_sid"), error=str(exc)[:300])
 
     def insert(self, table: str, row: dict[str, Any]) -> None:
-        self.shim.recorder.insert(table, row)
+        try:
+            self.shim.recorder.insert(table, row)
+        except ValueError as exc:
+            log.error("row_refused", table=table, call_sid=row.get("call_sid"), error=str(exc)[:300])
 
 
 # --- routes -------------------------------------------------------------------------------
@@ -222,6 +232,7 @@ async def twilio_voice(request: Request) -> Response:
     stream.parameter(name="assistant", value=assistant_id)
     stream.parameter(name="from", value=from_)
     stream.parameter(name="to", value=to)
+    stream.parameter(name="token", value=shim.bridge.stream_token(call_sid))
     vr.append(connect)
     bound.info("call_answered", assistant_id=assistant_id)
     return twiml(vr)

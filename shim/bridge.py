@@ -12,10 +12,13 @@ timers, and on the way out closes both sockets). Every task a call starts ends w
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Protocol
+from urllib.parse import quote
 
 import httpx
 import structlog
@@ -83,6 +86,25 @@ class BridgeState:
 
     def __post_init__(self) -> None:
         self.validator = RequestValidator(self.config.twilio_auth_token)
+
+    async def tick_forever(self) -> None:
+        """One timer for every call (max duration, silence, goodbyes, keypad timeouts): cheaper
+        than a sleeping task per call, and a call's tick failing only ends that call."""
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            for runner in list(self.runners):
+                if runner.call.start is not None and not runner.ended.is_set():
+                    runner.tick()
+
+    def stream_token(self, call_sid: str) -> str:
+        """A per-call token (HMAC of the CallSid with the auth token), given to the stream as a
+        <Parameter> by the signed voice webhook: a replayed upgrade for another call fails it."""
+        key = self.config.twilio_auth_token.encode()
+        return hmac.new(key, call_sid.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def start_token_ok(self, start: tw.Start) -> bool:
+        given = start.custom_parameters.get("token", "")
+        return bool(self.config.twilio_auth_token) and hmac.compare_digest(given, self.stream_token(start.call_sid))
 
     def stream_signature_ok(self, signature: str | None) -> bool:
         """The upgrade is signed over the exact <Stream url> we rendered (from PUBLIC_URL, never
@@ -225,6 +247,13 @@ class CallRunner:
             if self.task is None:
                 self._close_twilio()
 
+    def tick(self) -> None:
+        try:
+            self.call.tick()
+            self.pump()
+        except Exception:
+            self._fail("tick")
+
     def pump(self) -> None:
         call = self.call
         if call.twilio_out and not self._twilio_closed:
@@ -256,12 +285,7 @@ class CallRunner:
                 # call, the background sound loads while the model socket opens.
                 self._recording = asyncio.get_running_loop().create_task(self._start_recording())
                 await asyncio.gather(self._connect_model(), self._load_background())
-            while not self.ended.is_set():
-                try:
-                    await asyncio.wait_for(self.ended.wait(), TICK_SECONDS)
-                except TimeoutError:
-                    call.tick()
-                    self.pump()
+            await self.ended.wait()  # timers: BridgeState.tick_forever ticks every live call
         except Exception:
             log.exception("call_runner_failed", call_sid=call.call_sid)
             call.abort("call.in-progress.error-vapifault-worker-died")
@@ -293,6 +317,11 @@ class CallRunner:
     async def _resolve(self) -> None:
         call = self.call
         assert call.start is not None
+        if not self.state.start_token_ok(call.start):
+            log.warning("stream_token_rejected", call_sid=call.call_sid)
+            call.on_setup_failed(AssistantError("start.customParameters.token", "(redacted)", "the token the voice webhook issued for this CallSid"))
+            self.pump()
+            return
         if self.state.number_lookup is not None:
             number = await self.state.number_lookup(call.start.custom_parameters.get("to", ""))
             self.number_server_url = (number or {}).get("server_url")
@@ -369,8 +398,22 @@ class CallRunner:
 
     # --- webhooks (off the audio path: tasks of this call, fed back through the core) ----------
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro, answers: list[str] = ()) -> None:
+        """Run webhook work as a task of this call. Should it fail unexpectedly, the calls it
+        was to answer get an error output: the model is never left waiting."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("webhook_task_failed", call_sid=self.call.call_sid)
+                for call_id in answers:
+                    self.call.on_tool_outcome(_failed(call_id, "Error: the tool could not be reached."))
+                self.pump()
+
+        task = asyncio.get_running_loop().create_task(guarded())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -392,10 +435,10 @@ class CallRunner:
         groups: dict[str, tuple[ServerTarget, list[ToolRequest]]] = {}
         for request in requests:
             if request.kind == "transfer-destination-request":
-                self._spawn(self._transfer_destination(request))
+                self._spawn(self._transfer_destination(request), [request.call_id])
                 continue
             if request.binding.kind == "apiRequest":
-                self._spawn(self._api_request(request))
+                self._spawn(self._api_request(request), [request.call_id])
                 continue
             target = self._target(request.binding.vapi_tool)
             if target is None:
@@ -403,7 +446,7 @@ class CallRunner:
                 continue
             groups.setdefault(target.url, (target, []))[1].append(request)
         for target, batch in groups.values():
-            self._spawn(self._post_tool_calls(target, batch))
+            self._spawn(self._post_tool_calls(target, batch), [r.call_id for r in batch if not r.fire_and_forget])
         self.pump()
 
     async def _post_tool_calls(self, target: ServerTarget, requests: list[ToolRequest]) -> None:
@@ -473,10 +516,14 @@ class CallRunner:
         call = self.call
         tool = request.binding.vapi_tool
         assert call.setup is not None
-        variables = {**call.setup.variables, **request.arguments}
+        # The model's arguments fill the URL template URL-encoded, and never replace the call's
+        # own variables (a model must not be able to point the request elsewhere).
+        encoded = {k: quote(str(v), safe="") for k, v in request.arguments.items() if not isinstance(v, (dict, list))}
+        variables = {**encoded, **call.setup.variables}
         try:
             url = render(str(tool.get("url") or ""), variables, "tool.url")
-        except AssistantError as exc:
+            timeout = float(tool.get("timeoutSeconds") or 20)
+        except (AssistantError, TypeError, ValueError) as exc:
             call.on_tool_outcome(_failed(request.call_id, f"Error: {exc}"))
             self.pump()
             return
@@ -488,19 +535,20 @@ class CallRunner:
         body = envelope.with_static_parameters(tool, request.arguments)
         started = asyncio.get_running_loop().time()
         try:
+            # No redirects (headers may carry the customer's secrets); the answer is capped.
             response = await self.state.http().request(
-                str(tool.get("method") or "POST"), url, json=body, headers=headers,
-                timeout=float(tool.get("timeoutSeconds") or 20),
+                str(tool.get("method") or "POST"), url, json=body, headers=headers, timeout=timeout,
+                follow_redirects=False,
             )
+            text = response.text[:20_000]
             if 200 <= response.status_code < 300:
-                outcome = ToolOutcome(request.call_id, "ok", response.text[:20_000] or "Success.", response.text[:20_000],
-                                      None, None, response.status_code)
+                outcome = ToolOutcome(request.call_id, "ok", text or "Success.", text, None, None, response.status_code)
             else:
                 outcome = _failed(request.call_id, f"Error: the request failed with HTTP {response.status_code}.",
                                   http_status=response.status_code)
         except httpx.TimeoutException:
             outcome = _failed(request.call_id, "No result returned.", status="timeout")
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             outcome = _failed(request.call_id, f"Error: the request could not be made ({type(exc).__name__}).")
         log.info("api_request", call_sid=call.call_sid, status=outcome.status,
                  latency_ms=int((asyncio.get_running_loop().time() - started) * 1000))

@@ -33,7 +33,7 @@ from . import twilio_media as tw
 from .assistant import AssistantError, AssistantNotFound, render
 from tools import envelope
 from tools.dtmf import DtmfError, KeypadBuffer, dtmf_ulaw, keypad_text, validate_keys
-from tools.results import ToolOutcome, async_outcome, tool_message
+from tools.results import NO_RESULT, ToolOutcome, async_outcome, tool_message
 
 from .tool_schema import ToolBinding
 from .translate import CallSetup
@@ -49,6 +49,7 @@ HANGUP_GRACE_S = 5.0
 # A turn the gate judged to be noise: the reply the server creates for it is cancelled if it
 # starts within this window.
 NOISE_REPLY_WINDOW_S = 3.0
+SETUP_DEADLINE_S = 15.0  # from the stream's start to a configured model session
 HANG_AFTER_S = 5.0  # no reply this long after the caller stopped: Vapi's `hang` server message
 SAY_EXACTLY = 'Say exactly the following words, word for word, and nothing else: "{text}"'
 TOOL_UNAVAILABLE = "This tool is not available right now."
@@ -132,6 +133,9 @@ class PendingEnd:
     say_first: str = ""  # spoken (word for word) before hanging up
     awaiting_goodbye: bool = False  # its response.create is sent, the response not yet created
     next_action: dict[str, Any] | None = None  # e.g. a transfer's <Dial>
+    # An end-call phrase only ends the call once heard: talking over it cancels the hang-up.
+    # endCall, transfers and tool endings stand even if the caller talks over the goodbye.
+    cancellable: bool = False
 
 
 @dataclass(slots=True)
@@ -158,6 +162,7 @@ class ToolBatch:
     end_say: str = ""
     transfer: dict[str, Any] | None = None
     transfer_say: str = ""
+    deadline: float = 0.0  # by then every webhook has answered or timed out: a backstop
 
 
 def heard_text(text: str, heard_bytes: int, total_bytes: int) -> str:
@@ -221,7 +226,6 @@ class Call:
         self._response_id: str | None = None
         self._cancelled: set[str] = set()
         self._early_transcript: dict[str, list[str]] = {}
-        self._greeting_pending = False
         self._greeting_response_id: str | None = None
         # The model's input-audio timeline (ms of caller audio appended) -> Twilio's stream clock
         # (media.timestamp): offsets change only where Twilio's clock jumped past a gap.
@@ -242,6 +246,7 @@ class Call:
         self._response_queue: deque[tuple[str, str]] = deque()  # (event_id, response.create) waiting
         self._create_in_flight: str | None = None  # event_id of a response.create not yet started
         self._sent_creates: dict[str, str] = {}
+        self._create_sent_at = 0.0
         self.tool_requests: list[ToolRequest] = []  # webhooks for the shell to run
         self._batch: ToolBatch | None = None
         self._tool_calls: dict[str, tuple[int, float, str]] = {}  # call_id -> (seq, started, name)
@@ -508,10 +513,8 @@ class Call:
         for role, text in self.setup.policy.few_shot:
             self.model_out.append(rt.item_create_message(role, text))
         if greeting.mode == "assistant-speaks-first":
-            self._greeting_pending = True
             self._request_response("Greet the caller. " + SAY_EXACTLY.format(text=greeting.text), "greeting")
         elif greeting.mode == "assistant-speaks-first-with-model-generated-message":
-            self._greeting_pending = True
             self._request_response(None, "greeting")
         for payload, timestamp_ms in self._early_audio:
             self._append_audio(payload, timestamp_ms)
@@ -583,7 +586,7 @@ class Call:
         if not playing and not generating:
             return
         self.metrics.barge_in()
-        if self._pending_end is not None and not self._pending_end.say_first:
+        if self._pending_end is not None and self._pending_end.cancellable:
             self._pending_end = None  # the goodbye was not heard: don't hang up on the caller
         if generating:
             self.model_out.append(rt.response_cancel(self._response_id))
@@ -654,11 +657,13 @@ class Call:
         self._artifact_add(("u", turn.seq), "user", text, turn.started)
         self._server_message("transcript", lambda info, now_ms: envelope.transcript_message(info, "user", text, now_ms))
 
-    def _request_response(self, instructions: str | None = None, purpose: str | None = None) -> None:
+    def _request_response(self, instructions: str | None = None, purpose: str = "reply") -> None:
         """Ask the model for a response. Only one response may be active at a time: while one
-        is, or one we asked for has not started yet, requests wait here, in order."""
+        is, or one we asked for has not started yet, requests wait here, in order. Our requests
+        carry their event_id in the response metadata, so the response.created that answers
+        one is told apart from a response the server started on its own (the caller spoke)."""
         event_id = rt.new_event_id()
-        event = rt.response_create(instructions, {"purpose": purpose} if purpose else None, event_id)
+        event = rt.response_create(instructions, {"purpose": purpose, "shim_id": event_id}, event_id)
         self._response_queue.append((event_id, event))
         self._next_response()
 
@@ -666,25 +671,31 @@ class Call:
         if self._response_queue and self._response_id is None and self._create_in_flight is None:
             event_id, event = self._response_queue.popleft()
             self._create_in_flight = event_id
+            self._create_sent_at = self.clock()
             self._sent_creates = {event_id: event}
             self.model_out.append(event)
 
     def _on_response_created(self, event: dict) -> None:
-        response_id = str((event.get("response") or {}).get("id") or "")
+        response = event.get("response") or {}
+        response_id = str(response.get("id") or "")
+        metadata = response.get("metadata") if isinstance(response.get("metadata"), dict) else {}
+        ours = metadata.get("shim_id")
+        purpose = metadata.get("purpose")
         self._response_id = response_id
-        self._create_in_flight = None
+        if ours is not None and ours == self._create_in_flight:
+            self._create_in_flight = None
         if self._noise_items:
             noise, self._noise_items = self._noise_items, []
-            if self.clock() < self._noise_reply_until and not self._greeting_pending:
+            if ours is None and self.clock() < self._noise_reply_until:
+                # the server's own reply to a turn the gate judged to be noise
                 self.model_out.append(rt.response_cancel(response_id))
                 self._cancelled.add(response_id)
                 for item_id in noise:  # keep the noise out of the model's context
                     self.model_out.append(rt.item_delete(item_id))
                 return
-        if self._greeting_pending:
-            self._greeting_pending = False
+        if purpose == "greeting":
             self._greeting_response_id = response_id
-        if self._pending_end is not None:
+        if purpose == "goodbye" and self._pending_end is not None:
             self._pending_end.awaiting_goodbye = False
 
     def _on_audio_delta(self, event: dict) -> None:
@@ -760,7 +771,7 @@ class Call:
         said = item.final_transcript.lower()
         if not item.dropped and any(phrase in said for phrase in self.setup.policy.end_call_phrases):
             # Vapi: an end-call phrase in the assistant's own words hangs up once it was heard.
-            self._end_after_playback("assistant-said-end-call-phrase")
+            self._end_after_playback("assistant-said-end-call-phrase", cancellable=True)
 
     def _record_item(self, item: AssistantItem, final: bool = False) -> None:
         full = item.final_transcript if item.final_transcript is not None else "".join(item.transcript)
@@ -787,7 +798,9 @@ class Call:
 
     def _keep_text(self, text: str) -> str | None:
         """hipaaEnabled: no transcript text is stored (the row, its timing and flags still are)."""
-        return None if self.setup is not None and self.setup.policy.hipaa else text
+        if self.setup is not None and self.setup.policy.hipaa:
+            return None
+        return text.replace("\x00", "") if "\x00" in text else text  # Postgres text cannot hold NUL
 
     def _on_output_item_done(self, event: dict) -> None:
         item = event.get("item") or {}
@@ -823,7 +836,9 @@ class Call:
     def _run_function_calls(self, calls: list[dict[str, Any]]) -> None:
         assert self.setup is not None
         bindings = {b.realtime_name: b for b in self.setup.tools}
-        batch = ToolBatch()
+        # A response may call tools while an earlier batch still waits (the caller spoke, the
+        # model called again): one batch, finished once every call_id is answered.
+        batch = self._batch if self._batch is not None else ToolBatch()
         start_message = None
         for call in calls:
             name, call_id = str(call.get("name") or ""), str(call.get("call_id") or "")
@@ -864,6 +879,7 @@ class Call:
                     self._tool_output(call_id, async_outcome(call_id).output, "async")
                 else:
                     batch.pending.add(call_id)
+                    batch.deadline = max(batch.deadline, self.clock() + _server_timeout(binding.vapi_tool) + 5)
                     start_message = start_message or tool_message(binding.vapi_tool, "request-start", arguments)
             else:
                 self._tool_output(call_id, f"Error: there is no tool named {name!r}.", "error")
@@ -956,6 +972,7 @@ class Call:
             self.tool_requests.append(ToolRequest(call_id=call_id, binding=binding, arguments=arguments,
                                                   seq=self._tool_calls[call_id][0], kind="transfer-destination-request"))
             batch.pending.add(call_id)
+            batch.deadline = max(batch.deadline, self.clock() + 25)
             return
         if destination is None:
             self._tool_output(call_id, f"Error: {wanted!r} is not one of the transfer destinations.", "error")
@@ -999,6 +1016,11 @@ class Call:
             return
         payload = base64.b64encode(tones).decode()
         self.twilio_out.append(tw.media_frame(self.stream_sid, payload))
+        self._mark_counter += 1  # a mark, so a hang-up waits until the tones have played
+        tones_item = AssistantItem(item_id=f"dtmf-{self._mark_counter}", response_id="", seq=0, greeting=False,
+                                   sent_bytes=len(tones))
+        self._marks[str(self._mark_counter)] = (tones_item, len(tones))
+        self.twilio_out.append(tw.mark_frame(self.stream_sid, str(self._mark_counter)))
         self._playback_free_at = max(self._playback_free_at, self.clock()) + len(tones) / 8000
         self.record_event("dtmf_sent", keys=keys)
         self._tool_output(call_id, f"Pressed {keys}.", "ok")
@@ -1010,14 +1032,16 @@ class Call:
         """Speak a fixed sentence (tool messages), word for word, in turn with other responses."""
         self._request_response(SAY_EXACTLY.format(text=text), purpose)
 
-    def _end_after_playback(self, reason: str, say_first: str = "", next_action: dict[str, Any] | None = None) -> None:
+    def _end_after_playback(self, reason: str, say_first: str = "", next_action: dict[str, Any] | None = None,
+                            cancellable: bool = False) -> None:
         """Hang up (or transfer) once everything queued at Twilio has been played (marks),
         optionally after saying `say_first` word for word; bounded so a lost mark cannot keep
         the line open."""
         if self._pending_end is not None:
             return
         remaining = max(0.0, self._playback_free_at - self.clock())
-        self._pending_end = PendingEnd(reason, self.clock() + remaining + HANGUP_GRACE_S, say_first, next_action=next_action)
+        self._pending_end = PendingEnd(reason, self.clock() + remaining + HANGUP_GRACE_S, say_first,
+                                       next_action=next_action, cancellable=cancellable)
         self._maybe_hang_up()
 
     def _maybe_hang_up(self) -> None:
@@ -1038,7 +1062,8 @@ class Call:
         code = error.get("code")
         if code == "response_cancel_not_active":
             return  # benign race: the response ended before our cancel arrived
-        if code == "conversation_already_has_active_response" and error.get("event_id") == self._create_in_flight:
+        failed_create = error.get("event_id") is not None and error.get("event_id") == self._create_in_flight
+        if failed_create and code == "conversation_already_has_active_response":
             # The server started a response of its own (the caller spoke) just before ours:
             # ours goes back to the front of the queue and is sent after that one.
             event = self._sent_creates.get(self._create_in_flight)
@@ -1046,11 +1071,17 @@ class Call:
                 self._response_queue.appendleft((self._create_in_flight, event))
             self._create_in_flight = None
             return
+        if failed_create:  # any other refusal: drop that request, never block the ones behind it
+            self._create_in_flight = None
+            self._next_response()
         self.metrics.model_error()
         self.record_event("model_error", code=code, message=str(error.get("message") or "")[:300], param=error.get("param"))
         self.log.warning("model_error", code=code, message=str(error.get("message") or "")[:300])
         if code in ("session_expired", "invalid_api_key"):
             self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
+        elif self.phase is Phase.CONFIGURING:
+            # session.update refused (a voice, a tool schema...): the call cannot be configured.
+            self._finish("pipeline-error-openai-400-bad-request-validation-failed", {"verb": "hangup", "say": APOLOGY})
 
     _handlers: dict[str, Callable[[Call, dict], None]] = {
         "session.created": _on_session_created,
@@ -1074,9 +1105,22 @@ class Call:
 
     def tick(self) -> None:
         """Called about twice a second by the shell: call-level timers."""
+        now = self.clock()
+        if self.phase in (Phase.RESOLVING, Phase.CONFIGURING) and now - self._mono0 > SETUP_DEADLINE_S:
+            # The assistant or the model session never got ready: never leave a caller in silence.
+            self.record_event("setup_timed_out", phase=self.phase.value)
+            self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
+            return
         if self.phase is not Phase.LIVE or self.setup is None:
             return
-        now = self.clock()
+        batch = self._batch
+        if batch is not None and batch.pending and now > batch.deadline:
+            for call_id in list(batch.pending):  # a webhook task died without answering
+                self.on_tool_outcome(ToolOutcome(call_id, "timeout", NO_RESULT, None, "no answer", None, None))
+        if self._create_in_flight is not None and now - self._create_sent_at > 15:
+            self.record_event("response_create_unanswered")  # neither created nor refused: move on
+            self._create_in_flight = None
+            self._next_response()
         policy = self.setup.policy
         if self._live_at is not None and now - self._live_at >= policy.max_duration_s:
             self._finish("exceeded-max-duration")
@@ -1163,3 +1207,9 @@ def transfer_action(destination: dict[str, Any], variables: dict[str, Any]) -> d
         except AssistantError:
             action["callerId"] = caller_id
     return action
+
+
+def _server_timeout(tool: dict[str, Any]) -> float:
+    server = tool.get("server") if isinstance(tool.get("server"), dict) else {}
+    value = server.get("timeoutSeconds")
+    return float(value) if isinstance(value, (int, float)) and 1 <= value <= 300 else 20.0

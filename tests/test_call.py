@@ -183,8 +183,8 @@ def test_model_audio_passes_through_with_a_mark_after_each_chunk():
     assert len({f["mark"]["name"] for f in frames[1::2]}) == 3
 
 
-def _speak(call, item="item_1", resp="resp_1", chunks=5, size=800):
-    call.on_model_text(ev("response.created", response={"id": resp}))
+def _speak(call, item="item_1", resp="resp_1", chunks=5, size=800, metadata=None):
+    call.on_model_text(ev("response.created", response={"id": resp, "metadata": metadata}))
     for i in range(chunks):
         call.on_model_text(ev("response.output_audio_transcript.delta", response_id=resp, item_id=item, output_index=0, content_index=0, delta="word " * 4))
         call.on_model_text(ev("response.output_audio.delta", response_id=resp, item_id=item, output_index=0, content_index=0, delta=b64(b"\x10" * size)))
@@ -237,16 +237,19 @@ def test_speech_with_nothing_playing_is_not_a_barge_in():
     assert sent(call) == [] and call.take_twilio_out() == []
 
 
+def greeting_metadata(call):
+    (create,) = [e for e in sent(call) if e["type"] == "response.create"]
+    return create["response"]["metadata"]  # the server echoes it in response.created
+
+
 def test_greeting_is_not_cut_off_by_default_but_is_when_enabled():
     call, _, _ = live_call()
-    call.take_model_out()
-    _speak(call, resp="resp_g", item="item_g")  # the first response is the greeting
+    _speak(call, resp="resp_g", item="item_g", metadata=greeting_metadata(call))
     call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=100, item_id="item_u1"))
     assert sent(call) == [] and call.take_twilio_out() == []
 
     call, _, _ = live_call(dict(MINIMAL, firstMessageInterruptionsEnabled=True))
-    call.take_model_out()
-    _speak(call, resp="resp_g", item="item_g")
+    _speak(call, resp="resp_g", item="item_g", metadata=greeting_metadata(call))
     call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=100, item_id="item_u1"))
     assert [orjson.loads(f)["event"] for f in call.take_twilio_out()] == ["clear"]
 
@@ -432,7 +435,7 @@ def test_end_call_tool_says_end_call_message_then_hangs_up():
     assert out[0]["item"] == {"type": "function_call_output", "call_id": "call_1", "output": "Ending the call."}
     assert out[1]["type"] == "response.create" and out[1]["response"]["instructions"].endswith('"Bye now."')
     assert call.end is None
-    marks = _speak(call, item="item_bye", resp="resp_bye", chunks=2)
+    marks = _speak(call, item="item_bye", resp="resp_bye", chunks=2, metadata=out[1]["response"]["metadata"])
     call.on_model_text(ev("response.done", response={"id": "resp_bye", "status": "completed"}))
     for name in marks:
         call.on_twilio_text(mark(name))
@@ -444,7 +447,8 @@ def test_end_call_tool_says_end_call_message_then_hangs_up():
 def test_webhook_tools_filler_then_every_output_then_one_response():
     from tools.results import DEFAULT_FILLERS, parse_tool_response
 
-    assistant = dict(MINIMAL, model=dict(MINIMAL["model"], tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]))
+    assistant = dict(MINIMAL, firstMessageMode="assistant-waits-for-user",
+                     model=dict(MINIMAL["model"], tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]))
     call, rows, clock = live_call(assistant)
     call.take_model_out()
     call.on_model_text(ev("response.created", response={"id": "resp_1"}))
@@ -457,7 +461,7 @@ def test_webhook_tools_filler_then_every_output_then_one_response():
     (filler,) = sent(call)  # Vapi's default filler while the webhook runs
     assert filler["type"] == "response.create"
     assert any(f'"{text}"' in filler["response"]["instructions"] for text in DEFAULT_FILLERS)
-    call.on_model_text(ev("response.created", response={"id": "resp_filler"}))
+    call.on_model_text(ev("response.created", response={"id": "resp_filler", "metadata": filler["response"]["metadata"]}))
     body = b'{"results": [{"toolCallId": "call_1", "result": "found"}, {"toolCallId": "call_2", "error": "nope"}]}'
     outcomes = parse_tool_response(["call_1", "call_2"], http_status=200, body=body)
     call.on_tool_outcome(outcomes["call_1"])
@@ -510,3 +514,139 @@ def test_background_mixer_changes_samples_not_length_or_marks():
     assert base64.b64decode(media_frame["media"]["payload"]) == b"\x11" * 800
     call.on_twilio_text(mark(mark_frame["mark"]["name"]))
     assert call._items["item_1"].played_bytes == 800
+
+
+# --- regressions from review: the response queue, tool batches and goodbyes under races --------
+
+WAIT = dict(MINIMAL, firstMessageMode="assistant-waits-for-user")
+TOOLS = dict(WAIT, model=dict(MINIMAL["model"], tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]))
+
+
+def fc(resp, call_id, name="lookup", args="{}"):
+    return ev("response.output_item.done", response_id=resp, output_index=0,
+              item={"id": "fc_" + call_id, "type": "function_call", "status": "completed", "call_id": call_id, "name": name, "arguments": args})
+
+
+def ok(call_id):
+    from tools.results import parse_tool_response
+
+    return parse_tool_response([call_id], http_status=200, body=orjson.dumps({"results": [{"toolCallId": call_id, "result": "x"}]}))[call_id]
+
+
+def creates(events):
+    return [e for e in events if e["type"] == "response.create"]
+
+
+def tool_turn(call, resp, *call_ids, names=None):
+    call.on_model_text(ev("response.created", response={"id": resp}))
+    for i, call_id in enumerate(call_ids):
+        call.on_model_text(fc(resp, call_id, name=(names or {}).get(call_id, "lookup")))
+    call.on_model_text(ev("response.done", response={"id": resp, "status": "completed"}))
+    call.take_tool_requests()
+    return sent(call)
+
+
+def test_talking_over_the_transfer_message_does_not_cancel_the_transfer():
+    assistant = dict(WAIT, model=dict(MINIMAL["model"], tools=[{"type": "transferCall", "destinations": [{"type": "number", "number": "+15551234567"}]}]))
+    call, rows, clock = live_call(assistant)
+    call.take_model_out()
+    out = tool_turn(call, "r1", "c1", names={"c1": "transferCall"})
+    (say,) = creates(out)
+    _speak(call, item="i_bye", resp="r_bye", chunks=5, metadata=say["response"]["metadata"])
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u1"))
+    call.on_model_text(ev("response.done", response={"id": "r_bye", "status": "cancelled"}))
+    clock.t += 10
+    call.tick()
+    assert call.end is not None and call.end.next_action["verb"] == "dial"
+
+
+def test_the_servers_own_reply_to_noise_is_cancelled_but_our_tool_answer_is_not():
+    call, rows, clock = live_call(dict(TOOLS, stopSpeakingPlan={"voiceSeconds": 0.2}))
+    call.take_model_out()
+    (filler,) = creates(tool_turn(call, "r1", "c1"))
+    _speak(call, item="i_fill", resp="r_fill", chunks=3, metadata=filler["response"]["metadata"])
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u_ok"))
+    call.on_twilio_text(media(QUIET))
+    call.on_model_text(ev("input_audio_buffer.speech_stopped", audio_end_ms=400, item_id="u_ok"))
+    call.on_model_text(ev("response.done", response={"id": "r_fill", "status": "completed"}))
+    sent(call)
+    call.on_tool_outcome(ok("c1"))
+    (answer,) = creates(sent(call))
+    call.on_model_text(ev("response.created", response={"id": "r_answer", "metadata": answer["response"]["metadata"]}))
+    assert "response.cancel" not in [e["type"] for e in sent(call)]
+
+
+def test_our_request_survives_the_server_starting_its_own_response_first():
+    call, rows, clock = live_call(TOOLS)
+    call.take_model_out()
+    (filler,) = creates(tool_turn(call, "r1", "c1"))
+    call.on_model_text(ev("response.created", response={"id": "r_vad"}))  # the caller spoke
+    call.on_model_text(ev("error", error={"type": "invalid_request_error", "code": "conversation_already_has_active_response",
+                                          "message": "busy", "event_id": filler["event_id"]}))
+    call.on_model_text(ev("response.done", response={"id": "r_vad", "status": "completed"}))
+    assert [e["event_id"] for e in creates(sent(call))] == [filler["event_id"]]
+
+
+def test_a_refused_request_does_not_block_the_ones_behind_it():
+    call, rows, clock = live_call(TOOLS)
+    call.take_model_out()
+    (filler,) = creates(tool_turn(call, "r1", "c1"))
+    call.on_model_text(ev("error", error={"type": "server_error", "code": "server_error", "message": "x", "event_id": filler["event_id"]}))
+    call.on_tool_outcome(ok("c1"))
+    assert len(creates(sent(call))) == 1
+
+
+def test_tools_called_while_earlier_ones_run_are_all_answered():
+    call, rows, clock = live_call(TOOLS)
+    call.take_model_out()
+    tool_turn(call, "r1", "c1")
+    tool_turn(call, "r2", "c2")  # the server's own response, while c1's webhook runs
+    call.on_tool_outcome(ok("c1"))
+    call.on_tool_outcome(ok("c2"))
+    out = sent(call)
+    assert [e["item"]["call_id"] for e in out if e.get("item", {}).get("type") == "function_call_output"] == ["c1", "c2"]
+
+
+def test_a_webhook_that_never_answers_is_answered_for_it():
+    call, rows, clock = live_call(TOOLS)
+    call.take_model_out()
+    tool_turn(call, "r1", "c1")
+    clock.t += 26  # default server.timeoutSeconds 20 + 5 s backstop
+    call.tick()
+    outputs = [e["item"] for e in sent(call) if e.get("item", {}).get("type") == "function_call_output"]
+    assert outputs == [{"type": "function_call_output", "call_id": "c1", "output": "No result returned."}]
+
+
+def test_a_refused_session_update_ends_the_call_instead_of_dead_air():
+    call, rows, clock = make_call(WAIT)
+    call.on_twilio_text(start_frame())
+    call.on_model_text(ev("session.created", session={}))
+    call.on_model_text(ev("error", error={"type": "invalid_request_error", "code": "invalid_value", "message": "bad voice",
+                                          "param": "session.audio.output.voice"}))
+    assert call.end is not None and call.end.next_action["say"]
+
+
+def test_a_model_session_that_never_gets_ready_ends_the_call():
+    call, rows, clock = make_call(WAIT)
+    call.on_twilio_text(start_frame())
+    clock.t += 16
+    call.tick()
+    assert call.end is not None and call.end.reason.startswith("pipeline-error")
+
+
+def test_a_goodbye_queued_behind_a_filler_is_heard_before_the_hang_up():
+    call, rows, clock = live_call(dict(TOOLS, endCallFunctionEnabled=True, endCallMessage="Bye now."))
+    call.take_model_out()
+    (filler,) = creates(tool_turn(call, "r1", "c1", "c2", names={"c2": "endCall"}))
+    call.on_tool_outcome(ok("c1"))  # a fast webhook: the goodbye waits behind the filler
+    marks = _speak(call, item="i_fill", resp="r_fill", chunks=2, metadata=filler["response"]["metadata"])
+    call.on_model_text(ev("response.done", response={"id": "r_fill", "status": "completed"}))
+    (goodbye,) = creates(sent(call))
+    for name in marks:
+        call.on_twilio_text(mark(name))
+    assert call.end is None
+    bye_marks = _speak(call, item="i_bye", resp="r_bye", chunks=2, metadata=goodbye["response"]["metadata"])
+    call.on_model_text(ev("response.done", response={"id": "r_bye", "status": "completed"}))
+    for name in bye_marks:
+        call.on_twilio_text(mark(name))
+    assert call.end.reason == "assistant-ended-call"
