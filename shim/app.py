@@ -9,7 +9,6 @@ import contextlib
 import os
 from datetime import datetime, timezone
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import asyncpg

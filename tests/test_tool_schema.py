@@ -20,11 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai.types.realtime import RealtimeClientEvent, RealtimeFunctionTool
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import Field, TypeAdapter
 from vapi.core.serialization import convert_and_respect_annotation_metadata
 from vapi.tools.types.get_tools_response import GetToolsResponse
 from vapi.types import OpenAiModelToolsItem
 
+from shim.testing.fake_realtime import find_extras
 from shim.tool_schema import (
     DEFAULT_END_CALL_DESCRIPTION,
     MAX_DEPTH,
@@ -51,17 +52,6 @@ STATUSES = {"mapped", "approximated", "unsupported"}
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def find_extras(m: BaseModel, path: str = "") -> list[str]:
-    """SDK models are extra='allow': list the keys they do not declare (openai-realtime.md §1.2)."""
-    out = [f"{path}.{k}".lstrip(".") for k in (m.model_extra or {})]
-    for name in type(m).model_fields:
-        v = getattr(m, name)
-        for i, x in enumerate(v if isinstance(v, list) else [v]):
-            if isinstance(x, BaseModel):
-                out += find_extras(x, f"{path}.{name}" + (f"[{i}]" if isinstance(v, list) else ""))
-    return out
 
 
 def check_subset(node: Any, where: str = "parameters") -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 
-from shim.testing.fake_customer import FakeCustomer, delay, invalid_json, reply_results, respond, status
+from shim.testing.fake_customer import FakeCustomer, delay, invalid_json, reply_results, status
 from shim.testing.fake_openai_text import FakeOpenAIText
 from shim.testing.fake_realtime import Script, calls
 from tools.dtmf import detect_dtmf

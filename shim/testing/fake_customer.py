@@ -37,21 +37,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import functools
 import inspect
 import json
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Union
 
 import pydantic
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from shim.testing.vapi_sdk_quirks import sdk_view
+from shim.testing._serve import LocalServer
 
 __all__ = [
     "FakeCustomer", "Received", "Handler", "reply_results", "reply_error", "delay", "status", "invalid_json",
@@ -127,53 +126,6 @@ def _summarize(exc: pydantic.ValidationError, limit: int = 6) -> str:
     shown = [".".join(str(p) for p in e["loc"]) + f" ({e['msg']})" for e in relevant[:limit]]
     more = len(relevant) - len(shown)
     return "; ".join(shown) + (f"; … {more} more" if more > 0 else "")
-
-
-_SIP_VERBS = {"refer", "bye", "dial"}
-_BACKOFF_TYPES = {"fixed", "exponential"}
-
-
-def sdk_view(body: Any) -> Any:
-    """A copy of `body` with the valid Vapi constructs vapi-server-sdk 3.0.0 rejects rewritten
-    (vapi.md §1): ``transferPlan.sipVerb`` removed, ``backoffPlan.type`` -> ``{}``, property
-    schemas without ``type`` given one, non-string ``enum`` values JSON-encoded. (Same rules as
-    `shim.testing.fake_vapi.sdk_view`.)"""
-    out = copy.deepcopy(body)
-    _fix(out)
-    return out
-
-
-def _fix(node: Any) -> None:
-    if isinstance(node, list):
-        for item in node:
-            _fix(item)
-        return
-    if not isinstance(node, dict):
-        return
-    plan = node.get("transferPlan")
-    if isinstance(plan, dict) and plan.get("sipVerb") in _SIP_VERBS:
-        del plan["sipVerb"]
-    backoff = node.get("backoffPlan")
-    if isinstance(backoff, dict) and backoff.get("type") in _BACKOFF_TYPES:
-        backoff["type"] = {}
-    props = node.get("properties")
-    if isinstance(props, dict) and node.get("type") in ("object", None):
-        for schema in props.values():
-            _fix_schema(schema)
-    if isinstance(node.get("items"), dict) and node.get("type") == "array":
-        _fix_schema(node["items"])
-    for value in node.values():
-        _fix(value)
-
-
-def _fix_schema(schema: Any) -> None:
-    if not isinstance(schema, dict):
-        return
-    if "type" not in schema:
-        schema["type"] = "object" if "properties" in schema else "string"
-    enum = schema.get("enum")
-    if isinstance(enum, list):
-        schema["enum"] = [e if isinstance(e, str) else json.dumps(e) for e in enum]
 
 
 def _stringify_arguments(calls: Any) -> None:
@@ -328,12 +280,6 @@ def invalid_json() -> Handler:
 # --- the server ----------------------------------------------------------------------------------
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # leave the test runner's signal handlers alone
-        yield
-
-
 class FakeCustomer:
     def __init__(self, handlers: dict[str, Handler] | None = None):
         self.handlers: dict[str, Handler] = dict(handlers or {})
@@ -342,9 +288,7 @@ class FakeCustomer:
         self.handler_errors: list[str] = []
         self.base_url = ""
         self._arrived = asyncio.Event()
-        self._server: _Server | None = None
-        self._task: asyncio.Task | None = None
-        self._sock: socket.socket | None = None
+        self._http: LocalServer | None = None
         self.app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["POST", "GET", "PUT"])])
 
     def on(self, path: str, handler: Handler) -> None:
@@ -382,34 +326,15 @@ class FakeCustomer:
     async def start(self) -> str:
         """Serve on 127.0.0.1 (ephemeral port); returns the base URL."""
         self._arrived = asyncio.Event()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self._sock = sock
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=1)
-        self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise RuntimeError("fake customer server exited during startup")
-            await asyncio.sleep(0.005)
-        self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._http = LocalServer(self.app, "fake customer server")
+        self.base_url = await self._http.start() + ""
         await asyncio.to_thread(_warm_models)
         return self.base_url
 
     async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            try:
-                await asyncio.wait_for(self._task, 5)
-            except asyncio.TimeoutError:  # pragma: no cover
-                self._server.force_exit = True
-                await self._task
-        if self._sock is not None:
-            self._sock.close()
-        self._server = self._task = self._sock = None
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
 
     async def __aenter__(self) -> FakeCustomer:
         await self.start()

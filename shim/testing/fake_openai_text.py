@@ -31,7 +31,6 @@ import functools
 import inspect
 import itertools
 import re
-import socket
 import time
 import typing
 from dataclasses import dataclass
@@ -40,13 +39,13 @@ from typing import Any, Callable
 import orjson
 import pydantic
 import typing_extensions
-import uvicorn
 from openai.types.chat import ChatCompletion
 from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from shim.testing._serve import LocalServer
 
 __all__ = ["FakeOpenAIText", "RecordedChat", "validate_chat_request"]
 
@@ -161,12 +160,6 @@ class _Fault:
     remaining: int = 1
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # leave the test runner's signal handlers alone
-        yield
-
-
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> Response:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
@@ -189,9 +182,7 @@ class FakeOpenAIText:
         self._faults: list[_Fault] = []
         self._ids = itertools.count(1)
         self._stopping = asyncio.Event()
-        self._server: _Server | None = None
-        self._task: asyncio.Task | None = None
-        self._sock: socket.socket | None = None
+        self._http: LocalServer | None = None
         self.app = Starlette(routes=[Route("/v1/chat/completions", self._completions, methods=["POST"])])
 
     # -- scripting --
@@ -208,35 +199,16 @@ class FakeOpenAIText:
 
     async def start(self) -> str:
         """Serve on 127.0.0.1 (ephemeral port); returns the base URL, "http://127.0.0.1:PORT/v1"."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self._sock = sock
         self._stopping.clear()
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=1)
-        self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise RuntimeError("fake OpenAI server exited during startup")
-            await asyncio.sleep(0.005)
-        self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        self._http = LocalServer(self.app, "fake OpenAI server")
+        self.base_url = await self._http.start() + "/v1"
         return self.base_url
 
     async def stop(self) -> None:
         self._stopping.set()  # ends stalls at once
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            try:
-                await asyncio.wait_for(self._task, 5)
-            except asyncio.TimeoutError:  # pragma: no cover
-                self._server.force_exit = True
-                await self._task
-        if self._sock is not None:
-            self._sock.close()
-        self._server = self._task = self._sock = None
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
 
     async def __aenter__(self) -> FakeOpenAIText:
         await self.start()

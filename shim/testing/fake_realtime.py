@@ -33,7 +33,6 @@ import secrets
 import time
 import warnings
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
@@ -47,6 +46,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from shim.testing._sync import Changes
 
 with warnings.catch_warnings():  # deprecated in 3.11-3.12; audioop-lts provides it on 3.13+
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -202,25 +202,6 @@ def synthesize_speech(text: str, ms_per_char: float = 55.0, rate: int = 8000) ->
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(11)[:21]}"
-
-
-class _Changes:
-    """Wakes waiters whenever observed state changes; each waiter re-checks its own predicate."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    await self._event.wait()
-        except TimeoutError:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what()}") from None
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -441,7 +422,7 @@ class FakeSession:
             "include": None,
         }
         _fill_session_defaults(self.session)
-        self._changes = _Changes()
+        self._changes = Changes()
         self._items: dict[str, dict[str, Any]] = {}  # conversation items by id, in order
         self._item_ms_per_byte: dict[str, float] = {}  # assistant item -> output timeline scale
         self._active: _Response | None = None
@@ -1108,7 +1089,7 @@ class FakeRealtime:
         self.connections_attempted = 0
         self.validation_errors: list[str] = []
         self._server: Server | None = None
-        self._changes = _Changes()
+        self._changes = Changes()
 
     async def start(self) -> str:
         """Listen on 127.0.0.1 (ephemeral port); returns "ws://127.0.0.1:PORT/v1/realtime"."""

@@ -5,18 +5,18 @@ request so tests can assert what the shim asked for."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from shim.testing._serve import LocalServer
 
 
 @dataclass
@@ -35,8 +35,7 @@ class FakeTwilioApi:
     url: str = ""
 
     def __post_init__(self) -> None:
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task | None = None
+        self._http: LocalServer | None = None
 
     def _authorized(self, request: Request) -> bool:
         expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
@@ -69,18 +68,14 @@ class FakeTwilioApi:
         app = Starlette(routes=[
             Route("/2010-04-01/Accounts/{account}/Calls/{call}/Recordings.json", self._recordings, methods=["POST"]),
         ])
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="off"))
-        self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            await asyncio.sleep(0.01)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self._http = LocalServer(app, "fake Twilio API")
+        self.url = await self._http.start()
         return self.url
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-            await self._task
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
 
     def of(self, suffix: str) -> list[Seen]:
         return [r for r in self.requests if r.path.endswith(suffix)]

@@ -37,11 +37,8 @@ Test hooks:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
 import functools
 import json
-import socket
 import time
 import typing
 from collections import defaultdict, deque
@@ -49,7 +46,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pydantic
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -58,6 +54,8 @@ from vapi.core.pydantic_utilities import parse_obj_as
 from vapi.core.serialization import convert_and_respect_annotation_metadata
 from vapi.tools.types.get_tools_response import GetToolsResponse
 from vapi.types import Assistant
+from shim.testing.vapi_sdk_quirks import sdk_view
+from shim.testing._serve import LocalServer
 
 _TOOL_MEMBERS: dict[str, type] = {}
 for _member in typing.get_args(typing.get_args(GetToolsResponse)[0]):
@@ -90,57 +88,6 @@ class _Fault:
 
 # --- SDK validation ------------------------------------------------------------------------------
 
-_SIP_VERBS = {"refer", "bye", "dial"}
-_BACKOFF_TYPES = {"fixed", "exponential"}
-
-
-def sdk_view(body: Any) -> Any:
-    """A copy of ``body`` with the valid Vapi constructs that vapi-server-sdk 3.0.0 rejects
-    (vapi.md §1, §0.8) rewritten so that validation checks everything else:
-
-    * ``transferPlan.sipVerb: "refer"|"bye"|"dial"`` (typed ``dict`` in the SDK) -> removed;
-    * ``backoffPlan.type: "fixed"|"exponential"`` (typed ``dict`` and required) -> ``{}``;
-    * JSON-schema property/items schemas without ``type`` (``{"anyOf": [...]}``) -> ``type`` added;
-    * non-string ``enum`` values in those schemas -> JSON-encoded to strings.
-
-    (The other listed false negatives — tool-call ``arguments`` as an object, ``ToolCallResult``
-    without ``name`` — concern webhook bodies, which this fake does not serve.)"""
-    out = copy.deepcopy(body)
-    _fix(out)
-    return out
-
-
-def _fix(node: Any) -> None:
-    if isinstance(node, list):
-        for item in node:
-            _fix(item)
-        return
-    if not isinstance(node, dict):
-        return
-    plan = node.get("transferPlan")
-    if isinstance(plan, dict) and plan.get("sipVerb") in _SIP_VERBS:
-        del plan["sipVerb"]
-    backoff = node.get("backoffPlan")
-    if isinstance(backoff, dict) and backoff.get("type") in _BACKOFF_TYPES:
-        backoff["type"] = {}
-    props = node.get("properties")
-    if isinstance(props, dict) and node.get("type") in ("object", None):
-        for schema in props.values():
-            _fix_schema(schema)
-    if isinstance(node.get("items"), dict) and node.get("type") == "array":
-        _fix_schema(node["items"])
-    for value in node.values():
-        _fix(value)
-
-
-def _fix_schema(schema: Any) -> None:
-    if not isinstance(schema, dict):
-        return
-    if "type" not in schema:
-        schema["type"] = "object" if "properties" in schema else "string"
-    enum = schema.get("enum")
-    if isinstance(enum, list):
-        schema["enum"] = [e if isinstance(e, str) else json.dumps(e) for e in enum]
 
 
 def _summarize(exc: pydantic.ValidationError, limit: int = 6) -> str:
@@ -206,12 +153,6 @@ def validate_tool(body: Any) -> None:
 # --- the server ----------------------------------------------------------------------------------
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # leave the test runner's signal handlers alone
-        yield
-
-
 class FakeVapi:
     def __init__(self, assistants: dict[str, dict] | None = None, tools: dict[str, dict] | None = None,
                  api_key: str = "test-vapi-key"):
@@ -228,9 +169,7 @@ class FakeVapi:
         self.max_in_flight = 0
         self.base_url = ""
         self._faults: dict[str, deque[_Fault]] = defaultdict(deque)
-        self._server: _Server | None = None
-        self._task: asyncio.Task | None = None
-        self._sock: socket.socket | None = None
+        self._http: LocalServer | None = None
         self.app = Starlette(routes=[
             Route("/assistant", self._list_assistants, methods=["GET"]),
             Route("/assistant/{id}", self._get_assistant, methods=["GET"]),
@@ -271,33 +210,14 @@ class FakeVapi:
 
     async def start(self) -> str:
         """Serve on 127.0.0.1 (ephemeral port); returns the base URL, e.g. "http://127.0.0.1:PORT"."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self._sock = sock
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=1)
-        self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()  # raises the startup error
-                raise RuntimeError("fake Vapi server exited during startup")
-            await asyncio.sleep(0.005)
-        self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._http = LocalServer(self.app, "fake Vapi server")
+        self.base_url = await self._http.start() + ""
         return self.base_url
 
     async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            try:
-                await asyncio.wait_for(self._task, 5)
-            except asyncio.TimeoutError:  # pragma: no cover
-                self._server.force_exit = True
-                await self._task
-        if self._sock is not None:
-            self._sock.close()
-        self._server = self._task = self._sock = None
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
 
     async def __aenter__(self) -> FakeVapi:
         await self.start()

@@ -25,7 +25,6 @@ import secrets
 import warnings
 import wave
 from collections import deque
-from collections.abc import Callable
 from os import PathLike
 from typing import Any
 
@@ -36,6 +35,7 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
+from shim.testing._sync import Changes
 
 with warnings.catch_warnings():  # deprecated in 3.11-3.12; audioop-lts provides it on 3.13+
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -64,25 +64,6 @@ def sign(auth_token: str, url: str, params: dict[str, str] | None = None) -> str
 
 def _sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
-
-
-class _Changes:
-    """Wakes waiters whenever observed state changes; each waiter re-checks its own predicate."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    await self._event.wait()
-        except TimeoutError:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what()}") from None
 
 
 class TwilioCaller:
@@ -121,7 +102,7 @@ class TwilioCaller:
         self.close_reason: str = ""
 
         self._ws: ClientConnection | None = None
-        self._changes = _Changes()
+        self._changes = Changes()
         self._closed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._seq = 0
