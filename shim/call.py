@@ -105,6 +105,7 @@ class AssistantItem:
     final_transcript: str | None = None
     interrupted: bool = False
     dropped: bool = False  # interrupted: further deltas are not forwarded
+    done: bool = False  # its response finished: no more audio will come
 
 
 @dataclass(slots=True)
@@ -421,6 +422,8 @@ class Call:
         item, cumulative = entry
         if cumulative > item.played_bytes:
             item.played_bytes = cumulative
+            if item.done and item.played_bytes >= item.sent_bytes:
+                self._retire(item)
         if self._pending_end is not None and not self._marks:
             self._maybe_hang_up()
 
@@ -652,7 +655,9 @@ class Call:
             "utterances",
             {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "text": self._keep_text(text)},
         )
+        self._user_turns.pop(item_id, None)
         if item_id in self._ignored_turns:
+            self._ignored_turns.discard(item_id)
             return  # not a turn: a cough or an "mm-hm" under the assistant
         self._artifact_add(("u", turn.seq), "user", text, turn.started)
         self._server_message("transcript", lambda info, now_ms: envelope.transcript_message(info, "user", text, now_ms))
@@ -808,11 +813,22 @@ class Call:
             # Run tools only from a completed item (arguments.done also fires on cancelled ones).
             self._function_calls.append(item)
 
+    def _retire(self, item: AssistantItem) -> None:
+        """An item fully generated and fully heard: record it for good and forget it, so a long
+        call keeps only what may still be interrupted."""
+        if self._items.get(item.item_id) is item:
+            self._record_item(item, final=True)
+            del self._items[item.item_id]
+
     def _on_response_done(self, event: dict) -> None:
         response = event.get("response") or {}
         response_id = response.get("id")
         if response_id == self._response_id:
             self._response_id = None
+        for item in [i for i in self._items.values() if i.response_id == response_id]:
+            item.done = True
+            if item.dropped or item.played_bytes >= item.sent_bytes:
+                self._retire(item)
         status = response.get("status")
         if status == "failed":
             self.metrics.model_error()

@@ -442,6 +442,10 @@ def translate(
         raise AssistantError("maxDurationSeconds", max_duration, "a number from 10 to 43200")
     if not 5 <= silence_timeout <= 3600:
         raise AssistantError("silenceTimeoutSeconds", silence_timeout, "a number from 5 to 3600")
+    if max_duration > 3600:
+        # OpenAI closes a Realtime session after 60 minutes; the call then ends with an apology.
+        r.findings.append(Finding("maxDurationSeconds", "approximated",
+                                  f"{max_duration} s: a Realtime session lasts at most 60 minutes, so calls end there"))
     for key in ("maxDurationSeconds", "silenceTimeoutSeconds"):
         r.note(key) if r.has(key) else r.note(key, f"absent: Vapi's default ({max_duration if key[0] == 'm' else silence_timeout} s) applies")
 

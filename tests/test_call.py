@@ -650,3 +650,18 @@ def test_a_goodbye_queued_behind_a_filler_is_heard_before_the_hang_up():
     for name in bye_marks:
         call.on_twilio_text(mark(name))
     assert call.end.reason == "assistant-ended-call"
+
+
+def test_a_long_call_keeps_only_what_may_still_be_interrupted():
+    call, rows, clock = live_call(WAIT)
+    call.take_model_out()
+    for turn in range(50):
+        marks = _speak(call, item=f"i{turn}", resp=f"r{turn}", chunks=2)
+        call.on_model_text(ev("response.output_audio_transcript.done", response_id=f"r{turn}", item_id=f"i{turn}",
+                              output_index=0, content_index=0, transcript="word " * 8))
+        call.on_model_text(ev("response.done", response={"id": f"r{turn}", "status": "completed"}))
+        for name in marks:
+            call.on_twilio_text(mark(name))
+    assert call._items == {} and call._marks == {}
+    utter = rows.merged("utterances", ["call_sid", "seq"])
+    assert len(utter) == 50 and all(u["heard_ms"] == 200 and u["text"] for u in utter.values())
