@@ -3,7 +3,9 @@ events and database rows out. No sockets, no awaits, no clocks of its own (they 
 so every behaviour here is tested without a network.
 
 After feeding an input, the I/O shell drains `twilio_out` and `model_out` (strings to send),
-looks at `model_wanted` (open the model socket now) and `end` (close everything).
+`tool_requests` (webhooks to run, answered through `on_tool_outcome`) and `server_out` (Vapi
+server messages to deliver); it resolves the assistant once `start` is set (`on_setup`), opens
+the model socket, and closes everything once `end` is set.
 
 A frame in -> a frame out is one synchronous call: caller audio becomes one
 `input_audio_buffer.append`, model audio becomes one Twilio `media` + one `mark`. Rows go to the
@@ -52,7 +54,6 @@ NOISE_REPLY_WINDOW_S = 3.0
 SETUP_DEADLINE_S = 15.0  # from the stream's start to a configured model session
 HANG_AFTER_S = 5.0  # no reply this long after the caller stopped: Vapi's `hang` server message
 SAY_EXACTLY = 'Say exactly the following words, word for word, and nothing else: "{text}"'
-TOOL_UNAVAILABLE = "This tool is not available right now."
 
 
 class RecordSink(Protocol):
@@ -200,7 +201,6 @@ class Call:
         self.phase = Phase.AWAITING_START
         self.twilio_out: list[str] = []
         self.model_out: list[str] = []
-        self.model_wanted = False
         self.end: End | None = None
         self.start: tw.Start | None = None  # set on `start`: the shell then resolves the assistant
         self.info: envelope.CallInfo | None = None  # who/what the call is, for Vapi's envelopes
@@ -387,7 +387,6 @@ class Call:
              "model": setup.model, "voice": setup.voice, "metadata": setup.metadata or None},
         )
         self.phase = Phase.CONFIGURING
-        self.model_wanted = True
         self.log.info("call_started", assistant_id=setup.assistant_id)
 
     def on_setup_failed(self, error: AssistantError) -> None:
@@ -1115,9 +1114,6 @@ class Call:
     }
 
     # --- time ----------------------------------------------------------------------------
-
-    def playing(self) -> bool:
-        return bool(self._marks)
 
     def tick(self) -> None:
         """Called about twice a second by the shell: call-level timers."""

@@ -128,7 +128,7 @@ def sent(call) -> list[dict]:
 def test_start_requests_model_and_session_update_carries_assistant():
     call, rows, _ = make_call()
     call.on_twilio_text(start_frame())
-    assert call.model_wanted and call.phase is Phase.CONFIGURING
+    assert call.phase is Phase.CONFIGURING  # the shell now opens the model socket
     call.on_model_text(ev("session.created", session={}))
     (update,) = sent(call)
     session = update["session"]
@@ -290,7 +290,7 @@ def test_stop_ends_call_once_with_first_reason():
 def test_unknown_assistant_ends_with_apology():
     call, rows, _ = make_call()
     call.on_twilio_text(start_frame({"assistant": "missing"}))
-    assert not call.model_wanted
+    assert call.phase is Phase.ENDED
     assert call.end.reason == "assistant-not-found" and call.end.next_action["say"]
 
 
