@@ -52,3 +52,25 @@ class LocalServer:
         if self._sock is not None:
             self._sock.close()
         self._server = self._task = self._sock = None
+
+
+class ServedStandIn:
+    """Lifecycle shared by the HTTP stand-ins: `start()` (theirs) sets `_http`; this stops it,
+    and makes them async context managers."""
+
+    _http: LocalServer | None = None
+
+    async def start(self) -> str:  # pragma: no cover - every stand-in defines it
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
+
+    async def __aenter__(self):
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -50,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from shim.testing.vapi_sdk_quirks import sdk_view
-from shim.testing._serve import LocalServer
+from shim.testing._serve import LocalServer, ServedStandIn
 
 __all__ = [
     "FakeCustomer", "Received", "Handler", "reply_results", "reply_error", "delay", "status", "invalid_json",
@@ -280,7 +280,7 @@ def invalid_json() -> Handler:
 # --- the server ----------------------------------------------------------------------------------
 
 
-class FakeCustomer:
+class FakeCustomer(ServedStandIn):
     def __init__(self, handlers: dict[str, Handler] | None = None):
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.received: list[Received] = []
@@ -327,21 +327,9 @@ class FakeCustomer:
         """Serve on 127.0.0.1 (ephemeral port); returns the base URL."""
         self._arrived = asyncio.Event()
         self._http = LocalServer(self.app, "fake customer server")
-        self.base_url = await self._http.start() + ""
+        self.base_url = await self._http.start()
         await asyncio.to_thread(_warm_models)
         return self.base_url
-
-    async def stop(self) -> None:
-        if self._http is not None:
-            await self._http.stop()
-            self._http = None
-
-    async def __aenter__(self) -> FakeCustomer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     # -- the handler --
 

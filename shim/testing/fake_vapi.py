@@ -55,7 +55,7 @@ from vapi.core.serialization import convert_and_respect_annotation_metadata
 from vapi.tools.types.get_tools_response import GetToolsResponse
 from vapi.types import Assistant
 from shim.testing.vapi_sdk_quirks import sdk_view
-from shim.testing._serve import LocalServer
+from shim.testing._serve import LocalServer, ServedStandIn
 
 _TOOL_MEMBERS: dict[str, type] = {}
 for _member in typing.get_args(typing.get_args(GetToolsResponse)[0]):
@@ -153,7 +153,7 @@ def validate_tool(body: Any) -> None:
 # --- the server ----------------------------------------------------------------------------------
 
 
-class FakeVapi:
+class FakeVapi(ServedStandIn):
     def __init__(self, assistants: dict[str, dict] | None = None, tools: dict[str, dict] | None = None,
                  api_key: str = "test-vapi-key"):
         self.api_key = api_key
@@ -211,20 +211,8 @@ class FakeVapi:
     async def start(self) -> str:
         """Serve on 127.0.0.1 (ephemeral port); returns the base URL, e.g. "http://127.0.0.1:PORT"."""
         self._http = LocalServer(self.app, "fake Vapi server")
-        self.base_url = await self._http.start() + ""
+        self.base_url = await self._http.start()
         return self.base_url
-
-    async def stop(self) -> None:
-        if self._http is not None:
-            await self._http.stop()
-            self._http = None
-
-    async def __aenter__(self) -> FakeVapi:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     # -- handlers --
 
