@@ -384,6 +384,24 @@ async def test_background_backlog_is_bounded_drop_oldest(hook, recorder, db_dsn,
     assert sum(1 for r in rows if r["status"] == "ok") == 3
 
 
+async def test_a_hanging_customer_server_does_not_hold_up_the_others(hook, recorder, db_dsn, http):
+    sender = WebhookSender(http, recorder, max_concurrency=4, max_per_host=2)
+    hook.scripts["/slow"] = deque([(200, 5.0, b"{}")] * 6)
+    slow = target(hook.url + "/slow")  # 127.0.0.1
+    fast = target(hook.url.replace("127.0.0.1", "localhost") + "/fast")  # another host, same server
+    for n in range(6):
+        sender.send_in_background(slow, {"n": n}, kind="status-update", call_sid="CA9", retries=0)
+    for n in range(2):
+        sender.send_in_background(fast, {"n": n}, kind="transcript", call_sid="CA9", retries=0)
+    async with asyncio.timeout(2):  # well before the slow host answers anything
+        while sum(1 for h in hook.hits if h.path == "/fast") < 2:
+            await asyncio.sleep(0.01)
+    assert sum(1 for h in hook.hits if h.path == "/slow") == 2  # at most max_per_host in flight
+    hook.stopping.set()  # the slow host answers now
+    await sender.close(5)
+    assert sum(1 for h in hook.hits if h.path == "/slow") == 6
+
+
 async def test_close_drains_then_cancels_and_records_the_rest(hook, recorder, db_dsn, http):
     sender = WebhookSender(http, recorder, max_concurrency=2)
     hook.script.extend([(200, 0.1, b"")] * 4)

@@ -114,7 +114,7 @@ def _retry_after(headers: httpx.Headers | None) -> float | None:
 class WebhookSender:
     def __init__(self, client: httpx.AsyncClient, records: RecordSink, *, max_concurrency: int = 20,
                  max_backlog: int = 1000, max_response_bytes: int = MAX_RESPONSE_BYTES,
-                 background_backoff_s: float = 0.5) -> None:
+                 background_backoff_s: float = 0.5, max_per_host: int = 5) -> None:
         if max_concurrency < 1 or max_backlog < 1:
             raise ValueError("max_concurrency and max_backlog must be >= 1")
         self._client = client
@@ -125,6 +125,10 @@ class WebhookSender:
         self.background_backoff_s = background_backoff_s
         self._backlog: deque[_Job] = deque()
         self._workers: set[asyncio.Task] = set()
+        # One customer server that hangs must not hold every worker: at most max_per_host
+        # deliveries in flight per host; its other messages wait, the other hosts' go on.
+        self.max_per_host = max_per_host
+        self._per_host: dict[str, int] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -262,11 +266,24 @@ class WebhookSender:
         if len(self._backlog) >= self.max_backlog:
             self._drop(self._backlog.popleft(), f"dropped: webhook backlog full ({self.max_backlog})")
         self._backlog.append(job)
-        if len(self._workers) < self.max_concurrency:
-            self._idle.clear()
+        self._idle.clear()
+        self._spawn_worker()
+
+    def _spawn_worker(self) -> None:
+        if len(self._workers) < self.max_concurrency and self._has_eligible_job():
             task = asyncio.get_running_loop().create_task(self._worker(), name="shim-webhook-worker")
             self._workers.add(task)
             task.add_done_callback(self._worker_done)
+
+    def _has_eligible_job(self) -> bool:
+        return any(self._per_host.get(_host(job), 0) < self.max_per_host for job in self._backlog)
+
+    def _take_job(self) -> _Job | None:
+        for index, job in enumerate(self._backlog):
+            if self._per_host.get(_host(job), 0) < self.max_per_host:
+                del self._backlog[index]
+                return job
+        return None
 
     def _drop(self, job: _Job, why: str) -> None:
         self.dropped += 1
@@ -274,8 +291,9 @@ class WebhookSender:
         self._record(job.target, job.kind, job.call_sid, 0, "error", None, None, _dt.datetime.now(_dt.UTC), why)
 
     async def _worker(self) -> None:
-        while self._backlog:
-            job = self._backlog.popleft()
+        while (job := self._take_job()) is not None:
+            host = _host(job)
+            self._per_host[host] = self._per_host.get(host, 0) + 1
             try:
                 await self.post(job.target, job.body, kind=job.kind, call_sid=job.call_sid, retries=job.retries,
                                 backoff_s=self.background_backoff_s)
@@ -283,14 +301,17 @@ class WebhookSender:
                 raise
             except Exception:  # a bug must not kill the worker silently with work queued
                 log.exception("webhook.worker_error", kind=job.kind, call_sid=job.call_sid)
+            finally:
+                self._per_host[host] -= 1
+                if not self._per_host[host]:
+                    del self._per_host[host]
+            self._spawn_worker()  # a host slot freed: messages that waited for it can go
 
     def _worker_done(self, task: asyncio.Task) -> None:
         self._workers.discard(task)
-        if self._backlog and not self._closed:  # raced with an enqueue after the loop ended
-            t = asyncio.get_running_loop().create_task(self._worker(), name="shim-webhook-worker")
-            self._workers.add(t)
-            t.add_done_callback(self._worker_done)
-        elif not self._workers:
+        if not self._closed:
+            self._spawn_worker()  # raced with an enqueue after the loop ended
+        if not self._workers and not self._backlog:
             self._idle.set()
 
     async def drain(self, timeout: float | None = None) -> bool:
@@ -333,3 +354,7 @@ class _Attempt:
         self.retryable = retryable
         self.retry_after = retry_after
         self.latency_ms = 0
+
+
+def _host(job: _Job) -> str:
+    return httpx.URL(job.target.url).host or job.target.url
