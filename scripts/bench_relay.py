@@ -30,7 +30,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import orjson
 import psutil
+
+from shim.testing._serve import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_peers import (  # noqa: E402
@@ -195,12 +196,6 @@ def tree_rss(p: psutil.Process, exclude: set[int] = frozenset()) -> int:
         except psutil.Error:
             pass
     return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:

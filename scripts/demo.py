@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,8 @@ from shim.testing import CALLER_INTERRUPT_TEXT, CALLER_QUESTION_TEXT, load_asset
 from shim.testing.fake_openai_text import FakeOpenAIText
 from shim.testing.fake_realtime import FakeRealtime, Script
 from shim.testing.fake_twilio_api import FakeTwilioApi
-from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, post_twilio_webhook
+from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, keep_line_open, post_twilio_webhook
+from shim.testing._serve import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "demo-out"
@@ -42,23 +42,6 @@ def summarize(body: dict) -> str:
     if "true" in prompt.lower() and "false" in prompt.lower():
         return "true"
     return "The caller asked about Saturday opening hours, then asked to book a cleaning."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def keep_line_open(caller: TwilioCaller, condition) -> None:
-    """Twilio sends 20 ms frames all call long: send silence until `condition` completes."""
-    line = asyncio.create_task(caller.send_silence(60_000))
-    try:
-        await condition
-    finally:
-        line.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await line
 
 
 async def main() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,13 @@ from shim.app import create_app
 from shim.config import Config
 from shim.testing.fake_realtime import FakeRealtime, Script
 from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, post_twilio_webhook
+from shim.testing._serve import free_port
 
 AUTH_TOKEN = "test-twilio-auth-token"
 API_KEY = "sk-test-0123456789"
 REPO = Path(__file__).resolve().parents[1]
 CALLER = "+15550001111"
 SHIM_NUMBER = "+15550002222"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -13,9 +13,10 @@ except ImportError:  # pragma: no cover
 
 from shim.testing import load_asset
 from shim.testing.fake_realtime import Script
+from shim.testing.twilio_caller import keep_line_open
 
 from .harness import running_shim
-from .test_bridge_e2e import fetchrow, silent_until
+from .test_bridge_e2e import fetchrow
 
 GREETING = "Hi, thanks for calling Brightside Dental, this is Maya. How can I help?"
 ANSWER = "On Saturdays we are open from nine in the morning until one in the afternoon, and we also take walk ins."
@@ -40,7 +41,7 @@ async def test_greeting_modes(tmp_path, db_dsn):
                             assistant_overrides={"firstMessageMode": "assistant-speaks-first-with-model-generated-message"}) as run:
         caller = await run.place_call()
         session = await run.fake.wait_for_session()
-        await silent_until(caller, caller.wait_for_audio(1, timeout=10))
+        await keep_line_open(caller, caller.wait_for_audio(1, timeout=10))
         (create,) = session.events_of("response.create")
         assert "instructions" not in create.get("response", {})  # the model writes its own greeting
         await caller.stop()
@@ -55,7 +56,7 @@ async def test_short_noise_does_not_cut_the_assistant_off_but_sustained_speech_d
         session = await run.fake.wait_for_session()
         await caller.send_silence(200)
         await caller.send_audio(load_asset("caller_question"))
-        await silent_until(caller, caller.wait_for_audio(8000, timeout=10))  # the answer is playing
+        await keep_line_open(caller, caller.wait_for_audio(8000, timeout=10))  # the answer is playing
         await caller.send_audio(tone(120))  # a knock: the model's VAD hears speech...
         await caller.send_silence(1500)  # ...the shim's gate does not cut the assistant off
         assert caller.clears == 0
@@ -86,7 +87,7 @@ async def test_end_call_phrase_hangs_up_after_the_goodbye_is_heard(tmp_path, db_
         session = await run.fake.wait_for_session()
         await caller.send_silence(200)
         await caller.send_audio(load_asset("caller_question"))
-        await silent_until(caller, caller.wait_closed(timeout=15))  # the shim hangs up by itself
+        await keep_line_open(caller, caller.wait_closed(timeout=15))  # the shim hangs up by itself
         ended = await run.twilio_post("/twilio/stream-ended", {"CallSid": caller.call_sid})
         await run.drain()
     spoken = bytes(next(iter(session.audio_out.values())))
@@ -101,7 +102,7 @@ async def test_silence_timeout_and_max_duration_end_calls_as_vapi_names_them(tmp
         async with running_shim(tmp_path / name, db_dsn, Script(replies=["Okay."], audio_ms_per_char=20),
                                 assistant_overrides=overrides) as run:
             caller = await run.place_call()
-            await silent_until(caller, caller.wait_closed(timeout=15))  # the line stays open, nobody talks
+            await keep_line_open(caller, caller.wait_closed(timeout=15))  # the line stays open, nobody talks
             await run.drain()
         return caller.call_sid
 
@@ -121,8 +122,8 @@ async def test_background_sound_is_under_the_voice_when_on(tmp_path, db_dsn):
     async with running_shim(tmp_path, db_dsn, script, assistant_overrides={"backgroundSound": "office"}) as run:
         caller = await run.place_call()
         session = await run.fake.wait_for_session()
-        await silent_until(caller, caller.wait_for_audio(1, timeout=10))
-        await silent_until(caller, caller.wait_until_played(timeout=15))
+        await keep_line_open(caller, caller.wait_for_audio(1, timeout=10))
+        await keep_line_open(caller, caller.wait_until_played(timeout=15))
         await caller.stop()
     voice = bytes(next(iter(session.audio_out.values())))
     heard = bytes(caller.received_audio)
@@ -144,7 +145,7 @@ async def test_recording_starts_on_the_live_call_and_its_url_is_stored(tmp_path,
             async with running_shim(tmp_path / name, db_dsn, Script(audio_ms_per_char=20), assistant_overrides=overrides,
                                     twilio_account_sid=account, twilio_api_base=twilio_api.url) as run:
                 caller = await run.place_call()
-                await silent_until(caller, caller.wait_for_audio(1, timeout=10))
+                await keep_line_open(caller, caller.wait_for_audio(1, timeout=10))
                 await caller.stop()
                 await run.drain()
             call = await fetchrow(db_dsn, "SELECT recording_url FROM calls WHERE call_sid = $1", caller.call_sid)
@@ -161,8 +162,8 @@ async def test_a_recording_that_cannot_start_does_not_end_the_call(tmp_path, db_
     async with running_shim(tmp_path, db_dsn, Script(audio_ms_per_char=20), twilio_account_sid="AC" + "2" * 32,
                             twilio_api_base="http://127.0.0.1:9") as run:
         caller = await run.place_call()
-        await silent_until(caller, caller.wait_for_audio(1, timeout=10))
-        await silent_until(caller, caller.wait_until_played(timeout=10))
+        await keep_line_open(caller, caller.wait_for_audio(1, timeout=10))
+        await keep_line_open(caller, caller.wait_until_played(timeout=10))
         assert not caller.closed  # the call goes on
         await caller.stop()
         await run.drain()

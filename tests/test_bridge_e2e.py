@@ -4,7 +4,6 @@ Realtime model (validating every event against the openai SDK) on the other side
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 
 import asyncpg
@@ -14,7 +13,7 @@ import websockets
 from shim.testing import CALLER_INTERRUPT_TEXT, CALLER_QUESTION_TEXT, load_asset
 from shim.testing.fake_realtime import Script
 from shim.testing.pg_proxy import PgProxy
-from shim.testing.twilio_caller import sign
+from shim.testing.twilio_caller import keep_line_open, sign
 
 from .harness import API_KEY, AUTH_TOKEN, CALLER, SHIM_NUMBER, running_shim
 
@@ -51,28 +50,16 @@ async def fetchrow(dsn: str, sql: str, *args):
         await conn.close()
 
 
-async def silent_until(caller, condition) -> None:
-    """Twilio sends a frame every 20 ms whatever the caller does: keep the line open (silence)
-    while waiting for `condition`."""
-    line = asyncio.create_task(caller.send_silence(60_000))
-    try:
-        await condition
-    finally:
-        line.cancel()
-        with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
-            await line  # the shim may have hung up: the line is closed, which is fine
-
-
 async def converse(caller, session) -> None:
     """Greeting, a question, then an interruption of the answer once it has played a little."""
-    await silent_until(caller, caller.wait_for_audio(1, timeout=10))
-    await silent_until(caller, caller.wait_until_played(timeout=15))
+    await keep_line_open(caller, caller.wait_for_audio(1, timeout=10))
+    await keep_line_open(caller, caller.wait_until_played(timeout=15))
     await caller.send_audio(load_asset("caller_question"))
-    await silent_until(caller, session.wait_sent("response.created", count=2, timeout=10))
+    await keep_line_open(caller, session.wait_sent("response.created", count=2, timeout=10))
     await caller.send_silence(700)  # about half a second of the answer is heard
     await caller.send_audio(load_asset("caller_interrupt"))
-    await silent_until(caller, session.wait_sent("response.done", count=3, timeout=10))
-    await silent_until(caller, caller.wait_until_played(timeout=15))
+    await keep_line_open(caller, session.wait_sent("response.done", count=3, timeout=10))
+    await keep_line_open(caller, caller.wait_until_played(timeout=15))
 
 
 async def no_call_left(run) -> None:
@@ -307,7 +294,7 @@ async def test_shutdown_ends_live_calls_with_an_apology_and_keeps_their_rows(tmp
     async with running_shim(tmp_path, db_dsn, script(), drain_timeout_s=0.3) as run:
         caller = await run.place_call()
         session = await run.fake.wait_for_session()
-        await silent_until(caller, caller.wait_for_audio(1, timeout=10))
+        await keep_line_open(caller, caller.wait_for_audio(1, timeout=10))
     # leaving the block stops the server (as SIGTERM does) with the call still up
     await caller.wait_closed(timeout=5)
     await asyncio.wait_for(session.closed.wait(), 5)

@@ -13,10 +13,11 @@ import orjson
 from shim.testing.fake_customer import FakeCustomer, delay, invalid_json, reply_results, status
 from shim.testing.fake_openai_text import FakeOpenAIText
 from shim.testing.fake_realtime import Script, calls
+from shim.testing.twilio_caller import keep_line_open
 from tools.dtmf import detect_dtmf
 
 from .harness import SHIM_NUMBER, running_shim
-from .test_bridge_e2e import fetchrow, silent_until
+from .test_bridge_e2e import fetchrow
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vapi"
 DENTAL = json.loads((FIXTURES / "dental_receptionist.assistant.json").read_text())
@@ -67,7 +68,7 @@ async def test_an_unmodified_vapi_tool_endpoint_serves_the_call(tmp_path, db_dsn
             session = await run.fake.wait_for_session()
             (request,) = await customer.wait_for("tool-calls", timeout=10)
             await session.wait_sent("response.done", count=3, timeout=10)  # the call, the filler, the answer
-            await silent_until(caller, caller.wait_until_played(timeout=15))
+            await keep_line_open(caller, caller.wait_until_played(timeout=15))
             await caller.stop()
             (report,) = await customer.wait_for("end-of-call-report", timeout=15)
             await run.drain()
@@ -120,7 +121,7 @@ async def test_failures_become_outputs_the_model_can_speak_and_the_bot_never_goe
         async with running_shim(tmp_path, db_dsn, script, assistant_overrides=assistant(customer, tools)) as run:
             caller = await run.place_call()
             session = await run.fake.wait_for_session()
-            await silent_until(caller, session.wait_for("response.create", count=3, timeout=10))
+            await keep_line_open(caller, session.wait_for("response.create", count=3, timeout=10))
             await caller.stop()
             await run.drain()
     by_call = {fc["call_id"]: fc["name"] for fc in session.function_calls}
@@ -151,7 +152,7 @@ async def test_slow_tools_say_their_messages_while_the_webhook_runs(tmp_path, db
         async with running_shim(tmp_path, db_dsn, script, assistant_overrides=assistant(customer, [tool, silent])) as run:
             caller = await run.place_call()
             session = await run.fake.wait_for_session()
-            await silent_until(caller, session.wait_sent("response.done", count=4, timeout=10))
+            await keep_line_open(caller, session.wait_sent("response.done", count=4, timeout=10))
             await caller.stop()
     said = [e.get("response", {}).get("instructions", "") for e in session.events_of("response.create")]
     assert any(s.endswith('"Let me check that."') for s in said)
@@ -185,7 +186,7 @@ async def test_end_call_says_goodbye_then_hangs_up_through_the_connect_action(tm
         async with running_shim(tmp_path, db_dsn, script, assistant_overrides=overrides) as run:
             caller = await run.place_call()
             session = await run.fake.wait_for_session()
-            await silent_until(caller, caller.wait_closed(timeout=15))
+            await keep_line_open(caller, caller.wait_closed(timeout=15))
             ended = await run.twilio_post("/twilio/stream-ended", {"CallSid": caller.call_sid})
             await customer.wait_for("end-of-call-report", timeout=10)
             await run.drain()
@@ -204,7 +205,7 @@ async def test_transfer_dials_the_destination_from_any_instance(tmp_path, db_dsn
         script = Script(replies=[calls(("transferCall", {"destination": "+15557654321"}))], audio_ms_per_char=15)
         async with running_shim(tmp_path, db_dsn, script, assistant_overrides=assistant(customer, [transfer])) as run:
             caller = await run.place_call()
-            await silent_until(caller, caller.wait_closed(timeout=15))
+            await keep_line_open(caller, caller.wait_closed(timeout=15))
             run.shim.endings.clear()  # as if Twilio's action request reached another instance
             ended = await run.twilio_post("/twilio/stream-ended", {"CallSid": caller.call_sid, "To": SHIM_NUMBER})
     assert '<Dial answerOnBridge="true" callerId="+15550002222" timeout="60"><Number>+15557654321</Number></Dial>' in ended.text
@@ -221,7 +222,7 @@ async def test_a_transfer_without_destinations_asks_the_server(tmp_path, db_dsn)
         script = Script(replies=[calls(("transferCall", {}))], audio_ms_per_char=15)
         async with running_shim(tmp_path, db_dsn, script, assistant_overrides=assistant(customer, [{"type": "transferCall", "destinations": []}])) as run:
             caller = await run.place_call()
-            await silent_until(caller, caller.wait_closed(timeout=15))
+            await keep_line_open(caller, caller.wait_closed(timeout=15))
             ended = await run.twilio_post("/twilio/stream-ended", {"CallSid": caller.call_sid, "To": SHIM_NUMBER})
     assert customer.matching("transfer-destination-request") and customer.validation_errors == []
     assert "<Sip>sip:desk@example.com</Sip>" in ended.text
@@ -234,11 +235,11 @@ async def test_dtmf_both_ways(tmp_path, db_dsn):
         async with running_shim(tmp_path, db_dsn, script, assistant_overrides=overrides) as run:
             caller = await run.place_call()
             session = await run.fake.wait_for_session()
-            await silent_until(caller, session.wait_sent("response.done", count=2, timeout=10))
-            await silent_until(caller, caller.wait_until_played(timeout=10))
+            await keep_line_open(caller, session.wait_sent("response.done", count=2, timeout=10))
+            await keep_line_open(caller, caller.wait_until_played(timeout=10))
             for digit in "42#":
                 await caller.send_dtmf(digit)
-            await silent_until(caller, session.wait_for("response.create", count=3, timeout=10))
+            await keep_line_open(caller, session.wait_for("response.create", count=3, timeout=10))
             await caller.stop()
     assert detect_dtmf(bytes(caller.received_audio)).startswith("12#")  # the far end heard the tones
     entries = [e["item"]["content"][0]["text"] for e in session.events_of("conversation.item.create") if e["item"].get("role") == "user"]

@@ -49,7 +49,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from shim.testing.vapi_sdk_quirks import sdk_view
+from shim.testing.vapi_sdk_quirks import sdk_view, summarize
 from shim.testing._serve import LocalServer, ServedStandIn
 
 __all__ = [
@@ -118,16 +118,6 @@ def _warm_models() -> None:
         _model(name)
 
 
-def _summarize(exc: pydantic.ValidationError, limit: int = 6) -> str:
-    errors = exc.errors()
-    foreign = {tuple(e["loc"][:-1]) for e in errors
-               if e["type"] == "literal_error" and e["loc"] and e["loc"][-1] in ("provider", "type")}
-    relevant = [e for e in errors if not any(tuple(e["loc"][: len(f)]) == f for f in foreign)] or errors
-    shown = [".".join(str(p) for p in e["loc"]) + f" ({e['msg']})" for e in relevant[:limit]]
-    more = len(relevant) - len(shown)
-    return "; ".join(shown) + (f"; … {more} more" if more > 0 else "")
-
-
 def _stringify_arguments(calls: Any) -> None:
     for call in calls if isinstance(calls, list) else ():
         fn = call.get("function") if isinstance(call, dict) else None
@@ -164,7 +154,7 @@ def _check_artifact(art: Any, where: str, errors: list[str]) -> None:
         try:
             _model(name).model_validate(m)
         except pydantic.ValidationError as exc:
-            errors.append(f"{where}.messages[{i}] ({name}): {_summarize(exc)}")
+            errors.append(f"{where}.messages[{i}] ({name}): {summarize(exc)}")
     for key in ("messages", "messagesOpenAIFormatted"):
         for i, m in enumerate(art.get(key) or ()):
             calls = m.get("toolCalls" if key == "messages" else "tool_calls") if isinstance(m, dict) else None
@@ -210,7 +200,7 @@ def validate_server_message(body: Any) -> list[str]:
     try:
         _model(name).model_validate(view)
     except pydantic.ValidationError as exc:
-        errors.append(f"{name}: {_summarize(exc)}")
+        errors.append(f"{name}: {summarize(exc)}")
     _check_artifact(msg.get("artifact"), "message.artifact", errors)
     if isinstance(msg.get("call"), dict):
         _check_artifact(msg["call"].get("artifact"), "message.call.artifact", errors)

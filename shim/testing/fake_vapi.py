@@ -54,7 +54,7 @@ from vapi.core.pydantic_utilities import parse_obj_as
 from vapi.core.serialization import convert_and_respect_annotation_metadata
 from vapi.tools.types.get_tools_response import GetToolsResponse
 from vapi.types import Assistant
-from shim.testing.vapi_sdk_quirks import sdk_view
+from shim.testing.vapi_sdk_quirks import sdk_view, summarize
 from shim.testing._serve import LocalServer, ServedStandIn
 
 _TOOL_MEMBERS: dict[str, type] = {}
@@ -90,18 +90,6 @@ class _Fault:
 
 
 
-def _summarize(exc: pydantic.ValidationError, limit: int = 6) -> str:
-    """The errors of the union members that match the body's discriminants (`provider`, `type`):
-    pydantic reports every member of every union, which buries the real error."""
-    errors = exc.errors()
-    foreign = {tuple(e["loc"][:-1]) for e in errors
-               if e["type"] == "literal_error" and e["loc"] and e["loc"][-1] in ("provider", "type")}
-    relevant = [e for e in errors if not any(tuple(e["loc"][: len(f)]) == f for f in foreign)] or errors
-    shown = [".".join(str(p) for p in e["loc"]) + f" ({e['msg']})" for e in relevant[:limit]]
-    more = len(relevant) - len(shown)
-    return "; ".join(shown) + (f"; … {more} more" if more > 0 else "")
-
-
 @functools.cache
 def _union_adapter(tp: Any) -> pydantic.TypeAdapter:
     return pydantic.TypeAdapter(tp)  # ~0.7 s to build for the tool union: once per process
@@ -126,7 +114,7 @@ def validate_assistant(body: Any) -> None:
     try:
         parse_obj_as(Assistant, sdk_view(body))
     except pydantic.ValidationError as exc:
-        raise FakeVapiValidationError(f"assistant {body['id']}: not a valid Vapi Assistant: {_summarize(exc)}") from None
+        raise FakeVapiValidationError(f"assistant {body['id']}: not a valid Vapi Assistant: {summarize(exc)}") from None
     _VALID.add(key)
 
 
@@ -146,7 +134,7 @@ def validate_tool(body: Any) -> None:
         parse_obj_as(member, view)  # readable errors for the intended member
         _validate_union(GetToolsResponse, view)  # and the union GET /tool/{id} is declared as
     except pydantic.ValidationError as exc:
-        raise FakeVapiValidationError(f"tool {body['id']}: not a valid Vapi {member.__name__}: {_summarize(exc)}") from None
+        raise FakeVapiValidationError(f"tool {body['id']}: not a valid Vapi {member.__name__}: {summarize(exc)}") from None
     _VALID.add(key)
 
 

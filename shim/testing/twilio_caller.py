@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import binascii
 import secrets
 import warnings
 import wave
 from collections import deque
 from os import PathLike
-from typing import Any
+from typing import Any, Awaitable
 
 import httpx
 import numpy as np
@@ -492,3 +493,15 @@ def incoming_call_params(call_sid: str, from_: str, to: str, account_sid: str) -
     for role in ("Called", "Caller", "From", "To"):
         params.update({role + key: value for key, value in geo.items()})
     return params
+
+
+async def keep_line_open(caller: TwilioCaller, condition: Awaitable[Any]) -> None:
+    """Twilio sends a 20 ms frame all call long, whatever the caller does: send silence until
+    `condition` completes. The shim may hang up meanwhile; the closed line is then fine."""
+    line = asyncio.create_task(caller.send_silence(60_000))
+    try:
+        await condition
+    finally:
+        line.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await line

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pydantic
 
 _SIP_VERBS = {"refer", "bye", "dial"}
 _BACKOFF_TYPES = {"fixed", "exponential"}
@@ -58,3 +61,15 @@ def _fix_schema(schema: Any) -> None:
     enum = schema.get("enum")
     if isinstance(enum, list):
         schema["enum"] = [e if isinstance(e, str) else json.dumps(e) for e in enum]
+
+
+def summarize(exc: "pydantic.ValidationError", limit: int = 6) -> str:
+    """The errors of the union members that match the body's discriminants (`provider`, `type`):
+    pydantic reports every member of every union, which buries the real error."""
+    errors = exc.errors()
+    foreign = {tuple(e["loc"][:-1]) for e in errors
+               if e["type"] == "literal_error" and e["loc"] and e["loc"][-1] in ("provider", "type")}
+    relevant = [e for e in errors if not any(tuple(e["loc"][: len(f)]) == f for f in foreign)] or errors
+    shown = [".".join(str(p) for p in e["loc"]) + f" ({e['msg']})" for e in relevant[:limit]]
+    more = len(relevant) - len(shown)
+    return "; ".join(shown) + (f"; … {more} more" if more > 0 else "")
