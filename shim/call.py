@@ -245,9 +245,9 @@ class Call:
         self._pending_end: PendingEnd | None = None
         self._function_calls: list[dict[str, Any]] = []  # finished in the current response
         self._response_queue: deque[tuple[str, str]] = deque()  # (event_id, response.create) waiting
-        self._create_in_flight: str | None = None  # event_id of a response.create not yet started
-        self._sent_creates: dict[str, str] = {}
-        self._create_sent_at = 0.0
+        # (event_id, response.create) sent but not yet started or refused, and when it was sent
+        self._in_flight: tuple[str, str] | None = None
+        self._in_flight_since = 0.0
         self.tool_requests: list[ToolRequest] = []  # webhooks for the shell to run
         self._batch: ToolBatch | None = None
         self._tool_calls: dict[str, tuple[int, float, str]] = {}  # call_id -> (seq, started, name)
@@ -672,11 +672,10 @@ class Call:
         self._next_response()
 
     def _next_response(self) -> None:
-        if self._response_queue and self._response_id is None and self._create_in_flight is None:
+        if self._response_queue and self._response_id is None and self._in_flight is None:
             event_id, event = self._response_queue.popleft()
-            self._create_in_flight = event_id
-            self._create_sent_at = self.clock()
-            self._sent_creates = {event_id: event}
+            self._in_flight = (event_id, event)
+            self._in_flight_since = self.clock()
             self.model_out.append(event)
 
     def _on_response_created(self, event: dict) -> None:
@@ -686,8 +685,8 @@ class Call:
         ours = metadata.get("shim_id")
         purpose = metadata.get("purpose")
         self._response_id = response_id
-        if ours is not None and ours == self._create_in_flight:
-            self._create_in_flight = None
+        if self._in_flight is not None and ours == self._in_flight[0]:
+            self._in_flight = None
         if self._noise_items:
             noise, self._noise_items = self._noise_items, []
             if ours is None and self.clock() < self._noise_reply_until:
@@ -1077,17 +1076,15 @@ class Call:
         code = error.get("code")
         if code == "response_cancel_not_active":
             return  # benign race: the response ended before our cancel arrived
-        failed_create = error.get("event_id") is not None and error.get("event_id") == self._create_in_flight
+        failed_create = self._in_flight is not None and error.get("event_id") == self._in_flight[0]
         if failed_create and code == "conversation_already_has_active_response":
             # The server started a response of its own (the caller spoke) just before ours:
             # ours goes back to the front of the queue and is sent after that one.
-            event = self._sent_creates.get(self._create_in_flight)
-            if event is not None:
-                self._response_queue.appendleft((self._create_in_flight, event))
-            self._create_in_flight = None
+            self._response_queue.appendleft(self._in_flight)
+            self._in_flight = None
             return
         if failed_create:  # any other refusal: drop that request, never block the ones behind it
-            self._create_in_flight = None
+            self._in_flight = None
             self._next_response()
         self.metrics.model_error()
         self.record_event("model_error", code=code, message=str(error.get("message") or "")[:300], param=error.get("param"))
@@ -1129,9 +1126,9 @@ class Call:
         if batch is not None and batch.pending and now > batch.deadline:
             for call_id in list(batch.pending):  # a webhook task died without answering
                 self.on_tool_outcome(ToolOutcome(call_id, "timeout", NO_RESULT, None, "no answer", None, None))
-        if self._create_in_flight is not None and now - self._create_sent_at > 15:
+        if self._in_flight is not None and now - self._in_flight_since > 15:
             self.record_event("response_create_unanswered")  # neither created nor refused: move on
-            self._create_in_flight = None
+            self._in_flight = None
             self._next_response()
         policy = self.setup.policy
         if self._live_at is not None and now - self._live_at >= policy.max_duration_s:
