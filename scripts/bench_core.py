@@ -61,7 +61,7 @@ def main() -> None:
 
         def caller_frame():
             call.on_twilio_text(frame)
-            call.model_out.clear()
+            call.backend.out.clear()
 
         call.on_model_text(b'{"type":"response.created","response":{"id":"r1"}}')
 

@@ -162,11 +162,6 @@ class BridgeState:
             voice_overrides=dict(self.config.voice_map),
         )
 
-    def model_url(self) -> str:
-        base = self.config.openai_realtime_url
-        sep = "&" if "?" in base else "?"
-        return f"{base}{sep}model={self.config.openai_realtime_model}"
-
 
 class ModelListener(WSListener):
     def __init__(self, runner: CallRunner):
@@ -260,7 +255,7 @@ class CallRunner:
             send = self.twilio.send
             for frame in call.take_twilio_out():
                 send(frame)
-        if call.model_out and self.model is not None:
+        if call.backend.out and self.model is not None:
             model = self.model
             for event in call.take_model_out():
                 model.send(WSMsgType.TEXT, event.encode())
@@ -335,12 +330,13 @@ class CallRunner:
 
     async def _connect_model(self) -> None:
         call, config = self.call, self.state.config
-        headers = {"Authorization": f"Bearer {config.openai_api_key}"}
+        url, headers = call.backend.connect_target(config.openai_realtime_url, config.openai_realtime_model,
+                                                   config.openai_api_key)
         try:
             transport, _listener = await asyncio.wait_for(
                 ws_connect(
                     lambda: ModelListener(self),
-                    self.state.model_url(),
+                    url,
                     extra_headers=headers,
                     websocket_handshake_timeout=config.model_connect_timeout_s,
                     max_frame_size=16 * 1024 * 1024,

@@ -1,11 +1,16 @@
-"""One phone call as a sans-I/O state machine: Twilio frames and Realtime events in, frames,
-events and database rows out. No sockets, no awaits, no clocks of its own (they are injected),
-so every behaviour here is tested without a network.
+"""One phone call as a sans-I/O state machine: Twilio frames and typed model events in, frames,
+model commands and database rows out. No sockets, no awaits, no clocks, randomness or ids of
+its own (they are injected), so every behaviour here is tested without a network.
 
-After feeding an input, the I/O shell drains `twilio_out` and `model_out` (strings to send),
-`tool_requests` (webhooks to run, answered through `on_tool_outcome`) and `server_out` (Vapi
-server messages to deliver); it resolves the assistant once `start` is set (`on_setup`), opens
-the model socket, and closes everything once `end` is set.
+The model sits behind one seam (`shim.model_events.ModelBackend`, today `shim.openai_realtime`):
+the call gives it commands (append audio, create/cancel a response, truncate...) and the backend
+queues its wire frames in `backend.out`; `on_model_text` hands a frame to the backend, which
+calls back `on_model_audio` (the hot path) or `on_model_event` with a typed event.
+
+After feeding an input, the I/O shell drains `twilio_out` and the backend's frames (strings to
+send), `tool_requests` (webhooks to run, answered through `on_tool_outcome`) and `server_out`
+(Vapi server messages to deliver); it resolves the assistant once `start` is set (`on_setup`),
+opens the model socket, and closes everything once `end` is set.
 
 A frame in -> a frame out is one synchronous call: caller audio becomes one
 `input_audio_buffer.append`, model audio becomes one Twilio `media` + one `mark`. Rows go to the
@@ -30,13 +35,14 @@ try:  # the stdlib module below 3.13, the audioop-lts package from 3.13 on
 except ImportError:  # pragma: no cover
     import audioop_lts as audioop  # type: ignore[no-redef]
 
-from . import realtime_events as rt
+from . import model_events as me
 from . import twilio_media as tw
 from .assistant import AssistantError, AssistantNotFound, render
 from tools import envelope
 from tools.dtmf import DtmfError, KeypadBuffer, dtmf_ulaw, keypad_text, validate_keys
 from tools.results import NO_RESULT, ToolOutcome, async_outcome, tool_message
 
+from .openai_realtime import OpenAIRealtime, counter_ids
 from .tool_schema import ToolBinding
 from .translate import CallSetup
 
@@ -190,8 +196,15 @@ class Call:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        backend: me.ModelBackend | None = None,
+        new_id: Callable[[], str] | None = None,
     ):
         self.records = records
+        self._new_id = new_id or counter_ids()
+        # The model, behind the one seam (shim.model_events.ModelBackend): commands in, wire
+        # frames queued in backend.out for the shell, events back through on_model_*.
+        self.backend: me.ModelBackend = backend or OpenAIRealtime(self._new_id)
+        self._unhandled_seen: set[str] = set()
         self.log = log
         self.metrics = metrics or NoMetrics()
         self.clock = clock
@@ -200,7 +213,6 @@ class Call:
 
         self.phase = Phase.AWAITING_START
         self.twilio_out: list[str] = []
-        self.model_out: list[str] = []
         self.end: End | None = None
         self.start: tw.Start | None = None  # set on `start`: the shell then resolves the assistant
         self.info: envelope.CallInfo | None = None  # who/what the call is, for Vapi's envelopes
@@ -243,10 +255,11 @@ class Call:
         self._noise_reply_until = 0.0
         self._noise_items: list[str] = []
         self._pending_end: PendingEnd | None = None
-        self._function_calls: list[dict[str, Any]] = []  # finished in the current response
-        self._response_queue: deque[tuple[str, str]] = deque()  # (event_id, response.create) waiting
-        # (event_id, response.create) sent but not yet started or refused, and when it was sent
-        self._in_flight: tuple[str, str] | None = None
+        self._function_calls: list[me.FunctionCall] = []  # finished in the current response
+        # response requests waiting: (request_id, instructions, purpose)
+        self._response_queue: deque[tuple[str, str | None, str]] = deque()
+        # the request sent but not yet started or refused, and when it was sent
+        self._in_flight: tuple[str, str | None, str] | None = None
         self._in_flight_since = 0.0
         self.tool_requests: list[ToolRequest] = []  # webhooks for the shell to run
         self._batch: ToolBatch | None = None
@@ -381,6 +394,7 @@ class Call:
             started_at=self._wall_at(self._mono0), variable_values=setup.policy.variable_values,
         )
         self.keypad = KeypadBuffer(setup.policy.keypad_plan)
+        self.backend.configure(setup.session)  # sent once the model's session exists
         self.records.upsert(
             "calls",
             {"call_sid": self.call_sid, "assistant_id": setup.assistant_id, "assistant_name": setup.assistant_name or None,
@@ -412,7 +426,7 @@ class Call:
                 self._breaks_at.append(self._input_ms)
                 self._breaks_offset.append(offset)
         self._input_ms += tw.b64_decoded_len(payload) / tw.MULAW_BYTES_PER_MS
-        self.model_out.append(rt.append_audio(payload))
+        self.backend.append_audio(payload)
 
     def on_mark(self, name: str) -> None:
         entry = self._marks.pop(name, None)
@@ -438,7 +452,7 @@ class Call:
 
     def _keypad_entry(self, digits: str) -> None:
         text = keypad_text(digits)
-        self.model_out.append(rt.item_create_message("user", text))
+        self.backend.add_message("user", text)
         self._artifact_add(("k", self.clock()), "user", text, self.clock())
         self._request_response()
 
@@ -481,30 +495,32 @@ class Call:
         self._finish(reason, {"verb": "hangup", "say": APOLOGY})
 
     def on_model_text(self, text: str | bytes) -> None:
-        try:
-            event = orjson.loads(text)
-            kind = event["type"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            self.log.warning("model_event_rejected", frame=str(text)[:120])
-            return
-        handler = self._handlers.get(kind)
+        """One frame from the model socket: the backend decodes it and calls back
+        on_model_audio (the hot path) or on_model_event (everything else)."""
+        self.backend.feed(text, self)
+
+    def on_model_event_rejected(self, error: me.ModelProtocolError) -> None:
+        # Bad input loses nothing already accepted: log it, keep the call.
+        self.log.warning("model_event_rejected", error=str(error)[:300])
+
+    def on_model_event(self, event: me.ModelEvent) -> None:
+        handler = self._handlers.get(type(event))
         if handler is not None:
             handler(self, event)
+        elif type(event) is me.Unhandled and event.kind not in self._unhandled_seen and len(self._unhandled_seen) < 64:
+            self._unhandled_seen.add(event.kind)
+            self.log.debug("model_event_unhandled", kind=event.kind)  # once per kind and call
 
-    def _on_session_created(self, event: dict) -> None:
-        assert self.setup is not None
-        self.model_out.append(rt.session_update(self.setup.session))
-
-    def _on_session_updated(self, event: dict) -> None:
+    def _on_session_rejected(self, event: me.SessionRejected) -> None:
         if self.phase is not Phase.CONFIGURING:
             return
-        audio = (event.get("session") or {}).get("audio") or {}
-        formats = [((audio.get(side) or {}).get("format") or {}).get("type") for side in ("input", "output")]
-        if formats != ["audio/pcmu", "audio/pcmu"]:
-            # Relaying μ-law into a PCM session would play static to the caller: end cleanly.
-            self.record_event("session_format_mismatch", formats=formats)
-            self.log.error("session_format_mismatch", formats=formats)
-            self._finish("pipeline-error-openai-400-bad-request-validation-failed", {"verb": "hangup", "say": APOLOGY})
+        # e.g. relaying μ-law into a PCM session would play static to the caller: end cleanly.
+        self.record_event("session_format_mismatch", formats=event.formats)
+        self.log.error("session_format_mismatch", formats=event.formats, detail=event.detail)
+        self._finish("pipeline-error-openai-400-bad-request-validation-failed", {"verb": "hangup", "say": APOLOGY})
+
+    def _on_session_ready(self, event: me.SessionReady) -> None:
+        if self.phase is not Phase.CONFIGURING:
             return
         self.phase = Phase.LIVE
         self._live_at = self.clock()
@@ -513,7 +529,7 @@ class Call:
         assert self.setup is not None
         greeting = self.setup.greeting
         for role, text in self.setup.policy.few_shot:
-            self.model_out.append(rt.item_create_message(role, text))
+            self.backend.add_message(role, text)
         if greeting.mode == "assistant-speaks-first":
             self._request_response("Greet the caller. " + SAY_EXACTLY.format(text=greeting.text), "greeting")
         elif greeting.mode == "assistant-speaks-first-with-model-generated-message":
@@ -529,13 +545,13 @@ class Call:
         i = max(bisect_right(self._breaks_at, audio_ms) - 1, 0)
         return self._stream_t0 + (audio_ms + self._breaks_offset[i]) / 1000
 
-    def _on_speech_started(self, event: dict) -> None:
+    def _on_speech_started(self, event: me.SpeechStarted) -> None:
         now = self.clock()
         self._last_activity = now
-        item_id = str(event.get("item_id") or f"user_{self._seq + 1}")
+        item_id = event.item_id or f"user_{self._seq + 1}"
         # audio_start_ms includes the prefix padding the server keeps before detected speech
         assert self.setup is not None
-        onset_ms = (event.get("audio_start_ms") or 0) + self.setup.policy.prefix_padding_ms
+        onset_ms = (event.audio_start_ms or 0) + self.setup.policy.prefix_padding_ms
         started = min(now, self._input_time(onset_ms))
         turn = UserTurn(self._next_seq(), item_id, started)
         self._user_turns[item_id] = turn
@@ -591,7 +607,7 @@ class Call:
         if self._pending_end is not None and self._pending_end.cancellable:
             self._pending_end = None  # the goodbye was not heard: don't hang up on the caller
         if generating:
-            self.model_out.append(rt.response_cancel(self._response_id))
+            self.backend.cancel_response(self._response_id)
         if playing:
             self.twilio_out.append(tw.clear_frame(self.stream_sid))
             self._marks.clear()  # their echoes now mean "discarded", not "played"
@@ -606,23 +622,23 @@ class Call:
             item.interrupted = True
             heard_ms = item.played_bytes // tw.MULAW_BYTES_PER_MS
             if heard_ms > 0:
-                self.model_out.append(rt.item_truncate(item.item_id, heard_ms))
+                self.backend.truncate_item(item.item_id, heard_ms)
             else:
                 # Nothing of it reached the caller: truncating at 0 is rejected by the API, and
                 # the model must not believe it said these words.
-                self.model_out.append(rt.item_delete(item.item_id))
+                self.backend.delete_item(item.item_id)
             self._record_item(item)
         self.record_event("barge_in", response_id=self._response_id)
         self.log.info("barge_in", response_id=self._response_id)
 
-    def _on_speech_stopped(self, event: dict) -> None:
+    def _on_speech_stopped(self, event: me.SpeechStopped) -> None:
         now = self.clock()
         self._last_activity = now
         assert self.setup is not None
         # audio_end_ms includes the silence window that confirmed the end of the turn.
-        ended = self._input_time(event.get("audio_end_ms")) - self.setup.policy.silence_duration_ms / 1000
+        ended = self._input_time(event.audio_end_ms) - self.setup.policy.silence_duration_ms / 1000
         self._turn_end = min(now, ended)
-        item_id = str(event.get("item_id"))
+        item_id = event.item_id
         turn = self._user_turns.get(item_id)
         if turn is not None:
             self.records.upsert(
@@ -639,8 +655,8 @@ class Call:
             self._ignored_turns.add(item_id)
             self.record_event("interruption_ignored", item_id=item_id)
 
-    def _on_transcription_completed(self, event: dict) -> None:
-        item_id = str(event.get("item_id") or "")
+    def _on_user_transcript(self, event: me.UserTranscript) -> None:
+        item_id = event.item_id
         turn = self._user_turns.get(item_id)
         if turn is None:  # no speech_started seen (e.g. a manual commit): place it now
             turn = self._user_turns[item_id] = UserTurn(self._next_seq(), item_id, self.clock())
@@ -649,7 +665,7 @@ class Call:
                 {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "item_id": item_id,
                  "started_at": self._wall_at(self.clock())},
             )
-        text = str(event.get("transcript") or "")
+        text = event.text
         self.records.upsert(
             "utterances",
             {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "text": self._keep_text(text)},
@@ -666,24 +682,18 @@ class Call:
         is, or one we asked for has not started yet, requests wait here, in order. Our requests
         carry their event_id in the response metadata, so the response.created that answers
         one is told apart from a response the server started on its own (the caller spoke)."""
-        event_id = rt.new_event_id()
-        event = rt.response_create(instructions, {"purpose": purpose, "shim_id": event_id}, event_id)
-        self._response_queue.append((event_id, event))
+        self._response_queue.append((self._new_id(), instructions, purpose))
         self._next_response()
 
     def _next_response(self) -> None:
         if self._response_queue and self._response_id is None and self._in_flight is None:
-            event_id, event = self._response_queue.popleft()
-            self._in_flight = (event_id, event)
+            request = self._response_queue.popleft()
+            self._in_flight = request
             self._in_flight_since = self.clock()
-            self.model_out.append(event)
+            self.backend.create_response(*request)
 
-    def _on_response_created(self, event: dict) -> None:
-        response = event.get("response") or {}
-        response_id = str(response.get("id") or "")
-        metadata = response.get("metadata") if isinstance(response.get("metadata"), dict) else {}
-        ours = metadata.get("shim_id")
-        purpose = metadata.get("purpose")
+    def _on_response_started(self, event: me.ResponseStarted) -> None:
+        response_id, ours, purpose = event.response_id, event.request_id, event.purpose
         self._response_id = response_id
         if self._in_flight is not None and ours == self._in_flight[0]:
             self._in_flight = None
@@ -691,25 +701,26 @@ class Call:
             noise, self._noise_items = self._noise_items, []
             if ours is None and self.clock() < self._noise_reply_until:
                 # the server's own reply to a turn the gate judged to be noise
-                self.model_out.append(rt.response_cancel(response_id))
+                self.backend.cancel_response(response_id)
                 self._cancelled.add(response_id)
                 for item_id in noise:  # keep the noise out of the model's context
-                    self.model_out.append(rt.item_delete(item_id))
+                    self.backend.delete_item(item_id)
                 return
         if purpose == "greeting":
             self._greeting_response_id = response_id
         if purpose == "goodbye" and self._pending_end is not None:
             self._pending_end.awaiting_goodbye = False
 
-    def _on_audio_delta(self, event: dict) -> None:
-        item_id = event.get("item_id")
-        delta = event.get("delta")
-        if not isinstance(delta, str) or not isinstance(item_id, str) or self.phase is not Phase.LIVE:
+    def _on_audio_delta(self, event: me.AudioDelta) -> None:
+        self.on_model_audio(event.response_id, event.item_id, event.audio_b64)
+
+    def on_model_audio(self, response_id: str, item_id: str, delta: str) -> None:
+        """One chunk of the assistant's voice (the hot path): one Twilio media + one mark."""
+        if self.phase is not Phase.LIVE:
             return
         item = self._items.get(item_id)
         now = self.clock()
         if item is None:
-            response_id = str(event.get("response_id") or "")
             if response_id in self._cancelled:
                 return  # a late delta of a response the caller interrupted
             item = self._new_item(item_id, response_id, now)
@@ -753,22 +764,19 @@ class Call:
         self.records.upsert("utterances", row)
         return item
 
-    def _on_transcript_delta(self, event: dict) -> None:
-        delta = event.get("delta")
-        if not isinstance(delta, str):
-            return
-        item_id = str(event.get("item_id"))
+    def _on_transcript_delta(self, event: me.TranscriptDelta) -> None:
+        delta, item_id = event.text, event.item_id
         item = self._items.get(item_id)
         if item is not None:
             item.transcript.append(delta)
         elif len(self._early_transcript) < 16:  # text may arrive before the item's first audio
             self._early_transcript.setdefault(item_id, []).append(delta)
 
-    def _on_transcript_done(self, event: dict) -> None:
-        item = self._items.get(str(event.get("item_id")))
-        if item is None or not isinstance(event.get("transcript"), str):
+    def _on_transcript_done(self, event: me.TranscriptDone) -> None:
+        item = self._items.get(event.item_id)
+        if item is None:
             return
-        item.final_transcript = event["transcript"]
+        item.final_transcript = event.text
         self._record_item(item)
         assert self.setup is not None
         said = item.final_transcript.lower()
@@ -805,11 +813,8 @@ class Call:
             return None
         return text.replace("\x00", "") if "\x00" in text else text  # Postgres text cannot hold NUL
 
-    def _on_output_item_done(self, event: dict) -> None:
-        item = event.get("item") or {}
-        if item.get("type") == "function_call" and item.get("status") == "completed":
-            # Run tools only from a completed item (arguments.done also fires on cancelled ones).
-            self._function_calls.append(item)
+    def _on_function_call(self, event: me.FunctionCall) -> None:
+        self._function_calls.append(event)  # run when the response is done
 
     def _retire(self, item: AssistantItem) -> None:
         """An item fully generated and fully heard: record it for good and forget it, so a long
@@ -818,19 +823,18 @@ class Call:
             self._record_item(item, final=True)
             del self._items[item.item_id]
 
-    def _on_response_done(self, event: dict) -> None:
-        response = event.get("response") or {}
-        response_id = response.get("id")
+    def _on_response_done(self, event: me.ResponseDone) -> None:
+        response_id = event.response_id
         if response_id == self._response_id:
             self._response_id = None
         for item in [i for i in self._items.values() if i.response_id == response_id]:
             item.done = True
             if item.dropped or item.played_bytes >= item.sent_bytes:
                 self._retire(item)
-        status = response.get("status")
+        status = event.status
         if status == "failed":
             self.metrics.model_error()
-            detail = (response.get("status_details") or {}).get("error")
+            detail = event.error
             self.record_event("response_failed", error=detail)
             self.log.error("response_failed", error=detail)
         calls, self._function_calls = self._function_calls, []
@@ -847,7 +851,7 @@ class Call:
     # dtmf). Every call_id gets a function_call_output; when the last one is in, exactly one
     # response.create follows (or the tool's own spoken message, as Vapi does).
 
-    def _run_function_calls(self, calls: list[dict[str, Any]]) -> None:
+    def _run_function_calls(self, calls: list[me.FunctionCall]) -> None:
         assert self.setup is not None
         bindings = {b.realtime_name: b for b in self.setup.tools}
         # A response may call tools while an earlier batch still waits (the caller spoke, the
@@ -855,10 +859,10 @@ class Call:
         batch = self._batch if self._batch is not None else ToolBatch()
         start_message = None
         for call in calls:
-            name, call_id = str(call.get("name") or ""), str(call.get("call_id") or "")
+            name, call_id = call.name, call.call_id
             binding = bindings.get(name)
             try:
-                arguments = orjson.loads(call.get("arguments") or "{}")
+                arguments = orjson.loads(call.arguments)
             except orjson.JSONDecodeError:
                 arguments = None
             if not isinstance(arguments, dict):
@@ -943,7 +947,7 @@ class Call:
         batch, self._batch = self._batch, None
         assert batch is not None and self.setup is not None
         for note in batch.system_notes:
-            self.model_out.append(rt.item_create_message("system", note))
+            self.backend.add_message("system", note)
         if batch.transfer is not None:
             self._end_after_playback("assistant-forwarded-call", say_first=batch.transfer_say,
                                      next_action=batch.transfer)
@@ -956,7 +960,7 @@ class Call:
 
     def _tool_output(self, call_id: str, output: str, status: str, *, name: str | None = None,
                      result: str | None = None, error: str | None = None, url: str | None = None) -> None:
-        self.model_out.append(rt.function_call_output(call_id, output))
+        self.backend.send_tool_result(call_id, output)
         info = self._tool_calls.get(call_id)
         if info is not None:
             seq, started, tool_name = info
@@ -1071,13 +1075,10 @@ class Call:
         if not self._marks or self.clock() >= pending.deadline:
             self._finish(pending.reason, pending.next_action)
 
-    def _on_error(self, event: dict) -> None:
-        error = event.get("error") or {}
-        code = error.get("code")
-        if code == "response_cancel_not_active":
-            return  # benign race: the response ended before our cancel arrived
-        failed_create = self._in_flight is not None and error.get("event_id") == self._in_flight[0]
-        if failed_create and code == "conversation_already_has_active_response":
+    def _on_error(self, event: me.ModelError) -> None:
+        code = event.code
+        failed_create = self._in_flight is not None and event.request_id == self._in_flight[0]
+        if failed_create and event.busy:
             # The server started a response of its own (the caller spoke) just before ours:
             # ours goes back to the front of the queue and is sent after that one.
             self._response_queue.appendleft(self._in_flight)
@@ -1087,27 +1088,27 @@ class Call:
             self._in_flight = None
             self._next_response()
         self.metrics.model_error()
-        self.record_event("model_error", code=code, message=str(error.get("message") or "")[:300], param=error.get("param"))
-        self.log.warning("model_error", code=code, message=str(error.get("message") or "")[:300])
-        if code in ("session_expired", "invalid_api_key"):
+        self.record_event("model_error", code=code, message=event.message, param=event.param)
+        self.log.warning("model_error", code=code, message=event.message)
+        if event.fatal:
             self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
         elif self.phase is Phase.CONFIGURING:
             # session.update refused (a voice, a tool schema...): the call cannot be configured.
             self._finish("pipeline-error-openai-400-bad-request-validation-failed", {"verb": "hangup", "say": APOLOGY})
 
-    _handlers: dict[str, Callable[[Call, dict], None]] = {
-        "session.created": _on_session_created,
-        "session.updated": _on_session_updated,
-        "input_audio_buffer.speech_started": _on_speech_started,
-        "input_audio_buffer.speech_stopped": _on_speech_stopped,
-        "conversation.item.input_audio_transcription.completed": _on_transcription_completed,
-        "response.created": _on_response_created,
-        "response.output_audio.delta": _on_audio_delta,
-        "response.output_audio_transcript.delta": _on_transcript_delta,
-        "response.output_audio_transcript.done": _on_transcript_done,
-        "response.output_item.done": _on_output_item_done,
-        "response.done": _on_response_done,
-        "error": _on_error,
+    _handlers: dict[type, Callable[[Call, Any], None]] = {
+        me.SessionReady: _on_session_ready,
+        me.SessionRejected: _on_session_rejected,
+        me.SpeechStarted: _on_speech_started,
+        me.SpeechStopped: _on_speech_stopped,
+        me.UserTranscript: _on_user_transcript,
+        me.ResponseStarted: _on_response_started,
+        me.AudioDelta: _on_audio_delta,
+        me.TranscriptDelta: _on_transcript_delta,
+        me.TranscriptDone: _on_transcript_done,
+        me.FunctionCall: _on_function_call,
+        me.ResponseDone: _on_response_done,
+        me.ModelError: _on_error,
     }
 
     # --- time ----------------------------------------------------------------------------
@@ -1167,7 +1168,8 @@ class Call:
         return out
 
     def take_model_out(self) -> list[str]:
-        out, self.model_out = self.model_out, []
+        backend = self.backend
+        out, backend.out = backend.out, []
         return out
 
 
