@@ -36,7 +36,7 @@ def live_call(background: str) -> Call:
     if background != "off":
         from shim.background import BackgroundMixer, load_office_ambience
 
-        call.mixer = BackgroundMixer(load_office_ambience())
+        call.on_background_ready(BackgroundMixer(load_office_ambience()))
     call.take_model_out()
     return call
 

@@ -48,7 +48,17 @@ from tools.secrets import SecretsBook, ServerTarget, resolve_server
 
 from .translate import CallSetup, translate
 from .twilio_rest import REST_TIMEOUT_S, TwilioRestError, start_recording
-from .call import Call, RecordSink, ToolRequest
+from .call import Call, RecordSink
+from .call_effects import (
+    CallEnded,
+    ConnectModel,
+    DeliverServerMessage,
+    Effect,
+    LoadBackground,
+    ResolveAssistant,
+    StartRecording,
+    ToolRequest,
+)
 from .config import Config
 
 log = structlog.get_logger("shim.bridge")
@@ -93,7 +103,7 @@ class BridgeState:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             for runner in list(self.runners):
-                if runner.call.start is not None and not runner.ended.is_set():
+                if runner.task is not None and not runner.ended.is_set():
                     runner.tick()
 
     def stream_token(self, call_sid: str) -> str:
@@ -259,32 +269,65 @@ class CallRunner:
             model = self.model
             for event in call.take_model_out():
                 model.send(WSMsgType.TEXT, event.encode())
-        if call.tool_requests:
-            self._dispatch_tools(call.take_tool_requests())
-        if call.server_out:
-            for kind, body in call.take_server_messages():
-                self._deliver(kind, body)
-        if call.start is not None and self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self.run(), name=f"call:{call.call_sid}")
-        if call.end is not None and not self.ended.is_set():
-            self.ended.set()
-            if self.task is None:
-                self._close_twilio()
+        if call.effects:
+            self._run_effects(call.take_effects())
 
-    async def run(self) -> None:
+    def _run_effects(self, effects: list[Effect]) -> None:
+        """Carry out what the core asked for, in order (shim.call_effects)."""
+        tools: list[ToolRequest] = []
+        loop = asyncio.get_running_loop()
+        for effect in effects:
+            kind = type(effect)
+            if kind is ToolRequest:
+                tools.append(effect)
+            elif kind is DeliverServerMessage:
+                self._deliver(effect.kind, effect.body)
+            elif kind is ResolveAssistant:
+                if self.task is None:
+                    self.task = loop.create_task(self.run(effect.start), name=f"call:{self.call.call_sid}")
+            elif kind is ConnectModel:
+                self._start_side_task(self._connect_model(), "model connect")
+            elif kind is StartRecording:
+                self._recording = loop.create_task(self._start_recording(effect.account_sid, effect.call_sid))
+            elif kind is LoadBackground:
+                self._start_side_task(self._load_background(effect.sound), "background sound")
+            elif kind is CallEnded:
+                if not self.ended.is_set():
+                    self.ended.set()
+                    if self.task is None:
+                        self._close_twilio()
+        if tools:
+            self._dispatch_tools(tools)
+
+    def _start_side_task(self, coro, where: str) -> None:
+        """Set-up work of this call (model socket, background sound): ends with the call, and an
+        unexpected failure ends this call only."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._fail(where)
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self, start: tw.Start) -> None:
         call = self.call
         try:
-            await self._resolve()
-            if call.end is None:
-                # Side work never holds up the call: the recording is started in a task of the
-                # call, the background sound loads while the model socket opens.
-                self._recording = asyncio.get_running_loop().create_task(self._start_recording())
-                await asyncio.gather(self._connect_model(), self._load_background())
+            await self._resolve(start)
             await self.ended.wait()  # timers: BridgeState.tick_forever ticks every live call
         except Exception:
             log.exception("call_runner_failed", call_sid=call.call_sid)
             call.abort("call.in-progress.error-vapifault-worker-died")
         finally:
+            for task in list(self._tasks):
+                task.cancel()  # set-up work and webhooks nobody is waiting for any more
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
             model, self.model = self.model, None
             if model is not None:
                 model.send_close(WSCloseCode.OK)
@@ -295,10 +338,6 @@ class CallRunner:
                 # decision durable before Twilio asks for it (bounded).
                 await self.state.drain(2.0)
             self._close_twilio()
-            for task in list(self._tasks):
-                task.cancel()  # webhooks nobody is waiting for any more
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._recording is not None:
                 # A recording being started is let finish (bounded), so its URL is kept.
                 await asyncio.wait({self._recording}, timeout=REST_TIMEOUT_S + 1)
@@ -309,19 +348,18 @@ class CallRunner:
                 self.state.post_call.add(post)
                 post.add_done_callback(self.state.post_call.discard)
 
-    async def _resolve(self) -> None:
+    async def _resolve(self, start: tw.Start) -> None:
         call = self.call
-        assert call.start is not None
-        if not self.state.start_token_ok(call.start):
+        if not self.state.start_token_ok(start):
             log.warning("stream_token_rejected", call_sid=call.call_sid)
             call.on_setup_failed(AssistantError("start.customParameters.token", "(redacted)", "the token the voice webhook issued for this CallSid"))
             self.pump()
             return
         if self.state.number_lookup is not None:
-            number = await self.state.number_lookup(call.start.custom_parameters.get("to", ""))
+            number = await self.state.number_lookup(start.custom_parameters.get("to", ""))
             self.number_server_url = (number or {}).get("server_url")
         try:
-            setup = await self.state.resolve_setup(call.start)
+            setup = await self.state.resolve_setup(start)
         except AssistantError as exc:
             call.on_setup_failed(exc)
         else:
@@ -360,28 +398,22 @@ class CallRunner:
         call.on_model_connected()
         self.pump()
 
-    async def _start_recording(self) -> None:
+    async def _start_recording(self, account_sid: str, call_sid: str) -> None:
         """artifactPlan.recordingEnabled (Vapi's default): Twilio records the live call in two
         channels; the URL goes on the call row."""
         call, config = self.call, self.state.config
-        if call.setup is None or not call.setup.policy.recording:
-            return
         if not (config.twilio_account_sid and config.twilio_auth_token):
             call.record_event("recording_skipped", reason="TWILIO_ACCOUNT_SID/TWILIO_AUTH_TOKEN not set")
             return
         try:
-            url = await asyncio.to_thread(start_recording, config, call.account_sid, call.call_sid)
+            url = await asyncio.to_thread(start_recording, config, account_sid, call_sid)
         except TwilioRestError as exc:
             log.warning("recording_failed", call_sid=call.call_sid, error=str(exc))
             call.record_event("recording_failed", error=str(exc))
             return
         call.on_recording_started(url)
 
-    async def _load_background(self) -> None:
-        setup = self.call.setup
-        if setup is None or setup.policy.background_sound == "off":
-            return
-        sound = setup.policy.background_sound
+    async def _load_background(self, sound: str) -> None:
         try:
             ambience = await ambience_for(sound, self.state.http())
         except Exception as exc:  # AmbienceError, and anything unexpected: the call goes on
@@ -390,7 +422,7 @@ class CallRunner:
             self.call.record_event("background_sound_unavailable", error=str(exc))
             ambience = await ambience_for("office", self.state.http())
         if ambience:
-            self.call.mixer = BackgroundMixer(ambience)
+            self.call.on_background_ready(BackgroundMixer(ambience))
 
     # --- webhooks (off the audio path: tasks of this call, fed back through the core) ----------
 
@@ -576,9 +608,8 @@ class CallRunner:
         if "end-of-call-report" in setup.policy.server_messages:
             target = self._target(None)
             if target is not None and state.sender is not None:
-                ended_at = call._wall_at(call.clock())
                 body = envelope.end_of_call_report(
-                    info, ended_reason=end.reason, ended_at=ended_at, messages=messages, now_ms=_now_ms(),
+                    info, ended_reason=end.reason, ended_at=end.ended_at, messages=messages, now_ms=_now_ms(),
                     recording_url=call.recording_url,
                     analysis={k: v for k, v in (analysis or {}).items() if v is not None} or None,
                 )

@@ -20,6 +20,7 @@ injected RecordSink, whose `upsert`/`insert` only enqueue.
 from __future__ import annotations
 
 import base64
+import random
 import time
 from bisect import bisect_right
 from collections import deque
@@ -36,6 +37,17 @@ except ImportError:  # pragma: no cover
     import audioop_lts as audioop  # type: ignore[no-redef]
 
 from . import model_events as me
+from .call_effects import (  # noqa: F401  (End and ToolRequest are part of this module's interface)
+    CallEnded,
+    ConnectModel,
+    DeliverServerMessage,
+    Effect,
+    End,
+    LoadBackground,
+    ResolveAssistant,
+    StartRecording,
+    ToolRequest,
+)
 from . import twilio_media as tw
 from .assistant import AssistantError, AssistantNotFound, render
 from tools import envelope
@@ -91,12 +103,6 @@ class Phase(Enum):
     ENDED = "ended"
 
 
-@dataclass(frozen=True)
-class End:
-    reason: str  # Vapi endedReason vocabulary
-    next_action: dict[str, Any]  # what /twilio/stream-ended answers
-
-
 @dataclass(slots=True)
 class AssistantItem:
     """One assistant message item's audio on its way to the caller."""
@@ -147,19 +153,6 @@ class PendingEnd:
 
 
 @dataclass(slots=True)
-class ToolRequest:
-    """Work for the shell: a webhook to call for one function call (the core decides, the shell
-    does the I/O and feeds the answer back through on_tool_outcome / on_transfer_destination)."""
-
-    call_id: str
-    binding: ToolBinding
-    arguments: dict[str, Any]
-    seq: int
-    fire_and_forget: bool = False  # async tools: the model was answered already
-    kind: str = "tool-calls"  # or "transfer-destination-request"
-
-
-@dataclass(slots=True)
 class ToolBatch:
     """The function calls of one response, until the last answer is in."""
 
@@ -198,9 +191,11 @@ class Call:
         wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
         backend: me.ModelBackend | None = None,
         new_id: Callable[[], str] | None = None,
+        rng: random.Random | None = None,
     ):
         self.records = records
         self._new_id = new_id or counter_ids()
+        self._rng = rng or random.Random()  # which filler sentence is said (seed it in tests)
         # The model, behind the one seam (shim.model_events.ModelBackend): commands in, wire
         # frames queued in backend.out for the shell, events back through on_model_*.
         self.backend: me.ModelBackend = backend or OpenAIRealtime(self._new_id)
@@ -216,7 +211,7 @@ class Call:
         self.end: End | None = None
         self.start: tw.Start | None = None  # set on `start`: the shell then resolves the assistant
         self.info: envelope.CallInfo | None = None  # who/what the call is, for Vapi's envelopes
-        self.server_out: list[tuple[str, dict[str, Any]]] = []  # server messages to deliver
+        self.effects: list[Effect] = []  # work for the shell, in order (shim.call_effects)
         self.recording_url: str | None = None
         self._artifact: dict[tuple, envelope.Message] = {}
         self._hang_sent_for: float | None = None
@@ -261,13 +256,12 @@ class Call:
         # the request sent but not yet started or refused, and when it was sent
         self._in_flight: tuple[str, str | None, str] | None = None
         self._in_flight_since = 0.0
-        self.tool_requests: list[ToolRequest] = []  # webhooks for the shell to run
         self._batch: ToolBatch | None = None
         self._tool_calls: dict[str, tuple[int, float, str]] = {}  # call_id -> (seq, started, name)
         self._tool_args: dict[str, dict[str, Any]] = {}
         self._last_delay_message = -1e9
         self._tool_seq = 0
-        self.mixer: AudioMixer | None = None  # background sound, set by the shell when ready
+        self._mixer: AudioMixer | None = None  # background sound, once the shell has loaded it
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -297,7 +291,7 @@ class Call:
         """Queue a Vapi server message for the shell to deliver, if the assistant subscribed."""
         if self.info is None or self.setup is None or kind not in self.setup.policy.server_messages:
             return
-        self.server_out.append((kind, build(self.info, self._epoch_ms(self.clock()))))
+        self.effects.append(DeliverServerMessage(kind, build(self.info, self._epoch_ms(self.clock()))))
 
     def record_event(self, kind: str, **detail: Any) -> None:
         self.records.insert(
@@ -310,9 +304,10 @@ class Call:
             return
         now = self.clock()
         action = next_action or {"verb": "hangup"}
-        self.end = End(reason, action)
+        self.end = End(reason, action, self._wall_at(now))
         self.phase = Phase.ENDED
         self._early_audio.clear()
+        self.effects.append(CallEnded(self.end))
         if not self.call_sid:
             return
         for item in self._items.values():
@@ -380,6 +375,7 @@ class Call:
         )
         self.start = start
         self.phase = Phase.RESOLVING  # caller audio waits while the shell loads the assistant
+        self.effects.append(ResolveAssistant(start))
 
     def on_setup(self, setup: CallSetup) -> None:
         """The assistant is loaded and translated: open the model connection."""
@@ -402,6 +398,17 @@ class Call:
         )
         self.phase = Phase.CONFIGURING
         self.log.info("call_started", assistant_id=setup.assistant_id)
+        # Side work never holds up the call: the recording starts and the background sound
+        # loads while the model socket opens.
+        if setup.policy.recording:
+            self.effects.append(StartRecording(self.account_sid, self.call_sid))
+        self.effects.append(ConnectModel())
+        if setup.policy.background_sound != "off":
+            self.effects.append(LoadBackground(setup.policy.background_sound))
+
+    def on_background_ready(self, mixer: AudioMixer) -> None:
+        """The background sound is loaded: from now on it is mixed under the assistant's voice."""
+        self._mixer = mixer
 
     def on_setup_failed(self, error: AssistantError) -> None:
         self.log.error("assistant_unusable", error=str(error))
@@ -733,8 +740,8 @@ class Call:
         name = str(self._mark_counter)
         self._marks[name] = (item, item.sent_bytes)
         sid = self.stream_sid
-        if self.mixer is not None:  # same length out: marks and truncation math are unchanged
-            delta = self.mixer.mix_b64(delta)
+        if self._mixer is not None:  # same length out: marks and truncation math are unchanged
+            delta = self._mixer.mix_b64(delta)
         self.twilio_out.append(tw.media_frame(sid, delta))
         self.twilio_out.append(tw.mark_frame(sid, name))
         self.frames_out += 1
@@ -884,7 +891,7 @@ class Call:
             if kind == "endCall":
                 self._tool_output(call_id, "Ending the call.", "ok")
                 batch.end_reason = "assistant-ended-call"
-                batch.end_say = tool_message(binding.vapi_tool, "request-start", arguments) or self.setup.policy.end_call_message
+                batch.end_say = tool_message(binding.vapi_tool, "request-start", arguments, rng=self._rng) or self.setup.policy.end_call_message
             elif kind == "transferCall":
                 self._transfer(call_id, binding, arguments, batch)
             elif kind == "dtmf":
@@ -892,13 +899,13 @@ class Call:
             elif kind in ("function", "apiRequest"):
                 request = ToolRequest(call_id=call_id, binding=binding, arguments=arguments, seq=seq,
                                       fire_and_forget=bool(binding.vapi_tool.get("async")))
-                self.tool_requests.append(request)
+                self.effects.append(request)
                 if request.fire_and_forget:
                     self._tool_output(call_id, async_outcome(call_id).output, "async")
                 else:
                     batch.pending.add(call_id)
                     batch.deadline = max(batch.deadline, self.clock() + _server_timeout(binding.vapi_tool) + 5)
-                    start_message = start_message or tool_message(binding.vapi_tool, "request-start", arguments)
+                    start_message = start_message or tool_message(binding.vapi_tool, "request-start", arguments, rng=self._rng)
             else:
                 self._tool_output(call_id, f"Error: there is no tool named {name!r}.", "error")
         self._batch = batch
@@ -923,7 +930,7 @@ class Call:
                 spoken, text = outcome.message, str(outcome.message.get("content") or "")
             else:
                 spoken = _first_message(binding.vapi_tool, kind)
-                text = (tool_message(binding.vapi_tool, kind, self._tool_args.get(outcome.call_id, {})) or "") if spoken else ""
+                text = (tool_message(binding.vapi_tool, kind, self._tool_args.get(outcome.call_id, {}), rng=self._rng) or "") if spoken else ""
             if spoken and text:
                 if spoken.get("role") == "system":
                     batch.system_notes.append(text)  # a hint for the model, which then answers
@@ -987,7 +994,7 @@ class Call:
             destination = next(iter(binding.destinations.values()))
         if destination is None and not binding.destinations:
             # Vapi asks the server where to transfer (transfer-destination-request).
-            self.tool_requests.append(ToolRequest(call_id=call_id, binding=binding, arguments=arguments,
+            self.effects.append(ToolRequest(call_id=call_id, binding=binding, arguments=arguments,
                                                   seq=self._tool_calls[call_id][0], kind="transfer-destination-request"))
             batch.pending.add(call_id)
             batch.deadline = max(batch.deadline, self.clock() + 25)
@@ -997,7 +1004,7 @@ class Call:
             return
         self._tool_output(call_id, "Transferring the call.", "ok")
         batch.transfer = transfer_action(destination, self._template_variables())
-        batch.transfer_say = _transfer_message(binding.vapi_tool, destination, arguments)
+        batch.transfer_say = _transfer_message(binding.vapi_tool, destination, arguments, self._rng)
         self.records.upsert("calls", {"call_sid": self.call_sid, "transfer": batch.transfer})
 
     def on_transfer_destination(self, call_id: str, answer: dict[str, Any] | None, error: str | None) -> None:
@@ -1159,12 +1166,8 @@ class Call:
         out, self.twilio_out = self.twilio_out, []
         return out
 
-    def take_tool_requests(self) -> list[ToolRequest]:
-        out, self.tool_requests = self.tool_requests, []
-        return out
-
-    def take_server_messages(self) -> list[tuple[str, dict[str, Any]]]:
-        out, self.server_out = self.server_out, []
+    def take_effects(self) -> list[Effect]:
+        out, self.effects = self.effects, []
         return out
 
     def take_model_out(self) -> list[str]:
@@ -1188,11 +1191,12 @@ def _first_message(tool: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
-def _transfer_message(tool: dict[str, Any], destination: dict[str, Any], arguments: dict[str, Any]) -> str:
+def _transfer_message(tool: dict[str, Any], destination: dict[str, Any], arguments: dict[str, Any],
+                      rng: random.Random) -> str:
     """What Vapi says before a transfer: the tool's request-start if it has one (\"\" = silence),
     else the destination's message, else "Transferring the call now"."""
     if _first_message(tool, "request-start") is not None:
-        return tool_message(tool, "request-start", arguments) or ""
+        return tool_message(tool, "request-start", arguments, rng=rng) or ""
     message = destination.get("message")
     if message is None:
         return "Transferring the call now"
