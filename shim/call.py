@@ -55,6 +55,7 @@ from tools.dtmf import DtmfError, KeypadBuffer, dtmf_ulaw, keypad_text, validate
 from tools.results import NO_RESULT, ToolOutcome, async_outcome, tool_message
 
 from .openai_realtime import OpenAIRealtime, counter_ids
+from .response_scheduler import ResponseScheduler
 from .tool_schema import ToolBinding
 from .translate import CallSetup
 
@@ -231,7 +232,6 @@ class Call:
         self._marks: dict[str, tuple[AssistantItem, int]] = {}
         self._mark_counter = 0
         self._user_turns: dict[str, UserTurn] = {}
-        self._response_id: str | None = None
         self._cancelled: set[str] = set()
         self._early_transcript: dict[str, list[str]] = {}
         self._greeting_response_id: str | None = None
@@ -251,11 +251,8 @@ class Call:
         self._noise_items: list[str] = []
         self._pending_end: PendingEnd | None = None
         self._function_calls: list[me.FunctionCall] = []  # finished in the current response
-        # response requests waiting: (request_id, instructions, purpose)
-        self._response_queue: deque[tuple[str, str | None, str]] = deque()
-        # the request sent but not yet started or refused, and when it was sent
-        self._in_flight: tuple[str, str | None, str] | None = None
-        self._in_flight_since = 0.0
+        # one model response at a time; ours wait in order (shim.response_scheduler)
+        self._responses = ResponseScheduler(self.backend.create_response, clock)
         self._batch: ToolBatch | None = None
         self._tool_calls: dict[str, tuple[int, float, str]] = {}  # call_id -> (seq, started, name)
         self._tool_args: dict[str, dict[str, Any]] = {}
@@ -567,12 +564,12 @@ class Call:
             {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "item_id": item_id, "started_at": self._wall_at(started)},
         )
         playing = self._playing_items()
-        generating = self._response_id is not None
+        generating = self._responses.generating
         if not playing and not generating:
             return  # nothing to interrupt: an ordinary turn
         if not self.setup.greeting.interruptible:
             in_greeting = any(item.greeting for item in playing) or (
-                generating and self._response_id == self._greeting_response_id
+                generating and self._responses.active_id == self._greeting_response_id
             )
             if in_greeting:
                 return  # Vapi: firstMessageInterruptionsEnabled=false, the greeting is not cut off
@@ -590,7 +587,7 @@ class Call:
         caller samples: decoding costs a few microseconds a frame, and only during the gate)."""
         gate = self._gate
         assert gate is not None
-        if not self._playing_items() and self._response_id is None:
+        if not self._playing_items() and not self._responses.generating:
             self._gate = None  # the assistant finished on its own: nothing left to cut off
             return
         try:
@@ -607,22 +604,22 @@ class Call:
         """The caller is talking over the assistant: stop it, and tell the model exactly how
         much of it the caller heard (Twilio's mark echoes, never more than was sent)."""
         playing = self._playing_items()
-        generating = self._response_id is not None
+        generating = self._responses.generating
         if not playing and not generating:
             return
         self.metrics.barge_in()
         if self._pending_end is not None and self._pending_end.cancellable:
             self._pending_end = None  # the goodbye was not heard: don't hang up on the caller
         if generating:
-            self.backend.cancel_response(self._response_id)
+            self.backend.cancel_response(self._responses.active_id)
         if playing:
             self.twilio_out.append(tw.clear_frame(self.stream_sid))
             self._marks.clear()  # their echoes now mean "discarded", not "played"
             self._playback_free_at = self.clock()
         if generating:
-            self._cancelled.add(self._response_id)
+            self._cancelled.add(self._responses.active_id)
         for item in self._items.values():
-            still_coming = generating and item.response_id == self._response_id
+            still_coming = generating and item.response_id == self._responses.active_id
             if item.dropped or (item.played_bytes >= item.sent_bytes and not still_coming):
                 continue
             item.dropped = True
@@ -635,8 +632,8 @@ class Call:
                 # the model must not believe it said these words.
                 self.backend.delete_item(item.item_id)
             self._record_item(item)
-        self.record_event("barge_in", response_id=self._response_id)
-        self.log.info("barge_in", response_id=self._response_id)
+        self.record_event("barge_in", response_id=self._responses.active_id)
+        self.log.info("barge_in", response_id=self._responses.active_id)
 
     def _on_speech_stopped(self, event: me.SpeechStopped) -> None:
         now = self.clock()
@@ -689,21 +686,11 @@ class Call:
         is, or one we asked for has not started yet, requests wait here, in order. Our requests
         carry their event_id in the response metadata, so the response.created that answers
         one is told apart from a response the server started on its own (the caller spoke)."""
-        self._response_queue.append((self._new_id(), instructions, purpose))
-        self._next_response()
-
-    def _next_response(self) -> None:
-        if self._response_queue and self._response_id is None and self._in_flight is None:
-            request = self._response_queue.popleft()
-            self._in_flight = request
-            self._in_flight_since = self.clock()
-            self.backend.create_response(*request)
+        self._responses.request(self._new_id(), instructions, purpose)
 
     def _on_response_started(self, event: me.ResponseStarted) -> None:
         response_id, ours, purpose = event.response_id, event.request_id, event.purpose
-        self._response_id = response_id
-        if self._in_flight is not None and ours == self._in_flight[0]:
-            self._in_flight = None
+        self._responses.on_started(response_id, ours)
         if self._noise_items:
             noise, self._noise_items = self._noise_items, []
             if ours is None and self.clock() < self._noise_reply_until:
@@ -832,8 +819,7 @@ class Call:
 
     def _on_response_done(self, event: me.ResponseDone) -> None:
         response_id = event.response_id
-        if response_id == self._response_id:
-            self._response_id = None
+        self._responses.on_done(response_id)
         for item in [i for i in self._items.values() if i.response_id == response_id]:
             item.done = True
             if item.dropped or item.played_bytes >= item.sent_bytes:
@@ -849,7 +835,7 @@ class Call:
             self._run_function_calls(calls)
         if self._pending_end is not None:
             self._maybe_hang_up()
-        self._next_response()
+        self._responses.pump()
 
     # --- tools ---------------------------------------------------------------------------
     #
@@ -1071,7 +1057,7 @@ class Call:
 
     def _maybe_hang_up(self) -> None:
         pending = self._pending_end
-        if pending is None or self._response_id is not None or pending.awaiting_goodbye:
+        if pending is None or self._responses.generating or pending.awaiting_goodbye:
             return
         if pending.say_first:
             text, pending.say_first = pending.say_first, ""
@@ -1084,16 +1070,8 @@ class Call:
 
     def _on_error(self, event: me.ModelError) -> None:
         code = event.code
-        failed_create = self._in_flight is not None and event.request_id == self._in_flight[0]
-        if failed_create and event.busy:
-            # The server started a response of its own (the caller spoke) just before ours:
-            # ours goes back to the front of the queue and is sent after that one.
-            self._response_queue.appendleft(self._in_flight)
-            self._in_flight = None
-            return
-        if failed_create:  # any other refusal: drop that request, never block the ones behind it
-            self._in_flight = None
-            self._next_response()
+        if self._responses.on_refused(event.request_id, event.busy) and event.busy:
+            return  # retried once the active response is done
         self.metrics.model_error()
         self.record_event("model_error", code=code, message=event.message, param=event.param)
         self.log.warning("model_error", code=code, message=event.message)
@@ -1134,10 +1112,8 @@ class Call:
         if batch is not None and batch.pending and now > batch.deadline:
             for call_id in list(batch.pending):  # a webhook task died without answering
                 self.on_tool_outcome(ToolOutcome(call_id, "timeout", NO_RESULT, None, "no answer", None, None))
-        if self._in_flight is not None and now - self._in_flight_since > 15:
-            self.record_event("response_create_unanswered")  # neither created nor refused: move on
-            self._in_flight = None
-            self._next_response()
+        if self._responses.check_unanswered(now):
+            self.record_event("response_create_unanswered")  # neither created nor refused: moved on
         policy = self.setup.policy
         if self._live_at is not None and now - self._live_at >= policy.max_duration_s:
             self._finish("exceeded-max-duration")
@@ -1154,7 +1130,7 @@ class Call:
             if now >= self._pending_end.deadline:
                 self._finish(self._pending_end.reason, self._pending_end.next_action)
             return
-        if self._marks or self._response_id is not None:
+        if self._marks or self._responses.generating:
             self._last_activity = now  # the assistant is talking or about to
             return
         if now - self._last_activity >= policy.silence_timeout_s:
