@@ -356,9 +356,23 @@ def test_max_duration_and_silence_timeout():
 
 def test_malformed_twilio_frames_are_rejected_without_ending_the_call():
     call, _, _ = live_call()
+    call.take_model_out()
     for bad in ("not json", "[]", '{"event":"media","media":{}}', '{"event":"start","start":{"streamSid":"x\\"y","callSid":"c"}}'):
         twilio(call, bad)
     assert call.end is None
+    assert call.take_model_out() == []  # nothing of them reached the model
+    twilio(call, media(b"\x01" * 160))  # and the call goes on
+    assert [e["type"] for e in sent(call)] == ["input_audio_buffer.append"]
+
+
+def test_malformed_model_events_are_rejected_without_ending_the_call():
+    call, _, _ = live_call(WAIT)
+    call.take_model_out()
+    for bad in (b"not json", b"[]", ev("response.output_audio.delta", response_id="r1", item_id=None, delta="AAAA"),
+                ev("response.done", response={"status": "completed"})):
+        call.on_model_text(bad)
+    assert call.end is None
+    assert call.take_twilio_out() == [] and call.take_model_out() == []  # nothing reached the caller or the model
 
 
 @pytest.mark.parametrize(
@@ -539,7 +553,9 @@ def test_background_mixer_changes_samples_not_length_or_marks():
     media_frame, mark_frame = (orjson.loads(f) for f in call.take_twilio_out())
     assert base64.b64decode(media_frame["media"]["payload"]) == b"\x11" * 800
     twilio(call, mark(mark_frame["mark"]["name"]))
-    assert call._items["item_1"].played_bytes == 800
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u1"))
+    truncate = next(e for e in sent(call) if e["type"] == "conversation.item.truncate")
+    assert truncate["audio_end_ms"] == 100  # all 800 bytes were played: the mark counted them
 
 
 # --- regressions from review: the response queue, tool batches and goodbyes under races --------
@@ -688,6 +704,12 @@ def test_a_long_call_keeps_only_what_may_still_be_interrupted():
         call.on_model_text(ev("response.done", response={"id": f"r{turn}", "status": "completed"}))
         for name in marks:
             twilio(call, mark(name))
-    assert call._items == {} and call._marks == {}
     utter = rows.merged("utterances", ["call_sid", "seq"])
     assert len(utter) == 50 and all(u["heard_ms"] == 200 and u["text"] for u in utter.values())
+    # every item was generated, heard and recorded for good, then forgotten: ending the call
+    # has none left to write again, and nothing to cut off
+    written = len(rows.upserts)
+    twilio(call, orjson.dumps({"event": "stop", "streamSid": "MZ1"}).decode())
+    assert call.end.reason == "customer-ended-call"
+    assert [t for t, *_ in rows.upserts[written:]] == ["calls"]
+    assert call.take_model_out() == [] and call.take_twilio_out() == []
