@@ -184,7 +184,7 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | None:
     params = {k: str(v) for k, v in form.multi_items()}
     url = shim.config.http_url(path) + (f"?{request.url.query}" if request.url.query else "")
     signature = request.headers.get("x-twilio-signature", "")
-    if not shim.config.twilio_auth_token or not shim.bridge.validator.validate(url, params, signature):
+    if not shim.bridge.signatures.valid(url, params, signature):
         log.warning("twilio_signature_rejected", path=path)
         return None
     return params

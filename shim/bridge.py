@@ -12,13 +12,10 @@ timers, and on the way out closes both sockets). Every task a call starts ends w
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Protocol
-from urllib.parse import quote
 
 import httpx
 import structlog
@@ -35,20 +32,30 @@ from picows import (
     ws_connect,
     ws_create_server,
 )
-from twilio.request_validator import RequestValidator
 
 from . import twilio_media as tw
-from .assistant import AssistantError, CallContext, load_assistant, load_saved_tools, render
+from .assistant import AssistantError, load_assistant, load_saved_tools, render
 from .background import BackgroundMixer, ambience_for, public_url
 from tools import envelope
 from tools.analysis import analyze
 from tools.delivery import WebhookSender
-from tools.results import ToolOutcome, delayed_messages, parse_tool_response
+from tools.results import delayed_messages, parse_tool_response
 from tools.secrets import SecretsBook, ServerTarget, resolve_server
 
 from .translate import CallSetup, translate
 from .twilio_rest import REST_TIMEOUT_S, TwilioRestError, start_recording
 from .call import Call, RecordSink
+from .call_work import (
+    analysis_row,
+    api_answer,
+    api_failure,
+    api_request,
+    choose_assistant,
+    end_of_call_report,
+    failed_outcome,
+    should_analyze,
+    vapi_tool_name,
+)
 from .call_effects import (
     CallEnded,
     ConnectModel,
@@ -60,6 +67,7 @@ from .call_effects import (
     ToolRequest,
 )
 from .config import Config
+from .twilio_signature import TwilioSignatures
 
 log = structlog.get_logger("shim.bridge")
 TICK_SECONDS = 0.5
@@ -78,7 +86,7 @@ class BridgeState:
     records: RecordSink
     metrics: Any
     runners: set["CallRunner"] = field(default_factory=set)
-    validator: RequestValidator | None = None
+    signatures: TwilioSignatures | None = None  # the one Twilio signature / stream token check
     secrets: SecretsBook = field(default_factory=SecretsBook)
     sender: WebhookSender | None = None  # set at start-up (needs the writer)
     # number -> {"assistant_id", "server_url"} from the numbers table (injected by the app)
@@ -95,7 +103,7 @@ class BridgeState:
         return self._http
 
     def __post_init__(self) -> None:
-        self.validator = RequestValidator(self.config.twilio_auth_token)
+        self.signatures = TwilioSignatures(self.config.twilio_auth_token)
 
     async def tick_forever(self) -> None:
         """One timer for every call (max duration, silence, goodbyes, keypad timeouts): cheaper
@@ -107,23 +115,18 @@ class BridgeState:
                     runner.tick()
 
     def stream_token(self, call_sid: str) -> str:
-        """A per-call token (HMAC of the CallSid with the auth token), given to the stream as a
-        <Parameter> by the signed voice webhook: a replayed upgrade for another call fails it."""
-        key = self.config.twilio_auth_token.encode()
-        return hmac.new(key, call_sid.encode(), hashlib.sha256).hexdigest()[:32]
+        assert self.signatures is not None
+        return self.signatures.stream_token(call_sid)
 
     def start_token_ok(self, start: tw.Start) -> bool:
-        given = start.custom_parameters.get("token", "")
-        return bool(self.config.twilio_auth_token) and hmac.compare_digest(given, self.stream_token(start.call_sid))
+        """The start frame's token (the hook for checking it lives here and in CallRunner._resolve)."""
+        assert self.signatures is not None
+        return self.signatures.start_token_ok(start.call_sid, start.custom_parameters.get("token", ""))
 
     def stream_signature_ok(self, signature: str | None) -> bool:
-        """The upgrade is signed over the exact <Stream url> we rendered (from PUBLIC_URL, never
-        from request headers); Twilio's docs suggest also trying it with a trailing slash."""
-        if not signature or not self.config.twilio_auth_token:
-            return False
-        url = self.config.media_stream_url
-        assert self.validator is not None
-        return self.validator.validate(url, {}, signature) or self.validator.validate(url + "/", {}, signature)
+        """The upgrade is signed over the exact <Stream url> we rendered."""
+        assert self.signatures is not None
+        return self.signatures.valid(self.config.media_stream_url, {}, signature)
 
     async def resolve_setup(self, start: tw.Start) -> CallSetup:
         """Load and translate the call's assistant (file reads and template rendering run in a
@@ -136,36 +139,13 @@ class BridgeState:
         return await asyncio.to_thread(self._resolve_setup, start, requested)
 
     def _resolve_setup(self, start: tw.Start, requested: dict[str, Any] | None = None) -> CallSetup:
-        params = start.custom_parameters
-        overrides: dict[str, Any] = {}
-        if requested is not None:
-            # Vapi's assistant-request answer: an inline assistant or an id, plus overrides
-            # (top-level keys replace, variableValues become template variables).
-            overrides = dict(requested.get("assistantOverrides") or {})
-            if isinstance(requested.get("assistant"), dict):
-                assistant = dict(requested["assistant"])
-                assistant_id = str(assistant.get("id") or assistant.get("name") or "inline")
-            else:
-                assistant_id = str(requested.get("assistantId") or "")
-                assistant = load_assistant(self.config.assistants_dir, assistant_id)
-        else:
-            assistant_id = params.get("assistant", "")
-            assistant = load_assistant(self.config.assistants_dir, assistant_id)
-        variable_values = overrides.pop("variableValues", None) or {}
-        assistant = {**assistant, **overrides}
-        reserved = {"assistant", "from", "to"}
-        ctx = CallContext(
-            call_sid=start.call_sid,
-            from_number=params.get("from", ""),
-            to_number=params.get("to", ""),
-            variables={**variable_values, **{k: v for k, v in params.items() if k not in reserved}},
-        )
-        model = assistant.get("model")
+        chosen = choose_assistant(start, requested, lambda assistant_id: load_assistant(self.config.assistants_dir, assistant_id))
+        model = chosen.assistant.get("model")
         saved = load_saved_tools(self.config.assistants_dir, model.get("toolIds") if isinstance(model, dict) else None)
         return translate(
-            assistant_id,
-            assistant,
-            ctx,
+            chosen.assistant_id,
+            chosen.assistant,
+            chosen.context,
             model=self.config.openai_realtime_model,
             saved_tools=saved,
             transcription_model=self.config.transcription_model,
@@ -438,7 +418,7 @@ class CallRunner:
             except Exception:
                 log.exception("webhook_task_failed", call_sid=self.call.call_sid)
                 for call_id in answers:
-                    self.call.on_tool_outcome(_failed(call_id, "Error: the tool could not be reached."))
+                    self.call.on_tool_outcome(failed_outcome(call_id, "Error: the tool could not be reached."))
                 self.pump()
 
         task = asyncio.get_running_loop().create_task(guarded())
@@ -470,7 +450,7 @@ class CallRunner:
                 continue
             target = self._target(request.binding.vapi_tool)
             if target is None:
-                self.call.on_tool_outcome(_failed(request.call_id, "No server URL is configured for this tool."))
+                self.call.on_tool_outcome(failed_outcome(request.call_id, "No server URL is configured for this tool."))
                 continue
             groups.setdefault(target.url, (target, []))[1].append(request)
         for target, batch in groups.values():
@@ -490,7 +470,7 @@ class CallRunner:
 
         calls = [
             envelope.ToolCallRequest(
-                id=r.call_id, name=_vapi_tool_name(r.binding.vapi_tool, r.binding.realtime_name),
+                id=r.call_id, name=vapi_tool_name(r.binding.vapi_tool, r.binding.realtime_name),
                 arguments=envelope.with_static_parameters(r.binding.vapi_tool, r.arguments, render_static),
                 tool=r.binding.vapi_tool,
             )
@@ -539,48 +519,31 @@ class CallRunner:
         self.pump()
 
     async def _api_request(self, request: ToolRequest) -> None:
-        """Vapi's apiRequest tool: the platform calls the URL itself (method, Liquid URL, headers,
-        JSON body = the model's arguments + static parameters); the response is the result."""
+        """Vapi's apiRequest tool (shim.call_work.api_request says what is sent, and why the
+        model's arguments cannot redirect it)."""
         call = self.call
-        tool = request.binding.vapi_tool
         assert call.setup is not None
-        # The model's arguments fill the URL template URL-encoded, and never replace the call's
-        # own variables (a model must not be able to point the request elsewhere).
-        encoded = {k: quote(str(v), safe="") for k, v in request.arguments.items() if not isinstance(v, (dict, list))}
-        variables = {**encoded, **call.setup.variables}
         try:
-            url = render(str(tool.get("url") or ""), variables, "tool.url")
-            timeout = float(tool.get("timeoutSeconds") or 20)
+            spec = api_request(request.binding.vapi_tool, request.arguments, call.setup.variables)
         except (AssistantError, TypeError, ValueError) as exc:
-            call.on_tool_outcome(_failed(request.call_id, f"Error: {exc}"))
+            call.on_tool_outcome(failed_outcome(request.call_id, f"Error: {exc}"))
             self.pump()
             return
-        headers = {
-            str(name): str(spec.get("value"))
-            for name, spec in ((tool.get("headers") or {}).get("properties") or {}).items()
-            if isinstance(spec, dict) and spec.get("value") is not None
-        }
-        body = envelope.with_static_parameters(tool, request.arguments)
         started = asyncio.get_running_loop().time()
         try:
             # No redirects (headers may carry the customer's secrets); the answer is capped.
             response = await self.state.http().request(
-                str(tool.get("method") or "POST"), url, json=body, headers=headers, timeout=timeout,
+                spec.method, spec.url, json=spec.json, headers=spec.headers, timeout=spec.timeout_s,
                 follow_redirects=False,
             )
-            text = response.text[:20_000]
-            if 200 <= response.status_code < 300:
-                outcome = ToolOutcome(request.call_id, "ok", text or "Success.", text, None, None, response.status_code)
-            else:
-                outcome = _failed(request.call_id, f"Error: the request failed with HTTP {response.status_code}.",
-                                  http_status=response.status_code)
-        except httpx.TimeoutException:
-            outcome = _failed(request.call_id, "No result returned.", status="timeout")
+            outcome = api_answer(request.call_id, response.status_code, response.text)
+        except httpx.TimeoutException as exc:
+            outcome = api_failure(request.call_id, exc, timed_out=True)
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-            outcome = _failed(request.call_id, f"Error: the request could not be made ({type(exc).__name__}).")
+            outcome = api_failure(request.call_id, exc, timed_out=False)
         log.info("api_request", call_sid=call.call_sid, status=outcome.status,
                  latency_ms=int((asyncio.get_running_loop().time() - started) * 1000))
-        call.on_tool_outcome(outcome, url=public_url(url))
+        call.on_tool_outcome(outcome, url=public_url(spec.url))
         self.pump()
 
     async def _after_call(self) -> None:
@@ -593,7 +556,7 @@ class CallRunner:
         transcript = envelope.artifact(messages)["transcript"]
         analysis: dict[str, Any] | None = None
         plan = setup.policy.analysis_plan
-        if state.config.openai_api_key and not setup.policy.hipaa:
+        if should_analyze(api_key=state.config.openai_api_key, hipaa=setup.policy.hipaa):
             try:
                 analysis = await analyze(
                     plan, transcript, ended_reason=end.reason, client=state.http(), base_url=state.config.openai_base_url,
@@ -602,17 +565,14 @@ class CallRunner:
                 )
             except Exception:  # analysis must never lose the report
                 log.exception("analysis_failed", call_sid=call.call_sid)
-        if analysis and any(v is not None for v in analysis.values()):
-            state.records.upsert("calls", {"call_sid": call.call_sid, "summary": analysis.get("summary"),
-                                           "analysis": {k: v for k, v in analysis.items() if v is not None}})
+        row = analysis_row(call.call_sid, analysis)
+        if row is not None:
+            state.records.upsert("calls", row)
         if "end-of-call-report" in setup.policy.server_messages:
             target = self._target(None)
             if target is not None and state.sender is not None:
-                body = envelope.end_of_call_report(
-                    info, ended_reason=end.reason, ended_at=end.ended_at, messages=messages, now_ms=_now_ms(),
-                    recording_url=call.recording_url,
-                    analysis={k: v for k, v in (analysis or {}).items() if v is not None} or None,
-                )
+                body = end_of_call_report(info, ended_reason=end.reason, ended_at=end.ended_at, messages=messages,
+                                          now_ms=_now_ms(), recording_url=call.recording_url, analysis=analysis)
                 state.sender.send_in_background(target, body, kind="end-of-call-report", call_sid=call.call_sid)
 
     def _close_twilio(self) -> None:
@@ -708,13 +668,4 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _failed(call_id: str, output: str, *, status: str = "error", http_status: int | None = None) -> ToolOutcome:
-    return ToolOutcome(call_id, status, output, None, output, None, http_status)
-
-
-def _vapi_tool_name(tool: dict[str, Any], fallback: str) -> str:
-    function = tool.get("function")
-    if isinstance(function, dict) and isinstance(function.get("name"), str):
-        return function["name"]
-    return str(tool.get("name") or fallback)
 
