@@ -33,6 +33,7 @@ from picows import (
     ws_create_server,
 )
 
+from . import tool_kinds
 from . import twilio_media as tw
 from .assistant import AssistantError, load_assistant, load_saved_tools, render
 from .background import BackgroundMixer, ambience_for, public_url
@@ -445,7 +446,7 @@ class CallRunner:
             if request.kind == "transfer-destination-request":
                 self._spawn(self._transfer_destination(request), [request.call_id])
                 continue
-            if request.binding.kind == "apiRequest":
+            if tool_kinds.SUPPORTED[request.binding.kind].run_by is tool_kinds.RunBy.SHIM_HTTP:
                 self._spawn(self._api_request(request), [request.call_id])
                 continue
             target = self._target(request.binding.vapi_tool)

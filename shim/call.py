@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover
     import audioop_lts as audioop  # type: ignore[no-redef]
 
 from . import model_events as me
+from . import tool_kinds
 from .call_effects import (  # noqa: F401  (End and ToolRequest are part of this module's interface)
     CallEnded,
     ConnectModel,
@@ -874,15 +875,15 @@ class Call:
                  "status": "requested", "requested_at": self._wall_at(self.clock())},
             )
             kind = binding.kind if binding is not None else "unknown"
-            if kind == "endCall":
+            if kind == tool_kinds.END_CALL.name:
                 self._tool_output(call_id, "Ending the call.", "ok")
                 batch.end_reason = "assistant-ended-call"
                 batch.end_say = tool_message(binding.vapi_tool, "request-start", arguments, rng=self._rng) or self.setup.policy.end_call_message
-            elif kind == "transferCall":
+            elif kind == tool_kinds.TRANSFER_CALL.name:
                 self._transfer(call_id, binding, arguments, batch)
-            elif kind == "dtmf":
+            elif kind == tool_kinds.DTMF.name:
                 self._press_keys(call_id, arguments)
-            elif kind in ("function", "apiRequest"):
+            elif kind in tool_kinds.SUPPORTED:  # a request leaves: the customer's server, or apiRequest's URL
                 request = ToolRequest(call_id=call_id, binding=binding, arguments=arguments, seq=seq,
                                       fire_and_forget=bool(binding.vapi_tool.get("async")))
                 self.effects.append(request)

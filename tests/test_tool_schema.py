@@ -1,4 +1,4 @@
-"""Vapi tools -> Realtime function tools (shim/tool_schema.py): fixtures, every rule, and a property test.
+"""Vapi tools -> Realtime function tools (shim/tool_schema.py, shim/json_schema_subset.py): fixtures, every rule, and a property test.
 
 Every output is validated against the openai SDK's GA types with no extra keys (openai-realtime.md
 §1.2), and against the plain JSON-Schema subset the module documents. Every hand-written *input*
@@ -26,16 +26,13 @@ from vapi.tools.types.get_tools_response import GetToolsResponse
 from vapi.types import OpenAiModelToolsItem
 
 from shim.testing.fake_realtime import find_extras
+from shim.json_schema_subset import MAX_DEPTH, SAFE_FORMATS, Finding, ToolSchemaError, sanitize_schema
+from shim.tool_kinds import KNOWN_TYPES, SUPPORTED
 from shim.tool_schema import (
     DEFAULT_END_CALL_DESCRIPTION,
-    MAX_DEPTH,
-    SAFE_FORMATS,
-    Finding,
     ToolBinding,
-    ToolSchemaError,
     convert_tools,
     realtime_tool_name,
-    sanitize_schema,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +52,7 @@ STATUSES = {"mapped", "approximated", "unsupported"}
 
 
 def check_subset(node: Any, where: str = "parameters") -> None:
-    """The plain JSON-Schema subset documented in shim/tool_schema.py, node by node."""
+    """The plain JSON-Schema subset documented in shim/json_schema_subset.py, node by node."""
     assert isinstance(node, dict), where
     assert set(node) <= SUBSET_KEYS, (where, set(node) - SUBSET_KEYS)
     t = node["type"]
@@ -1016,3 +1013,17 @@ def test_property_sanitize_schema_is_idempotent_on_its_output(schema):
     again, findings = sanitize_schema(out, "p")
     assert again == out
     assert findings == []
+
+
+def test_every_tool_kind_in_the_registry_converts_and_unknown_kinds_are_reported():
+    for kind in SUPPORTED:
+        tool = {"type": kind, "function": {"name": f"t_{kind}", "parameters": {"type": "object", "properties": {}}}}
+        if kind == "transferCall":
+            tool["destinations"] = [{"type": "number", "number": "+15551234567"}]
+        if kind == "apiRequest":
+            tool.update(url="https://api.example.com/x", method="POST", name="t_api")
+        _tools, bindings, _findings = convert_tools([("t", tool)])
+        assert [b.kind for b in bindings] == [kind]
+    for kind in KNOWN_TYPES - set(SUPPORTED):
+        tools, bindings, findings = convert_tools([("t", {"type": kind})])
+        assert tools == [] and findings[0].status == "unsupported"
