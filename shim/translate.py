@@ -4,7 +4,7 @@ Every field the shim reads is listed in FIELDS with what becomes of it (`mapped`
 `approximated`, `unsupported`); the README's field table is checked against this list. A field
 present in an assistant produces a Finding naming its JSON path; a field the shim does not know
 produces an `unsupported` finding too: nothing is silently ignored. Vapi's defaults apply to
-absent fields as Vapi applies them (vapi.md §2.1, §2.7).
+absent fields as Vapi applies them (https://docs.vapi.ai/api-reference/assistants/create).
 """
 
 from __future__ import annotations

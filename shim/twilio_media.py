@@ -1,6 +1,6 @@
 """Twilio Media Streams, sans-I/O: text frames in -> typed events, outgoing frames as strings.
 
-Reference: twilio.md §3. Payloads stay base64 strings end to end: the shim never decodes
+Protocol: https://www.twilio.com/docs/voice/media-streams/websocket-messages. Payloads stay base64 strings end to end: the shim never decodes
 μ-law it only relays, it just counts bytes (8 bytes = 1 ms) from the base64 length.
 """
 

@@ -1,9 +1,9 @@
 """Vapi tools -> Realtime function tools (shim/tool_schema.py, shim/json_schema_subset.py): fixtures, every rule, and a property test.
 
-Every output is validated against the openai SDK's GA types with no extra keys (openai-realtime.md
-§1.2), and against the plain JSON-Schema subset the module documents. Every hand-written *input*
-tool is validated against vapi-server-sdk where the SDK accepts it (vapi.md §1 lists its false
-negatives; those cases pass `sdk=False` with the reason).
+Every output is validated against the openai SDK's GA types with no extra keys
+(openai.types.realtime), and against the plain JSON-Schema subset the module documents. Every
+hand-written *input* tool is validated against vapi-server-sdk where the SDK accepts it (the SDK
+refuses a few valid shapes; those cases pass `sdk=False` with the reason).
 """
 
 from __future__ import annotations
@@ -379,7 +379,7 @@ def test_ref_inlined_from_defs_definitions_and_pointers():
             "again": {"$ref": "#/properties/day"},
         },
     }
-    # the SDK requires `type` on every property schema (vapi.md §1 false negatives)
+    # the SDK requires `type` on every property schema (an SDK false negative: the API accepts it)
     out, findings = sanitize_schema(params, "p")
     check_subset(out)
     assert out["properties"] == {
@@ -445,7 +445,7 @@ def test_type_array_mixed_scalars_and_numbers():
 
 
 def test_any_of_null_and_one_type():
-    # a bare anyOf has no `type`: SDK false negative (vapi.md §1)
+    # a bare anyOf has no `type`: SDK false negative
     x, findings = san({"anyOf": [{"type": "string", "format": "email"}, {"type": "null"}], "description": "Email."}, sdk=False)
     assert x == {"type": "string", "description": "Email. (may be null)", "format": "email"}
     (f,) = at(findings, "p.properties.x.anyOf")
@@ -483,7 +483,7 @@ def test_one_of_objects_merged_required_intersection():
 
 
 def test_pinecrest_style_nested_unions():
-    """vapi.md §9 describes this export (not shipped): unions on typed nodes, nested arrays, nullable, pattern."""
+    """A real-world export shape: unions on typed nodes, nested arrays, nullable, pattern."""
     params = {"type": "object", "required": ["policyNumber", "contact", "location"], "properties": {
         "policyNumber": {"type": "string", "pattern": "^PM-[0-9]{6}$"},
         "incidentDate": {"type": "string", "format": "date"},
