@@ -56,6 +56,7 @@ from tools.dtmf import DtmfError, KeypadBuffer, dtmf_ulaw, keypad_text, validate
 from tools.results import NO_RESULT, ToolOutcome, async_outcome, tool_message
 
 from .openai_realtime import OpenAIRealtime, counter_ids
+from .playback import AssistantItem, Playback  # noqa: F401  (AssistantItem: part of this module's interface)
 from .response_scheduler import ResponseScheduler
 from .tool_schema import ToolBinding
 from .translate import CallSetup
@@ -103,24 +104,6 @@ class Phase(Enum):
     CONFIGURING = "configuring"  # model socket opening, session.update not yet acknowledged
     LIVE = "live"
     ENDED = "ended"
-
-
-@dataclass(slots=True)
-class AssistantItem:
-    """One assistant message item's audio on its way to the caller."""
-
-    item_id: str
-    response_id: str
-    seq: int
-    greeting: bool
-    started: float = 0.0  # clock() when the caller starts hearing it (estimated)
-    sent_bytes: int = 0
-    played_bytes: int = 0  # confirmed by Twilio mark echoes
-    transcript: list[str] = field(default_factory=list)
-    final_transcript: str | None = None
-    interrupted: bool = False
-    dropped: bool = False  # interrupted: further deltas are not forwarded
-    done: bool = False  # its response finished: no more audio will come
 
 
 @dataclass(slots=True)
@@ -229,9 +212,7 @@ class Call:
 
         self._early_audio: deque[tuple[str, int]] = deque(maxlen=MAX_EARLY_FRAMES)
         self._seq = 0
-        self._items: dict[str, AssistantItem] = {}
-        self._marks: dict[str, tuple[AssistantItem, int]] = {}
-        self._mark_counter = 0
+        self._playback = Playback()  # what was sent to Twilio, what the caller heard (marks)
         self._user_turns: dict[str, UserTurn] = {}
         self._cancelled: set[str] = set()
         self._early_transcript: dict[str, list[str]] = {}
@@ -244,7 +225,6 @@ class Call:
         self._breaks_offset: list[float] = []
         self._stream_t0 = self._mono0  # clock() at Twilio's stream time 0 (the `start` frame)
         self._turn_end: float | None = None  # caller end of speech awaiting the next first byte
-        self._playback_free_at = 0.0  # clock() at which Twilio's buffer should be empty
         self._last_activity = self._mono0
         self._live_at: float | None = None
         self._gate: BargeInGate | None = None
@@ -308,7 +288,7 @@ class Call:
         self.effects.append(CallEnded(self.end))
         if not self.call_sid:
             return
-        for item in self._items.values():
+        for item in self._playback.items.values():
             self._record_item(item, final=True)
         self._server_message("status-update", lambda info, now_ms: envelope.status_update_message(
             info, "ended", self.artifact_messages(), now_ms, ended_reason=reason, ended_at=self._wall_at(now)))
@@ -434,15 +414,10 @@ class Call:
         self.backend.append_audio(payload)
 
     def on_mark(self, name: str) -> None:
-        entry = self._marks.pop(name, None)
-        if entry is None:
-            return  # echoed after a clear: that audio was discarded, not played
-        item, cumulative = entry
-        if cumulative > item.played_bytes:
-            item.played_bytes = cumulative
-            if item.done and item.played_bytes >= item.sent_bytes:
-                self._retire(item)
-        if self._pending_end is not None and not self._marks:
+        finished = self._playback.on_mark(name)
+        if finished is not None:
+            self._retire(finished)
+        if self._pending_end is not None and not self._playback.awaiting_marks:
             self._maybe_hang_up()
 
     def on_keypress(self, digit: str) -> None:
@@ -564,7 +539,7 @@ class Call:
             "utterances",
             {"call_sid": self.call_sid, "seq": turn.seq, "role": "user", "item_id": item_id, "started_at": self._wall_at(started)},
         )
-        playing = self._playing_items()
+        playing = self._playback.playing()
         generating = self._responses.generating
         if not playing and not generating:
             return  # nothing to interrupt: an ordinary turn
@@ -580,15 +555,12 @@ class Call:
         else:
             self._gate = BargeInGate(item_id, need_ms)
 
-    def _playing_items(self) -> list[AssistantItem]:
-        return [item for item in self._items.values() if not item.dropped and item.played_bytes < item.sent_bytes]
-
     def _gate_frame(self, payload: str) -> None:
         """Count voiced caller audio while the gate is open (the only place the shim looks at
         caller samples: decoding costs a few microseconds a frame, and only during the gate)."""
         gate = self._gate
         assert gate is not None
-        if not self._playing_items() and not self._responses.generating:
+        if not self._playback.playing() and not self._responses.generating:
             self._gate = None  # the assistant finished on its own: nothing left to cut off
             return
         try:
@@ -604,7 +576,7 @@ class Call:
     def _barge_in(self) -> None:
         """The caller is talking over the assistant: stop it, and tell the model exactly how
         much of it the caller heard (Twilio's mark echoes, never more than was sent)."""
-        playing = self._playing_items()
+        playing = self._playback.playing()
         generating = self._responses.generating
         if not playing and not generating:
             return
@@ -615,17 +587,10 @@ class Call:
             self.backend.cancel_response(self._responses.active_id)
         if playing:
             self.twilio_out.append(tw.clear_frame(self.stream_sid))
-            self._marks.clear()  # their echoes now mean "discarded", not "played"
-            self._playback_free_at = self.clock()
+            self._playback.clear(self.clock())  # pending marks' echoes now mean "discarded"
         if generating:
             self._cancelled.add(self._responses.active_id)
-        for item in self._items.values():
-            still_coming = generating and item.response_id == self._responses.active_id
-            if item.dropped or (item.played_bytes >= item.sent_bytes and not still_coming):
-                continue
-            item.dropped = True
-            item.interrupted = True
-            heard_ms = item.played_bytes // tw.MULAW_BYTES_PER_MS
+        for item, heard_ms in self._playback.cut(self._responses.active_id):
             if heard_ms > 0:
                 self.backend.truncate_item(item.item_id, heard_ms)
             else:
@@ -713,7 +678,8 @@ class Call:
         """One chunk of the assistant's voice (the hot path): one Twilio media + one mark."""
         if self.phase is not Phase.LIVE:
             return
-        item = self._items.get(item_id)
+        playback = self._playback
+        item = playback.items.get(item_id)
         now = self.clock()
         if item is None:
             if response_id in self._cancelled:
@@ -721,12 +687,7 @@ class Call:
             item = self._new_item(item_id, response_id, now)
         if item.dropped:
             return  # deltas still in flight after a barge-in
-        nbytes = tw.b64_decoded_len(delta)
-        item.sent_bytes += nbytes
-        self._playback_free_at = max(self._playback_free_at, now) + nbytes / 8000
-        self._mark_counter += 1
-        name = str(self._mark_counter)
-        self._marks[name] = (item, item.sent_bytes)
+        name = playback.sent(item, tw.b64_decoded_len(delta), now)
         sid = self.stream_sid
         if self._mixer is not None:  # same length out: marks and truncation math are unchanged
             delta = self._mixer.mix_b64(delta)
@@ -740,16 +701,16 @@ class Call:
             response_id=response_id,
             seq=self._next_seq(),
             greeting=response_id != "" and response_id == self._greeting_response_id,
-            started=max(now, self._playback_free_at),
+            started=max(now, self._playback.free_at),
         )
-        self._items[item_id] = item
+        self._playback.add(item)
         item.transcript.extend(self._early_transcript.pop(item_id, ()))
         row: dict[str, Any] = {
             "call_sid": self.call_sid,
             "seq": item.seq,
             "role": "assistant",
             "item_id": item_id,
-            "started_at": self._wall_at(max(now, self._playback_free_at)),
+            "started_at": self._wall_at(max(now, self._playback.free_at)),
         }
         if self._turn_end is not None:
             latency = now - self._turn_end
@@ -761,14 +722,14 @@ class Call:
 
     def _on_transcript_delta(self, event: me.TranscriptDelta) -> None:
         delta, item_id = event.text, event.item_id
-        item = self._items.get(item_id)
+        item = self._playback.items.get(item_id)
         if item is not None:
             item.transcript.append(delta)
         elif len(self._early_transcript) < 16:  # text may arrive before the item's first audio
             self._early_transcript.setdefault(item_id, []).append(delta)
 
     def _on_transcript_done(self, event: me.TranscriptDone) -> None:
-        item = self._items.get(event.item_id)
+        item = self._playback.items.get(event.item_id)
         if item is None:
             return
         item.final_transcript = event.text
@@ -814,17 +775,14 @@ class Call:
     def _retire(self, item: AssistantItem) -> None:
         """An item fully generated and fully heard: record it for good and forget it, so a long
         call keeps only what may still be interrupted."""
-        if self._items.get(item.item_id) is item:
+        if self._playback.forget(item):
             self._record_item(item, final=True)
-            del self._items[item.item_id]
 
     def _on_response_done(self, event: me.ResponseDone) -> None:
         response_id = event.response_id
         self._responses.on_done(response_id)
-        for item in [i for i in self._items.values() if i.response_id == response_id]:
-            item.done = True
-            if item.dropped or item.played_bytes >= item.sent_bytes:
-                self._retire(item)
+        for item in self._playback.response_done(response_id):
+            self._retire(item)
         status = event.status
         if status == "failed":
             self.metrics.model_error()
@@ -1028,12 +986,8 @@ class Call:
             return
         payload = base64.b64encode(tones).decode()
         self.twilio_out.append(tw.media_frame(self.stream_sid, payload))
-        self._mark_counter += 1  # a mark, so a hang-up waits until the tones have played
-        tones_item = AssistantItem(item_id=f"dtmf-{self._mark_counter}", response_id="", seq=0, greeting=False,
-                                   sent_bytes=len(tones))
-        self._marks[str(self._mark_counter)] = (tones_item, len(tones))
-        self.twilio_out.append(tw.mark_frame(self.stream_sid, str(self._mark_counter)))
-        self._playback_free_at = max(self._playback_free_at, self.clock()) + len(tones) / 8000
+        name = self._playback.tones_sent(len(tones), self.clock())  # a hang-up waits until they have played
+        self.twilio_out.append(tw.mark_frame(self.stream_sid, name))
         self.record_event("dtmf_sent", keys=keys)
         self._tool_output(call_id, f"Pressed {keys}.", "ok")
 
@@ -1051,7 +1005,7 @@ class Call:
         the line open."""
         if self._pending_end is not None:
             return
-        remaining = max(0.0, self._playback_free_at - self.clock())
+        remaining = max(0.0, self._playback.free_at - self.clock())
         self._pending_end = PendingEnd(reason, self.clock() + remaining + HANGUP_GRACE_S, say_first,
                                        next_action=next_action, cancellable=cancellable)
         self._maybe_hang_up()
@@ -1066,7 +1020,7 @@ class Call:
             pending.deadline = self.clock() + len(text) * 0.1 + HANGUP_GRACE_S
             self._request_response(SAY_EXACTLY.format(text=text), "goodbye")
             return
-        if not self._marks or self.clock() >= pending.deadline:
+        if not self._playback.awaiting_marks or self.clock() >= pending.deadline:
             self._finish(pending.reason, pending.next_action)
 
     def _on_error(self, event: me.ModelError) -> None:
@@ -1131,7 +1085,7 @@ class Call:
             if now >= self._pending_end.deadline:
                 self._finish(self._pending_end.reason, self._pending_end.next_action)
             return
-        if self._marks or self._responses.generating:
+        if self._playback.awaiting_marks or self._responses.generating:
             self._last_activity = now  # the assistant is talking or about to
             return
         if now - self._last_activity >= policy.silence_timeout_s:
