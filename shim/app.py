@@ -12,7 +12,6 @@ from collections import OrderedDict
 from typing import Any
 
 import asyncpg
-import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -27,6 +26,7 @@ from .bridge import BridgeState, CallRunner, start_media_server
 from .config import Config
 from .db import redact_dsn, resolve_dsn
 from .metrics import ShimMetrics
+from . import store_queries
 from .store import Recorder, migrate
 from tools import envelope
 from tools.delivery import WebhookSender
@@ -141,11 +141,10 @@ class Shim:
             return None
         try:
             pool = await asyncio.wait_for(self.db(), 2)
-            row = await pool.fetchrow("SELECT assistant_id, server_url FROM numbers WHERE number = $1", number, timeout=2)
+            return await store_queries.number_route(pool, number)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             log.error("number_lookup_failed", error=str(exc))
             return None
-        return dict(row) if row else None
 
     def remember_end(self, call_sid: str, action: dict[str, Any]) -> None:
         self.endings[call_sid] = action
@@ -279,13 +278,7 @@ async def store_assistant_request(shim: Shim, row: dict[str, Any]) -> None:
         shim.assistant_requests.pop(next(iter(shim.assistant_requests)))
     try:
         pool = await asyncio.wait_for(shim.db(), 2)
-        await pool.execute(
-            """INSERT INTO calls (call_sid, from_number, to_number, account_sid, status, stack, assistant_request)
-               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
-               ON CONFLICT (call_sid) DO UPDATE SET assistant_request = EXCLUDED.assistant_request, updated_at = now()""",
-            row["call_sid"], row["from_number"], row["to_number"], row["account_sid"], row["status"], row["stack"],
-            orjson.dumps(row["assistant_request"]).decode(), timeout=2,
-        )
+        await store_queries.save_assistant_request(pool, row)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         log.error("assistant_request_not_stored", call_sid=row["call_sid"], error=str(exc))
 
@@ -295,11 +288,10 @@ async def load_assistant_request(shim: Shim, call_sid: str) -> dict[str, Any] | 
         return shim.assistant_requests[call_sid]
     try:
         pool = await asyncio.wait_for(shim.db(), 2)
-        raw = await pool.fetchval("SELECT assistant_request FROM calls WHERE call_sid = $1", call_sid, timeout=2)
+        return await store_queries.assistant_request(pool, call_sid)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         log.error("assistant_request_lookup_failed", call_sid=call_sid, error=str(exc))
         return None
-    return orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
 
 
 async def stream_ended(request: Request) -> Response:
@@ -343,11 +335,11 @@ async def _stored_action(shim: Shim, call_sid: str) -> dict[str, Any] | None:
     for _ in range(10):
         try:
             pool = await asyncio.wait_for(shim.db(), 2)
-            raw = await pool.fetchval("SELECT next_action FROM calls WHERE call_sid = $1", call_sid, timeout=2)
+            action = await store_queries.next_action(pool, call_sid)
         except (OSError, asyncpg.PostgresError, TimeoutError):
             return None
-        if raw:
-            return orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
+        if action:
+            return action
         await asyncio.sleep(0.2)
     return None
 

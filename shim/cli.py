@@ -127,14 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
         async def set_number(conn):
-            await conn.execute(
-                """INSERT INTO numbers (number, assistant_id, server_url, updated_at) VALUES ($1, $2, $3, now())
-                   ON CONFLICT (number) DO UPDATE SET assistant_id = EXCLUDED.assistant_id,
-                       server_url = EXCLUDED.server_url, updated_at = now()""",
-                args.number,
-                args.assistant,
-                args.server_url,
-            )
+            from . import store_queries
+
+            await store_queries.set_number(conn, args.number, args.assistant, args.server_url)
 
         _run(_with_db(config, set_number))
         print(f"{args.number} -> {args.assistant or 'assistant-request ' + args.server_url}")
@@ -143,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "numbers" and args.numbers_command == "list":
 
         async def list_numbers(conn):
-            return await conn.fetch("SELECT number, assistant_id, server_url, stack, updated_at FROM numbers ORDER BY number")
+            from . import store_queries
+
+            return await store_queries.list_numbers(conn)
 
         for row in _run(_with_db(config, list_numbers)):
-            print(orjson.dumps(dict(row)).decode())
+            print(orjson.dumps(row).decode())
         return 0
     return 2
 
