@@ -56,6 +56,7 @@ from tools.dtmf import DtmfError, KeypadBuffer, dtmf_ulaw, keypad_text, validate
 from tools.results import NO_RESULT, ToolOutcome, async_outcome, tool_message
 
 from .openai_realtime import OpenAIRealtime, counter_ids
+from .end_policy import EndPolicy, HangUp, SayGoodbye
 from .playback import AssistantItem, Playback  # noqa: F401  (AssistantItem: part of this module's interface)
 from .response_scheduler import ResponseScheduler
 from .tool_schema import ToolBinding
@@ -67,8 +68,6 @@ APOLOGY = "Sorry, we are having technical difficulties. Please call again later.
 # Caller audio louder than this (16-bit RMS, about -36 dBFS) counts as voice for the barge-in
 # gate; PSTN echo of the assistant and room noise usually sit well below it.
 VOICE_RMS = 500
-# A goodbye is waited for at most its remaining audio plus this, then the call hangs up anyway.
-HANGUP_GRACE_S = 5.0
 # A turn the gate judged to be noise: the reply the server creates for it is cancelled if it
 # starts within this window.
 NOISE_REPLY_WINDOW_S = 3.0
@@ -121,20 +120,6 @@ class BargeInGate:
     item_id: str
     need_ms: float
     voiced_ms: float = 0.0
-
-
-@dataclass(slots=True)
-class PendingEnd:
-    """Hang up once everything queued at Twilio has been heard (bounded wait)."""
-
-    reason: str
-    deadline: float
-    say_first: str = ""  # spoken (word for word) before hanging up
-    awaiting_goodbye: bool = False  # its response.create is sent, the response not yet created
-    next_action: dict[str, Any] | None = None  # e.g. a transfer's <Dial>
-    # An end-call phrase only ends the call once heard: talking over it cancels the hang-up.
-    # endCall, transfers and tool endings stand even if the caller talks over the goodbye.
-    cancellable: bool = False
 
 
 @dataclass(slots=True)
@@ -225,12 +210,10 @@ class Call:
         self._breaks_offset: list[float] = []
         self._stream_t0 = self._mono0  # clock() at Twilio's stream time 0 (the `start` frame)
         self._turn_end: float | None = None  # caller end of speech awaiting the next first byte
-        self._last_activity = self._mono0
-        self._live_at: float | None = None
+        self._ending = EndPolicy(self._mono0)  # goodbyes after playback, max duration, silence
         self._gate: BargeInGate | None = None
         self._noise_reply_until = 0.0
         self._noise_items: list[str] = []
-        self._pending_end: PendingEnd | None = None
         self._function_calls: list[me.FunctionCall] = []  # finished in the current response
         # one model response at a time; ours wait in order (shim.response_scheduler)
         self._responses = ResponseScheduler(self.backend.create_response, clock)
@@ -417,7 +400,7 @@ class Call:
         finished = self._playback.on_mark(name)
         if finished is not None:
             self._retire(finished)
-        if self._pending_end is not None and not self._playback.awaiting_marks:
+        if self._ending.pending is not None and not self._playback.awaiting_marks:
             self._maybe_hang_up()
 
     def on_keypress(self, digit: str) -> None:
@@ -503,7 +486,8 @@ class Call:
         if self.phase is not Phase.CONFIGURING:
             return
         self.phase = Phase.LIVE
-        self._live_at = self.clock()
+        self._ending.live(self.clock(), max_duration_s=self.setup.policy.max_duration_s,
+                          silence_timeout_s=self.setup.policy.silence_timeout_s)
         self._server_message("status-update", lambda info, now_ms: envelope.status_update_message(
             info, "in-progress", self.artifact_messages(), now_ms))
         assert self.setup is not None
@@ -527,7 +511,7 @@ class Call:
 
     def _on_speech_started(self, event: me.SpeechStarted) -> None:
         now = self.clock()
-        self._last_activity = now
+        self._ending.activity(now)
         item_id = event.item_id or f"user_{self._seq + 1}"
         # audio_start_ms includes the prefix padding the server keeps before detected speech
         assert self.setup is not None
@@ -581,8 +565,7 @@ class Call:
         if not playing and not generating:
             return
         self.metrics.barge_in()
-        if self._pending_end is not None and self._pending_end.cancellable:
-            self._pending_end = None  # the goodbye was not heard: don't hang up on the caller
+        self._ending.caller_talked_over()  # an unheard end-call phrase does not hang up on the caller
         if generating:
             self.backend.cancel_response(self._responses.active_id)
         if playing:
@@ -603,7 +586,7 @@ class Call:
 
     def _on_speech_stopped(self, event: me.SpeechStopped) -> None:
         now = self.clock()
-        self._last_activity = now
+        self._ending.activity(now)
         assert self.setup is not None
         # audio_end_ms includes the silence window that confirmed the end of the turn.
         ended = self._input_time(event.audio_end_ms) - self.setup.policy.silence_duration_ms / 1000
@@ -668,8 +651,8 @@ class Call:
                 return
         if purpose == "greeting":
             self._greeting_response_id = response_id
-        if purpose == "goodbye" and self._pending_end is not None:
-            self._pending_end.awaiting_goodbye = False
+        if purpose == "goodbye":
+            self._ending.goodbye_started()
 
     def _on_audio_delta(self, event: me.AudioDelta) -> None:
         self.on_model_audio(event.response_id, event.item_id, event.audio_b64)
@@ -792,7 +775,7 @@ class Call:
         calls, self._function_calls = self._function_calls, []
         if status == "completed" and calls and response_id not in self._cancelled:
             self._run_function_calls(calls)
-        if self._pending_end is not None:
+        if self._ending.pending is not None:
             self._maybe_hang_up()
         self._responses.pump()
 
@@ -1003,25 +986,17 @@ class Call:
         """Hang up (or transfer) once everything queued at Twilio has been played (marks),
         optionally after saying `say_first` word for word; bounded so a lost mark cannot keep
         the line open."""
-        if self._pending_end is not None:
-            return
-        remaining = max(0.0, self._playback.free_at - self.clock())
-        self._pending_end = PendingEnd(reason, self.clock() + remaining + HANGUP_GRACE_S, say_first,
-                                       next_action=next_action, cancellable=cancellable)
-        self._maybe_hang_up()
+        if self._ending.end_after_playback(reason, self.clock(), self._playback.free_at, say_first=say_first,
+                                           next_action=next_action, cancellable=cancellable):
+            self._maybe_hang_up()
 
     def _maybe_hang_up(self) -> None:
-        pending = self._pending_end
-        if pending is None or self._responses.generating or pending.awaiting_goodbye:
-            return
-        if pending.say_first:
-            text, pending.say_first = pending.say_first, ""
-            pending.awaiting_goodbye = True
-            pending.deadline = self.clock() + len(text) * 0.1 + HANGUP_GRACE_S
-            self._request_response(SAY_EXACTLY.format(text=text), "goodbye")
-            return
-        if not self._playback.awaiting_marks or self.clock() >= pending.deadline:
-            self._finish(pending.reason, pending.next_action)
+        step = self._ending.next_step(self.clock(), generating=self._responses.generating,
+                                      awaiting_marks=self._playback.awaiting_marks)
+        if type(step) is SayGoodbye:
+            self._request_response(SAY_EXACTLY.format(text=step.text), "goodbye")
+        elif type(step) is HangUp:
+            self._finish(step.reason, step.next_action)
 
     def _on_error(self, event: me.ModelError) -> None:
         code = event.code
@@ -1069,8 +1044,7 @@ class Call:
                 self.on_tool_outcome(ToolOutcome(call_id, "timeout", NO_RESULT, None, "no answer", None, None))
         if self._responses.check_unanswered(now):
             self.record_event("response_create_unanswered")  # neither created nor refused: moved on
-        policy = self.setup.policy
-        if self._live_at is not None and now - self._live_at >= policy.max_duration_s:
+        if self._ending.duration_exceeded(now):
             self._finish("exceeded-max-duration")
             return
         if self.keypad is not None:
@@ -1081,15 +1055,9 @@ class Call:
             # Vapi's `hang`: the caller finished speaking and nothing has come back for a while.
             self._hang_sent_for = self._turn_end
             self._server_message("hang", lambda info, now_ms: envelope.hang_message(info, now_ms))
-        if self._pending_end is not None:
-            if now >= self._pending_end.deadline:
-                self._finish(self._pending_end.reason, self._pending_end.next_action)
-            return
-        if self._playback.awaiting_marks or self._responses.generating:
-            self._last_activity = now  # the assistant is talking or about to
-            return
-        if now - self._last_activity >= policy.silence_timeout_s:
-            self._finish("silence-timed-out")
+        hang_up = self._ending.due(now, assistant_busy=self._playback.awaiting_marks or self._responses.generating)
+        if hang_up is not None:
+            self._finish(hang_up.reason, hang_up.next_action)
 
     # --- output --------------------------------------------------------------------------
 
