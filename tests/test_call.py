@@ -713,3 +713,17 @@ def test_a_long_call_keeps_only_what_may_still_be_interrupted():
     assert call.end.reason == "customer-ended-call"
     assert [t for t, *_ in rows.upserts[written:]] == ["calls"]
     assert call.take_model_out() == [] and call.take_twilio_out() == []
+
+
+def test_unknown_model_events_are_logged_once_per_kind_and_change_nothing():
+    from structlog.testing import capture_logs
+
+    call, rows, clock = live_call(WAIT)
+    call.take_model_out()
+    with capture_logs() as logs:
+        for _ in range(3):
+            call.on_model_text(ev("rate_limits.updated", rate_limits=[]))
+        call.on_model_text(ev("conversation.item.added", item={}))
+    assert [(e["event"], e["kind"]) for e in logs if e["event"] == "model_event_unhandled"] == [
+        ("model_event_unhandled", "rate_limits.updated"), ("model_event_unhandled", "conversation.item.added")]
+    assert call.end is None and call.take_model_out() == [] and call.take_twilio_out() == []
