@@ -674,8 +674,10 @@ class Call:
         sid = self.stream_sid
         if self._mixer is not None:  # same length out: marks and truncation math are unchanged
             delta = self._mixer.mix_b64(delta)
-        self.twilio_out.append(tw.media_frame(sid, delta))
-        self.twilio_out.append(tw.mark_frame(sid, name))
+        # twilio_media.media_frame + mark_frame, inlined: two calls fewer per delta on the hot path
+        out = self.twilio_out
+        out.append('{"event":"media","streamSid":"' + sid + '","media":{"payload":"' + delta + '"}}')
+        out.append('{"event":"mark","streamSid":"' + sid + '","mark":{"name":"' + name + '"}}')
         self.frames_out += 1
 
     def _new_item(self, item_id: str, response_id: str, now: float) -> AssistantItem:

@@ -727,3 +727,13 @@ def test_unknown_model_events_are_logged_once_per_kind_and_change_nothing():
     assert [(e["event"], e["kind"]) for e in logs if e["event"] == "model_event_unhandled"] == [
         ("model_event_unhandled", "rate_limits.updated"), ("model_event_unhandled", "conversation.item.added")]
     assert call.end is None and call.take_model_out() == [] and call.take_twilio_out() == []
+
+
+def test_hot_path_frames_are_exactly_twilio_media_and_mark():
+    call, rows, clock = live_call(WAIT)
+    call.on_model_text(ev("response.created", response={"id": "resp_1"}))
+    call.on_model_text(ev("response.output_audio.delta", response_id="resp_1", item_id="item_1", output_index=0,
+                          content_index=0, delta=b64(b"\x10" * 160)))
+    media_out, mark_out = call.take_twilio_out()
+    assert media_out == tw.media_frame("MZ1", b64(b"\x10" * 160))
+    assert mark_out == tw.mark_frame("MZ1", orjson.loads(mark_out)["mark"]["name"])
