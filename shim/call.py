@@ -24,7 +24,7 @@ import random
 import time
 from bisect import bisect_right
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Any, Callable, Protocol
@@ -50,13 +50,22 @@ from .call_effects import (  # noqa: F401  (End and ToolRequest are part of this
     ToolRequest,
 )
 from . import twilio_media as tw
-from .assistant import AssistantError, AssistantNotFound, render
+from .assistant import AssistantError, AssistantNotFound
 from tools import envelope
 from tools.dtmf import DtmfError, KeypadBuffer, dtmf_ulaw, keypad_text, validate_keys
 from tools.results import NO_RESULT, ToolOutcome, async_outcome, tool_message
 
 from .openai_realtime import OpenAIRealtime, counter_ids
 from .end_policy import EndPolicy, HangUp, SayGoodbye
+from .tool_batch import (  # noqa: F401  (transfer_action: part of this module's interface)
+    BACKSTOP_S,
+    DEFAULT_TIMEOUT_S,
+    ToolBatch,
+    first_message,
+    server_timeout,
+    transfer_action,
+    transfer_message,
+)
 from .playback import AssistantItem, Playback  # noqa: F401  (AssistantItem: part of this module's interface)
 from .response_scheduler import ResponseScheduler
 from .tool_schema import ToolBinding
@@ -120,20 +129,6 @@ class BargeInGate:
     item_id: str
     need_ms: float
     voiced_ms: float = 0.0
-
-
-@dataclass(slots=True)
-class ToolBatch:
-    """The function calls of one response, until the last answer is in."""
-
-    pending: set[str] = field(default_factory=set)
-    speak_instead: str | None = None  # a request-complete/failed message answers instead of the model
-    system_notes: list[str] = field(default_factory=list)
-    end_reason: str | None = None
-    end_say: str = ""
-    transfer: dict[str, Any] | None = None
-    transfer_say: str = ""
-    deadline: float = 0.0  # by then every webhook has answered or timed out: a backstop
 
 
 def heard_text(text: str, heard_bytes: int, total_bytes: int) -> str:
@@ -833,23 +828,21 @@ class Call:
                 if request.fire_and_forget:
                     self._tool_output(call_id, async_outcome(call_id).output, "async")
                 else:
-                    batch.pending.add(call_id)
-                    batch.deadline = max(batch.deadline, self.clock() + _server_timeout(binding.vapi_tool) + 5)
+                    batch.expect(call_id, self.clock() + server_timeout(binding.vapi_tool) + BACKSTOP_S)
                     start_message = start_message or tool_message(binding.vapi_tool, "request-start", arguments, rng=self._rng)
             else:
                 self._tool_output(call_id, f"Error: there is no tool named {name!r}.", "error")
         self._batch = batch
         if start_message:
             self._say(start_message, "tool-message")  # while the webhook runs, without blocking audio
-        if not batch.pending:
+        if batch.complete:
             self._finish_batch()
 
     def on_tool_outcome(self, outcome: ToolOutcome, url: str | None = None) -> None:
         """A webhook answered (or failed): pass it to the model; continue once all are in."""
         batch = self._batch
-        if self.end is not None or batch is None or outcome.call_id not in batch.pending:
+        if self.end is not None or batch is None or not batch.answered(outcome.call_id):
             return
-        batch.pending.discard(outcome.call_id)
         self._tool_output(outcome.call_id, outcome.output, outcome.status, result=outcome.result,
                           error=outcome.error, url=url)
         binding = self._binding_for(outcome.call_id)
@@ -859,7 +852,7 @@ class Call:
             if isinstance(outcome.message, dict) and outcome.message.get("type") == kind:
                 spoken, text = outcome.message, str(outcome.message.get("content") or "")
             else:
-                spoken = _first_message(binding.vapi_tool, kind)
+                spoken = first_message(binding.vapi_tool, kind)
                 text = (tool_message(binding.vapi_tool, kind, self._tool_args.get(outcome.call_id, {}), rng=self._rng) or "") if spoken else ""
             if spoken and text:
                 if spoken.get("role") == "system":
@@ -868,7 +861,7 @@ class Call:
                     batch.speak_instead = text  # said word for word; the model is not asked
                     if spoken.get("endCallAfterSpokenEnabled"):
                         batch.end_reason = "assistant-ended-call-after-message-spoken"
-        if not batch.pending:
+        if batch.complete:
             self._finish_batch()
 
     def on_tool_delayed(self, call_id: str, text: str) -> None:
@@ -883,15 +876,13 @@ class Call:
     def _finish_batch(self) -> None:
         batch, self._batch = self._batch, None
         assert batch is not None and self.setup is not None
-        for note in batch.system_notes:
+        after = batch.after()
+        for note in after.notes:
             self.backend.add_message("system", note)
-        if batch.transfer is not None:
-            self._end_after_playback("assistant-forwarded-call", say_first=batch.transfer_say,
-                                     next_action=batch.transfer)
-        elif batch.end_reason is not None:
-            self._end_after_playback(batch.end_reason, say_first=batch.speak_instead or batch.end_say)
-        elif batch.speak_instead:
-            self._say(batch.speak_instead, "tool-message")  # Vapi: this, not the model, answers
+        if after.end_reason is not None:
+            self._end_after_playback(after.end_reason, say_first=after.say, next_action=after.next_action)
+        elif after.say:
+            self._say(after.say, "tool-message")  # Vapi: this, not the model, answers
         else:
             self._request_response()
 
@@ -926,23 +917,21 @@ class Call:
             # Vapi asks the server where to transfer (transfer-destination-request).
             self.effects.append(ToolRequest(call_id=call_id, binding=binding, arguments=arguments,
                                                   seq=self._tool_calls[call_id][0], kind="transfer-destination-request"))
-            batch.pending.add(call_id)
-            batch.deadline = max(batch.deadline, self.clock() + 25)
+            batch.expect(call_id, self.clock() + DEFAULT_TIMEOUT_S + BACKSTOP_S)
             return
         if destination is None:
             self._tool_output(call_id, f"Error: {wanted!r} is not one of the transfer destinations.", "error")
             return
         self._tool_output(call_id, "Transferring the call.", "ok")
         batch.transfer = transfer_action(destination, self._template_variables())
-        batch.transfer_say = _transfer_message(binding.vapi_tool, destination, arguments, self._rng)
+        batch.transfer_say = transfer_message(binding.vapi_tool, destination, arguments, self._rng)
         self.records.upsert("calls", {"call_sid": self.call_sid, "transfer": batch.transfer})
 
     def on_transfer_destination(self, call_id: str, answer: dict[str, Any] | None, error: str | None) -> None:
         """The server's answer to transfer-destination-request: a destination, or an error to say."""
         batch = self._batch
-        if self.end is not None or batch is None or call_id not in batch.pending:
+        if self.end is not None or batch is None or not batch.answered(call_id):
             return
-        batch.pending.discard(call_id)
         destination = (answer or {}).get("destination")
         spoken_error = (answer or {}).get("error") or error
         if isinstance(destination, dict) and (destination.get("number") or destination.get("sipUri")):
@@ -957,7 +946,7 @@ class Call:
             self._tool_output(call_id, f"Error: {text}", "error", error=text)
             if (answer or {}).get("error"):
                 batch.speak_instead = text  # Vapi speaks the server's error
-        if not batch.pending:
+        if batch.complete:
             self._finish_batch()
 
     def _press_keys(self, call_id: str, arguments: dict[str, Any]) -> None:
@@ -1041,8 +1030,8 @@ class Call:
         if self.phase is not Phase.LIVE or self.setup is None:
             return
         batch = self._batch
-        if batch is not None and batch.pending and now > batch.deadline:
-            for call_id in list(batch.pending):  # a webhook task died without answering
+        if batch is not None:
+            for call_id in batch.overdue(now):  # a webhook task died without answering
                 self.on_tool_outcome(ToolOutcome(call_id, "timeout", NO_RESULT, None, "no answer", None, None))
         if self._responses.check_unanswered(now):
             self.record_event("response_create_unanswered")  # neither created nor refused: moved on
@@ -1075,57 +1064,3 @@ class Call:
         backend = self.backend
         out, backend.out = backend.out, []
         return out
-
-
-def _request_start_text(tool: dict[str, Any]) -> str:
-    """The content of a tool's request-start message (what Vapi says when the tool runs)."""
-    for message in tool.get("messages") or []:
-        if isinstance(message, dict) and message.get("type") == "request-start" and isinstance(message.get("content"), str):
-            return message["content"]
-    return ""
-
-
-def _first_message(tool: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for message in tool.get("messages") or []:
-        if isinstance(message, dict) and message.get("type") == kind:
-            return message
-    return None
-
-
-def _transfer_message(tool: dict[str, Any], destination: dict[str, Any], arguments: dict[str, Any],
-                      rng: random.Random) -> str:
-    """What Vapi says before a transfer: the tool's request-start if it has one (\"\" = silence),
-    else the destination's message, else "Transferring the call now"."""
-    if _first_message(tool, "request-start") is not None:
-        return tool_message(tool, "request-start", arguments, rng=rng) or ""
-    message = destination.get("message")
-    if message is None:
-        return "Transferring the call now"
-    return message if isinstance(message, str) else str((message or {}).get("content") or "")
-
-
-def transfer_action(destination: dict[str, Any], variables: dict[str, Any]) -> dict[str, Any]:
-    """The next_action /twilio/stream-ended turns into <Dial>: a number (with extension) or a SIP
-    URI, and the caller id (Liquid, e.g. {{phoneNumber.number}})."""
-    action: dict[str, Any] = {"verb": "dial"}
-    if destination.get("sipUri"):
-        action["sip"] = str(destination["sipUri"])
-        if isinstance(destination.get("sipHeaders"), dict):
-            action["sipHeaders"] = {str(k): str(v) for k, v in destination["sipHeaders"].items()}
-    else:
-        action["number"] = str(destination.get("number") or "")
-        if destination.get("extension"):
-            action["extension"] = str(destination["extension"])
-    caller_id = destination.get("callerId")
-    if isinstance(caller_id, str) and caller_id:
-        try:
-            action["callerId"] = render(caller_id, variables, "destination.callerId")
-        except AssistantError:
-            action["callerId"] = caller_id
-    return action
-
-
-def _server_timeout(tool: dict[str, Any]) -> float:
-    server = tool.get("server") if isinstance(tool.get("server"), dict) else {}
-    value = server.get("timeoutSeconds")
-    return float(value) if isinstance(value, (int, float)) and 1 <= value <= 300 else 20.0
