@@ -160,7 +160,9 @@ class Call:
     ):
         self.records = records
         self._new_id = new_id or counter_ids()
-        self._rng = rng or random.Random()  # which filler sentence is said (seed it in tests)
+        # which filler sentence is said: seed it in tests; None = the process-wide generator (no
+        # per-call state)
+        self._rng = rng
         # The model, behind the one seam (shim.model_events.ModelBackend): commands in, wire
         # frames queued in backend.out for the shell, events back through on_model_*.
         self.backend: me.ModelBackend = backend or OpenAIRealtime(self._new_id)

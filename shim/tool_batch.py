@@ -80,7 +80,7 @@ def first_message(tool: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 
 def transfer_message(tool: dict[str, Any], destination: dict[str, Any], arguments: dict[str, Any],
-                      rng: random.Random) -> str:
+                      rng: random.Random | None) -> str:
     """What Vapi says before a transfer: the tool's request-start if it has one (\"\" = silence),
     else the destination's message, else "Transferring the call now"."""
     if first_message(tool, "request-start") is not None:
