@@ -273,6 +273,8 @@ class Admin:
 
     async def recording(self, request: Request) -> Response:
         call_sid, fmt = request.path_params["call_sid"], request.path_params["fmt"]
+        if fmt not in recordings.FORMATS:
+            return self._secure(PlainTextResponse(f"no .{fmt} form: .wav or .mp3", status_code=404))
         pool = await self.db()
         async with pool.acquire() as conn:
             row = await conn.fetchrow("SELECT recording_url FROM calls WHERE call_sid = $1", call_sid)
