@@ -171,7 +171,10 @@ class Admin:
         self.db = db
 
     def routes(self) -> list[BaseRoute]:
-        return [Mount(PREFIX, routes=[
+        # /admin → /admin/ with a relative Location (Starlette's own slash redirect would build
+        # an absolute URL from the Host header, wrong behind a TLS-terminating proxy).
+        return [Route(PREFIX, lambda request: self._secure(RedirectResponse(PREFIX + "/", status_code=307))),
+                Mount(PREFIX, routes=[
             Route("/", self.guard(self.calls_page)),
             Route("/login", self.login, methods=["GET", "POST"]),
             Route("/logout", self.logout, methods=["POST"]),

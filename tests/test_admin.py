@@ -78,6 +78,8 @@ async def test_without_credentials_browsers_go_to_login_and_clients_get_401(site
     response = await browser.get("/admin/?assistant=luna", headers=HTML)
     assert response.status_code == 303
     assert response.headers["location"] == "/admin/login?next=" + quote("/admin/?assistant=luna", safe="")
+    response = await browser.get("/admin")
+    assert response.status_code == 307 and response.headers["location"] == "/admin/"
     response = await browser.get("/admin/")
     assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")
     response = await browser.get("/admin/", headers={"authorization": "Bearer wrong-token"})
