@@ -189,7 +189,11 @@ class Admin:
         async def guarded(request: Request) -> Response:
             ok = self.auth.authorized(request)
             if ok:
-                return await endpoint(request)
+                try:
+                    return await endpoint(request)
+                except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+                    log.error("admin_database_unavailable", error=str(exc)[:300])
+                    return self._secure(PlainTextResponse("the database is unreachable right now; try again shortly", status_code=503))
             if ok is None and request.method == "GET" and "text/html" in request.headers.get("accept", ""):
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return self._secure(RedirectResponse(f"{PREFIX}/login?{urlencode({'next': target})}", status_code=303))

@@ -55,7 +55,8 @@ def register(sub) -> None:
 
 def _stderr_logs(config: Config) -> None:
     """Warnings and errors only, and on stderr: stdout carries the data."""
-    level = max(logging.WARNING, logging.getLevelName(config.log_level.upper()) if config.log_level.upper() in logging._nameToLevel else logging.WARNING)
+    configured = logging.getLevelName(config.log_level.upper())
+    level = max(logging.WARNING, configured if isinstance(configured, int) else logging.WARNING)
     renderer = structlog.processors.JSONRenderer() if config.log_format == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True), renderer],

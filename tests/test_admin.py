@@ -261,3 +261,20 @@ async def test_parity_section_appears_with_its_table(site, db_dsn):
     assert rows[0].find_all("td")[2].text == XSS and not doc.find_all("script")  # newest first, escaped
     img = doc.find("img", cls="plot")
     assert img.attrs["src"].startswith("data:image/svg+xml;base64,") and img.attrs["alt"] == "2 runs"
+
+
+async def test_database_down_is_a_503_not_a_traceback(monkeypatch, tmp_path, twilio):
+    monkeypatch.setenv("SHIM_ADMIN_TOKEN", ADMIN_TOKEN)
+    app = create_app(_config("postgresql://shim:pw@127.0.0.1:1/shim", tmp_path, twilio))
+    with TestClient(app, base_url="https://testserver") as client:
+        page = await asyncio.to_thread(client.get, "/admin/", headers=BEARER)
+    assert page.status_code == 503 and "database is unreachable" in page.text and "pw@" not in page.text
+
+
+async def test_recording_without_twilio_credentials_is_503(monkeypatch, db_dsn, tmp_path, twilio):
+    monkeypatch.setenv("SHIM_ADMIN_TOKEN", ADMIN_TOKEN)
+    s = await seed(db_dsn, tmp_path)
+    with TestClient(create_app(_config(db_dsn, tmp_path, twilio, twilio_auth_token="")), base_url="https://testserver") as client:
+        page = await asyncio.to_thread(client.get, f"/admin/calls/{s.dental}/recording.wav", headers=BEARER)
+    assert page.status_code == 503 and "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set" in page.text
+    assert not twilio.requests
