@@ -146,9 +146,9 @@ _TEMPLATES = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_TEMPLATES.filters["utc"] = ops._utc
+_TEMPLATES.filters["utc"] = ops.utc_text
 _TEMPLATES.filters["duration"] = ops.format_duration
-_TEMPLATES.filters["compact"] = lambda v, limit=2000: ops._compact(v, limit)
+_TEMPLATES.filters["compact"] = lambda v, limit=2000: ops.compact_text(v, limit)
 _TEMPLATES.filters["path"] = lambda v: quote(str(v), safe="")
 _TEMPLATES.globals["tool_outcome"] = ops.tool_outcome
 

@@ -200,7 +200,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # --- formatting -----------------------------------------------------------------------------
 
 
-def _utc(ts: datetime | None) -> str:
+def utc_text(ts: datetime | None) -> str:
     if ts is None:
         return "-"
     return ts.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -231,7 +231,7 @@ def call_table_cells(row: dict[str, Any]) -> tuple[str, ...]:
         tools += f" (+{row['tools_pending']} pending)"
     ended = row.get("ended_reason") or ("(in progress)" if row.get("ended_at") is None and row.get("started_at") else "-")
     return (
-        _utc(row.get("at") or row.get("started_at")),
+        utc_text(row.get("at") or row.get("started_at")),
         row.get("call_sid") or "-",
         row.get("from_number") or "-",
         row.get("to_number") or "-",
@@ -308,7 +308,7 @@ def _offset(ts: datetime | None, start: datetime | None) -> str:
     return f"{seconds:+7.1f}s"
 
 
-def _compact(value: Any, limit: int = 400) -> str:
+def compact_text(value: Any, limit: int = 400) -> str:
     text = value if isinstance(value, str) else orjson.dumps(value, default=_json_default).decode()
     text = _clean(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -335,7 +335,7 @@ def format_transcript(t: Transcript) -> str:
     ended = c.get("ended_reason") or ("-" if c.get("ended_at") else "(in progress)")
     lines = [
         f"call {c['call_sid']}  {c.get('from_number') or '-'} -> {c.get('to_number') or '-'}  assistant {who}",
-        f"started {_utc(start)}  duration {format_duration(duration)}  ended {_clean(ended)}",
+        f"started {utc_text(start)}  duration {format_duration(duration)}  ended {_clean(ended)}",
     ]
     if c.get("recording_url"):
         lines.append(f"recording: shim recording {c['call_sid']} -o {c['call_sid']}.wav")
@@ -360,14 +360,14 @@ def format_transcript(t: Transcript) -> str:
                 lines.append(f"{pad}full text: {_clean(entry['full_text'])}")
         elif kind == "tool_call":
             lines.append(f"{_offset(entry.get('requested_at'), start)}  {'tool':<9}  "
-                         f"{_clean(entry.get('name') or '?')}({_compact(entry.get('arguments') or {})}) -> {tool_outcome(entry)}")
+                         f"{_clean(entry.get('name') or '?')}({compact_text(entry.get('arguments') or {})}) -> {tool_outcome(entry)}")
             if entry.get("result"):
-                lines.append(f"{pad}result: {_compact(entry['result'])}")
+                lines.append(f"{pad}result: {compact_text(entry['result'])}")
             if entry.get("error") and entry.get("error") != entry.get("result"):
-                lines.append(f"{pad}error: {_compact(entry['error'])}")
+                lines.append(f"{pad}error: {compact_text(entry['error'])}")
         else:
             detail = entry.get("detail") or {}
-            shown = " ".join(f"{k}={_compact(v, 120)}" for k, v in detail.items() if v is not None) if isinstance(detail, dict) else _compact(detail)
+            shown = " ".join(f"{k}={compact_text(v, 120)}" for k, v in detail.items() if v is not None) if isinstance(detail, dict) else compact_text(detail)
             lines.append(f"{_offset(entry.get('at'), start)}  {'event':<9}  {_clean(entry.get('kind') or '?')} {shown}".rstrip())
     if len(lines) and lines[-1] == "":
         lines.append("(nothing was said)")
