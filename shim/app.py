@@ -22,6 +22,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
+from . import admin
 from .assistant import ASSISTANT_ID_RE
 from .bridge import BridgeState, CallRunner, start_media_server
 from .config import Config
@@ -446,6 +447,7 @@ def create_app(config: Config, *, media_host: str = "0.0.0.0", media_port: int |
             Route("/healthz", healthz),
             Route("/metrics", metrics),
             WebSocketRoute("/twilio/media", media_stream),
+            *admin.routes(shim),  # the call browser under /admin (404 unless SHIM_ADMIN_TOKEN is set)
         ],
         lifespan=lifespan,
     )

@@ -9,6 +9,7 @@ import sys
 
 import orjson
 
+from . import ops_cli
 from .config import Config, ConfigError
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument("--assistant", help="assistant id (SHIM_ASSISTANTS_DIR/<id>.json)")
     who.add_argument("--server-url", help="ask this server with Vapi's assistant-request on every call")
     nsub.add_parser("list", help="print the numbers table as JSON lines")
+    ops_cli.register(sub)  # calls, transcript, recording, db
 
     args = parser.parse_args(argv)
     try:
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return translate_command(args, config)
     if args.command == "assistants":
         return pull_command(args, config)
+    if args.command in ops_cli.COMMANDS:
+        return ops_cli.run(args, config)
 
     from . import logs
 
