@@ -85,7 +85,9 @@ class NumbersApi:
                 if status is None:
                     raise TwilioApiError(f"{what}: {type(exc).__name__}: {message or exc}", applied=None if mutation else False) from None
                 raise TwilioApiError(
-                    f"{what}: Twilio error {code} (HTTP {status}): {message}", status=status, code=code
+                    f"{what}: Twilio error {code} (HTTP {status}): {message}", status=status, code=code,
+                    # a 5xx on a change does not say whether it was applied
+                    applied=None if mutation and status >= 500 else False,
                 ) from None
             except Exception as exc:  # `requests` network errors (refused, DNS, timeout)
                 raise TwilioApiError(

@@ -42,6 +42,9 @@ class FakeTwilioApi:
     phone_numbers: dict[str, dict[str, Any]] = field(default_factory=dict)  # sid -> Twilio's JSON
     # Errors the IncomingPhoneNumbers endpoints answer next, one per request, in order: (status, code, message).
     faults: list[tuple[int, int, str]] = field(default_factory=list)
+    update_faults: list[tuple[int, int, str]] = field(default_factory=list)  # the same, for updates only
+    # Updates that are applied and then answered with an error anyway (a 5xx after the write).
+    fail_after_update: list[tuple[int, int, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._http: LocalServer | None = None
@@ -95,6 +98,7 @@ class FakeTwilioApi:
             "voice_receive_mode": "voice", "voice_application_sid": "", "voice_caller_id_lookup": False,
             "voice_fallback_method": "POST", "voice_fallback_url": "", "voice_method": "POST",
             "voice_url": "https://api.vapi.ai/twilio/inbound_call", "bundle_sid": None, "status": "in-use",
+            "type": "local",
             "subresource_uris": {
                 "assigned_add_ons": f"/2010-04-01/Accounts/{self.account_sid}/IncomingPhoneNumbers/{sid}/AssignedAddOns.json",
             },
@@ -168,6 +172,8 @@ class FakeTwilioApi:
         if number is None:
             return self._error(404, 20404, f"The requested resource {request.url.path} was not found")
         if request.method == "POST":
+            if self.update_faults:
+                return self._error(*self.update_faults.pop(0))
             form = self.requests[-1].form
             for name, value in form.items():
                 key = _SNAKE.get(name)
@@ -175,6 +181,8 @@ class FakeTwilioApi:
                     continue  # a field this stand-in does not model is accepted and ignored
                 number[key] = value.upper() if key.endswith("_method") else value
             number["date_updated"] = format_datetime(datetime.now(timezone.utc), usegmt=False).replace("-0000", "+0000")
+            if self.fail_after_update:
+                return self._error(*self.fail_after_update.pop(0))
         return JSONResponse(number)
 
     async def start(self) -> str:
