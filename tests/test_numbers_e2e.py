@@ -170,6 +170,19 @@ async def test_migrate_answers_on_the_shim_and_rollback_restores_the_recorded_se
         assert table.out.splitlines()[0].split() == ["AT", "ACTION", "ACTOR", "OUTCOME", "CHANGE"]
         assert "VoiceUrl " + VAPI_INBOUND_URL + " -> " + f"{public}/twilio/voice" in table.out
 
+        # Every one of the six settings set, methods mixed: all come back exactly as they were.
+        sid = s.twilio.add_number(
+            "+15550003333", voice_url="https://ivr.example.com/answer", voice_method="GET",
+            voice_fallback_url="https://ivr.example.com/sorry", voice_fallback_method="GET",
+            status_callback="https://ivr.example.com/status", status_callback_method="GET",
+        )
+        before = voice_settings(s.twilio.phone_numbers[sid])
+        assert (await s.cli("migrate", "+15550003333", "--assistant", "demo")).code == 0
+        assert s.twilio.phone_numbers[sid]["voice_fallback_url"] == "https://ivr.example.com/answer"
+        assert s.twilio.phone_numbers[sid]["voice_fallback_method"] == "GET"
+        assert (await s.cli("rollback", "+15550003333")).code == 0
+        assert voice_settings(s.twilio.phone_numbers[sid]) == before
+
 
 # --- split ----------------------------------------------------------------------------------------
 
