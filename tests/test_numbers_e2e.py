@@ -223,12 +223,18 @@ async def test_split_sends_a_sticky_share_of_callers_back_to_vapi(tmp_path, db_d
         assert counts == {"shim": on_shim + sum(1 for c in callers[:50] if sides[c] == "shim"),
                           "vapi-redirect": 250 - counts.get("shim", 0)}
 
-        assert (await s.cli("split", SHIM_NUMBER, "--percent", "0")).code == 0
-        await asyncio.sleep(0.5)  # live within 5 s; in practice NOTIFY makes it milliseconds
-        assert not any([streams_to_shim(await s.ring(from_=c)) for c in callers[:20]])
-        assert (await s.cli("split", SHIM_NUMBER, "--percent", "100")).code == 0
-        await asyncio.sleep(0.5)
-        assert all([streams_to_shim(await s.ring(from_=c)) for c in callers[:20]])
+        # A second instance, started after the split, applies it too (the state is in Postgres),
+        # and both follow the next changes within 5 s.
+        async with running_shim(tmp_path / "second", s.dsn, Script(), default_assistant="") as second:
+            other = Stack(s.twilio, second, s.dsn, tmp_path / "second")
+            assert not streams_to_shim(await other.ring(from_=probe))
+            for percent, expect in (("0", False), ("100", True)):
+                assert (await s.cli("split", SHIM_NUMBER, "--percent", percent)).code == 0
+                issued = time.monotonic()
+                for instance in (s, other):
+                    while [streams_to_shim(await instance.ring(from_=c)) for c in callers[:20]] != [expect] * 20:
+                        assert time.monotonic() - issued < 5, f"--percent {percent} not live on every instance within 5 s"
+                        await asyncio.sleep(0.05)
         history = (await s.cli("history", SHIM_NUMBER, "--json")).lines()
         assert [(c["action"], c["before"], c["after"]) for c in history if c["action"] == "split"] == [
             ("split", {"split_percent": 100}, {"split_percent": 30}),
@@ -367,6 +373,9 @@ async def test_list_pages_through_the_account_and_says_where_each_number_points(
         assert rows["+16505550204"]["points_to"] == "vapi" and rows["+16505550204"]["assistant_id"] is None
         assert rows["+15550007777"]["points_to"] == "other"
         assert rows["+15550008888"]["on_account"] is False and rows["+15550008888"]["assistant_id"] == "demo"
+        set_history = (await s.cli("history", "+15550008888", "--json")).lines()
+        assert [(c["action"], c["before"], c["after"]) for c in set_history] == [
+            ("set", None, {"assistant_id": "demo", "server_url": None})]
 
         table = await s.cli("list")
         header, rule, *lines = table.out.splitlines()
