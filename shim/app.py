@@ -27,7 +27,7 @@ from .bridge import BridgeState, CallRunner, start_media_server
 from .config import Config
 from .db import redact_dsn, resolve_dsn
 from .metrics import ShimMetrics
-from .routes import NumberRoutes, RoutingUnavailable
+from .routes import SNAPSHOT_NAME, NumberRoutes, RoutingUnavailable
 from .store import Recorder, migrate
 from tools import envelope
 from tools.delivery import WebhookSender
@@ -82,7 +82,7 @@ class Shim:
         self.assistant_requests: dict[str, dict[str, Any]] = {}  # this instance's recent answers
         self.ticker: asyncio.Task | None = None
         # The voice webhook routes from this in-memory copy of the numbers table (shim/routes.py).
-        self.routes = NumberRoutes(lambda: self.dsn, config.data_dir / "numbers.json", self.db)
+        self.routes = NumberRoutes(lambda: self.dsn, config.data_dir / SNAPSHOT_NAME, self.db)
 
     async def startup(self) -> None:
         config = self.config

@@ -20,6 +20,9 @@ E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
 # https://docs.vapi.ai/api-reference/phone-numbers/create).
 VAPI_INBOUND_URL = "https://api.vapi.ai/twilio/inbound_call"
 VAPI_HOST = "api.vapi.ai"
+# A split hands Vapi's callers over with <Redirect> as the only verb, while the call is still
+# ringing: Vapi's inbound_call refuses calls in any other state ("CallStatus must be one of the
+# following values: ringing", https://support.vapi.ai/t/27519801/tranfering-in-progress-twilio-call-to-vapi).
 
 
 class NumberInputError(ValueError):

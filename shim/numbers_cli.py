@@ -193,6 +193,17 @@ async def _settle(conn, change_id: int, outcome: str, error: str | None = None) 
     await conn.execute("UPDATE number_changes SET outcome = $2, error = $3 WHERE id = $1", change_id, outcome, error)
 
 
+async def _refresh_snapshot(conn, config: Config) -> None:
+    """Best effort: the routing snapshot in SHIM_DATA_DIR, for an instance on this host that
+    starts while Postgres is down (running instances follow the table by themselves)."""
+    from .routes import SNAPSHOT_NAME, snapshot_from
+
+    try:
+        await snapshot_from(conn, config.data_dir / SNAPSHOT_NAME)
+    except Exception as exc:  # never fails a change that is already made
+        _err("snapshot", f"routing snapshot not refreshed ({type(exc).__name__})")
+
+
 # --- Twilio -----------------------------------------------------------------------------------
 
 
@@ -243,6 +254,7 @@ async def cmd_set(args, config: Config) -> int:
             )
             before = {"assistant_id": old["assistant_id"], "server_url": old["server_url"]} if old else None
             await _audit(conn, number, "set", before, {"assistant_id": args.assistant, "server_url": args.server_url}, _actor(args))
+        await _refresh_snapshot(conn, config)
     _out(f"{number} -> {args.assistant or 'assistant-request ' + args.server_url}")
     return OK
 
@@ -390,6 +402,7 @@ async def cmd_migrate(args, config: Config) -> int:
         except Exception as exc:
             raise failure(f"Twilio was updated but Postgres could not record it ({type(exc).__name__}: {exc}); "
                           f"audit row {change_id} stays 'pending'") from None
+        await _refresh_snapshot(conn, config)
     _out(f"{header}: on the shim, assistant {args.assistant}, {split}% of callers")
     for line in lines:
         _out(line)
@@ -459,6 +472,7 @@ async def cmd_rollback(args, config: Config) -> int:
         except Exception as exc:
             raise failure(f"Twilio was restored but Postgres could not record it ({type(exc).__name__}: {exc}); "
                           f"audit row {change_id} stays 'pending'") from None
+        await _refresh_snapshot(conn, config)
     _out(f"{number} ({pn.sid}): rolled back to the recorded settings" + ("" if changes else " (Twilio already had them)"))
     for line in describe_changes(changes, recorded):
         _out(line)
@@ -486,6 +500,7 @@ async def cmd_split(args, config: Config) -> int:
                 return OK
             await conn.execute("UPDATE numbers SET split_percent = $2, updated_at = now() WHERE number = $1", number, percent)
             await _audit(conn, number, "split", {"split_percent": row["split_percent"]}, {"split_percent": percent}, _actor(args))
+        await _refresh_snapshot(conn, config)
     rest = 100 - percent
     _out(f"{number}: the shim answers {percent}% of callers" +
          (f", {rest}% are sent to {route.redirect_url}" if rest else "") + " (live on every instance within seconds)")

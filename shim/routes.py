@@ -31,6 +31,29 @@ _COLUMNS = "number, assistant_id, server_url, split_percent, previous_settings"
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
+SNAPSHOT_NAME = "numbers.json"  # under SHIM_DATA_DIR
+
+
+def write_snapshot(path: Path, routes) -> bool:
+    """Atomically replace the snapshot (readers see the old file or the new one, never half)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(orjson.dumps([r.to_json() for r in routes]))
+        os.replace(tmp, path)
+        return True
+    except OSError as exc:
+        log.warning("numbers_snapshot_not_written", path=str(path), error=str(exc))
+        return False
+
+
+async def snapshot_from(conn: asyncpg.Connection, path: Path) -> bool:
+    """Write the snapshot from the table as it is now (the CLI does this after each change, so
+    an instance started on this host during an outage knows numbers set before it)."""
+    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM numbers", timeout=QUERY_TIMEOUT_S)
+    return await asyncio.to_thread(write_snapshot, path, [Route.from_row(r) for r in rows])
+
+
 class RoutingUnavailable(RuntimeError):
     """The table was never loaded (no database since start, no snapshot) and Postgres cannot
     answer: the webhook cannot tell whether the number is configured."""
@@ -137,13 +160,7 @@ class NumberRoutes:
     # --- the snapshot ----------------------------------------------------------------------
 
     def _write_snapshot(self, routes: dict[str, Route]) -> None:
-        try:
-            self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.snapshot_path.with_name(f".{self.snapshot_path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(orjson.dumps([r.to_json() for r in routes.values()]))
-            os.replace(tmp, self.snapshot_path)  # readers see the old file or the new one, never half
-        except OSError as exc:
-            log.warning("numbers_snapshot_not_written", path=str(self.snapshot_path), error=str(exc))
+        write_snapshot(self.snapshot_path, routes.values())
 
     async def _load_snapshot(self) -> None:
         try:

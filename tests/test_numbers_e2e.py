@@ -276,6 +276,14 @@ async def test_routing_survives_postgres_being_down_and_a_restart_during_the_out
             assert streams_to_shim(await s.ring(to="+15550004444"))
             await proxy.resume()
 
+        # An instance that never ran before the outage knows the numbers the CLI set on its host.
+        set_only = tmp_path / "set-only"
+        assert (await s.cli("set", "+15550005555", "--assistant", "demo", SHIM_DATA_DIR=str(set_only))).code == 0
+        await proxy.pause()
+        async with stack(tmp_path, db_dsn, server_dsn=proxy.dsn_for(db_dsn), data_dir=set_only) as s:
+            assert streams_to_shim(await s.ring(to="+15550005555"))
+            await proxy.resume()
+
         await proxy.pause()
         # Without even a snapshot, a number's calls go to its fallback URL (Vapi), never "not in service".
         async with stack(tmp_path, db_dsn, server_dsn=proxy.dsn_for(db_dsn), data_dir=tmp_path / "fresh") as s:
