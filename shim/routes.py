@@ -2,9 +2,10 @@
 rings while Postgres is away is still answered as configured.
 
 One task per instance keeps it fresh: a dedicated connection LISTENs on `shim_numbers` (a trigger
-NOTIFYs on every change, so a CLI change is live in well under a second) and re-reads the table
-every POLL_S seconds anyway (a lost notification or connection costs at most that). Each new
-version is written to a snapshot file, which a restart during an outage starts from.
+NOTIFYs on every change, so a CLI change is live in well under a second), and every POLL_S
+seconds reads the table's version (row count, newest updated_at), re-reading the rows when it
+moved and every FULL_READ_S regardless (a lost notification or connection costs at most POLL_S).
+Each new version is written to a snapshot file, which a restart during an outage starts from.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .numbers import Route
 log = structlog.get_logger("shim.routes")
 
 POLL_S = 2.0
+FULL_READ_S = 30.0  # between polls only a version (row count, newest updated_at) is read
 QUERY_TIMEOUT_S = 3.0
 MISS_TIMEOUT_S = 1.0  # a number not in the table: how long the webhook may ask Postgres
 CHANNEL = "shim_numbers"
@@ -128,11 +130,17 @@ class NumberRoutes:
                 conn = await asyncpg.connect(self._dsn(), timeout=QUERY_TIMEOUT_S)
                 await conn.add_listener(CHANNEL, self._on_notify)
                 backoff = 0.5
+                loop = asyncio.get_running_loop()
+                version, full_read_at = None, 0.0
                 while True:
-                    await self._refresh(conn)
+                    now = loop.time()
+                    seen = tuple(await conn.fetchrow("SELECT count(*), max(updated_at) FROM numbers", timeout=QUERY_TIMEOUT_S))
+                    if self._changed.is_set() or seen != version or now - full_read_at >= FULL_READ_S or not self.db_ok:
+                        self._changed.clear()
+                        await self._refresh(conn)
+                        version, full_read_at = seen, now
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), POLL_S)
-                    self._changed.clear()
             except _DB_ERRORS as exc:
                 if self.db_ok:
                     log.error("numbers_refresh_failed", error=str(exc) or type(exc).__name__, routes=len(self._routes))

@@ -422,3 +422,21 @@ async def test_the_stand_in_answers_in_twilios_shapes(tmp_path):
         assert set(body) == list_keys
         assert missing.status_code == 404 and set(missing.json()) == {"code", "message", "more_info", "status"}
         assert missing.json()["code"] == 20404 and unauthorized.json()["code"] == 20003
+
+
+async def test_instances_follow_the_table_without_notifications_too(tmp_path, db_dsn):
+    async with stack(tmp_path, db_dsn) as s:
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            await conn.execute(
+                "INSERT INTO numbers (number, assistant_id, split_percent, previous_settings) VALUES ($1, 'demo', 0, $2::jsonb)",
+                SHIM_NUMBER, orjson.dumps({"VoiceUrl": VAPI_INBOUND_URL, "VoiceMethod": "POST"}).decode())
+            assert not streams_to_shim(await s.ring())
+            await conn.execute("ALTER TABLE numbers DISABLE TRIGGER numbers_changed")  # no NOTIFY: the poll alone
+            await conn.execute("UPDATE numbers SET split_percent = 100, updated_at = now()")
+            changed = time.monotonic()
+            while not streams_to_shim(await s.ring()):
+                assert time.monotonic() - changed < 5, "not picked up by the periodic check within 5 s"
+                await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
