@@ -28,6 +28,7 @@ from .bridge import BridgeState, CallRunner, start_media_server
 from .config import Config
 from .db import redact_dsn, resolve_dsn
 from .metrics import ShimMetrics
+from .routes import SNAPSHOT_NAME, NumberRoutes, RoutingUnavailable
 from .store import Recorder, migrate
 from tools import envelope
 from tools.delivery import WebhookSender
@@ -81,6 +82,8 @@ class Shim:
         self.endings: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.assistant_requests: dict[str, dict[str, Any]] = {}  # this instance's recent answers
         self.ticker: asyncio.Task | None = None
+        # The voice webhook routes from this in-memory copy of the numbers table (shim/routes.py).
+        self.routes = NumberRoutes(lambda: self.dsn, config.data_dir / SNAPSHOT_NAME, self.db)
 
     async def startup(self) -> None:
         config = self.config
@@ -100,6 +103,7 @@ class Shim:
             await asyncio.wait_for(migrate(self.dsn), 15)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             log.error("database_unavailable_at_start", error=str(exc))
+        await self.routes.start()
         if self.media_port:
             self.media_server = await start_media_server(self.bridge, self.media_host, self.media_port)
             log.info("media_listener", host=self.media_host, port=self.media_port, url=config.media_stream_url)
@@ -121,6 +125,7 @@ class Shim:
             await self.bridge.sender.close(timeout=10)
         if self.ticker is not None:
             self.ticker.cancel()
+        await self.routes.stop()
         if self.recorder is not None:
             await self.recorder.close(timeout=10)
         if self.pool is not None:
@@ -136,17 +141,14 @@ class Shim:
         return self.pool
 
     async def lookup_number(self, number: str) -> dict[str, Any] | None:
-        """The numbers row for `number` ({assistant_id, server_url}); None when unknown or when
-        Postgres is unreachable (the call then runs on what the stream says)."""
-        if not number:
-            return None
+        """The numbers row for `number` ({assistant_id, server_url}) from the in-memory routing
+        table; None when unknown or when it cannot be known (the call then runs on what the
+        stream says)."""
         try:
-            pool = await asyncio.wait_for(self.db(), 2)
-            row = await pool.fetchrow("SELECT assistant_id, server_url FROM numbers WHERE number = $1", number, timeout=2)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            log.error("number_lookup_failed", error=str(exc))
+            route = await self.routes.lookup(number)
+        except RoutingUnavailable:
             return None
-        return dict(row) if row else None
+        return route.as_number() if route else None
 
     def remember_end(self, call_sid: str, action: dict[str, Any]) -> None:
         self.endings[call_sid] = action
@@ -198,10 +200,28 @@ async def twilio_voice(request: Request) -> Response:
         return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
     call_sid, to, from_ = params.get("CallSid", ""), params.get("To", ""), params.get("From", "")
     bound = log.bind(call_sid=call_sid)
-    number = await shim.lookup_number(to) or {}
-    assistant_id = number.get("assistant_id") or ""
     row = {"call_sid": call_sid, "from_number": from_ or None, "to_number": to or None,
            "account_sid": params.get("AccountSid") or None, "status": "ringing", "stack": "shim"}
+    try:
+        route = await shim.routes.lookup(to)  # memory; Postgres only for a number not in the table
+    except RoutingUnavailable:
+        if not shim.config.default_assistant:
+            # Never "not in service" for a number we may well serve: an error makes Twilio fetch
+            # the number's VoiceFallbackUrl (Vapi, after `shim numbers migrate`).
+            bound.error("number_routing_unavailable", to=to)
+            return PlainTextResponse("routing table unavailable", status_code=503)
+        route = None
+    if route is not None and not route.on_shim(from_):
+        # A split number's caller on the Vapi side: hand the call, still ringing, to the recorded
+        # previous Voice URL (Vapi's inbound_call accepts only ringing calls, so nothing may answer first).
+        if call_sid:
+            shim.recorder.upsert("calls", {**row, "stack": "vapi-redirect", "status": "redirected"})
+        bound.info("call_redirected", to=to, url=route.redirect_url, split_percent=route.split_percent)
+        vr = VoiceResponse()
+        vr.redirect(route.redirect_url, method=route.redirect_method)
+        return twiml(vr)
+    number = route.as_number() if route is not None else {}
+    assistant_id = number.get("assistant_id") or ""
     if not assistant_id and number.get("server_url"):
         # Vapi's assistant-request: the number's server picks the assistant (7.5 s budget).
         answer, reason = await assistant_request(shim, params, number["server_url"])

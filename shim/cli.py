@@ -86,14 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     pull = asub.add_parser("pull", help="fetch assistants and their saved tools from the Vapi API (VAPI_API_KEY) into SHIM_ASSISTANTS_DIR")
     pull.add_argument("ids", nargs="+", metavar="ID")
 
-    numbers = sub.add_parser("numbers", help="which assistant answers which number (local table)")
-    nsub = numbers.add_subparsers(dest="numbers_command", required=True)
-    nset = nsub.add_parser("set", help="route NUMBER to an assistant, or to a server that picks one")
-    nset.add_argument("number")
-    who = nset.add_mutually_exclusive_group(required=True)
-    who.add_argument("--assistant", help="assistant id (SHIM_ASSISTANTS_DIR/<id>.json)")
-    who.add_argument("--server-url", help="ask this server with Vapi's assistant-request on every call")
-    nsub.add_parser("list", help="print the numbers table as JSON lines")
+    from . import numbers_cli
+
+    numbers_cli.register(sub)  # shim numbers set | list | migrate | rollback | split | history
     ops_cli.register(sub)  # calls, transcript, recording, db
 
     args = parser.parse_args(argv)
@@ -117,41 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         _run(_serve(config, args.host, args.port, args.media_port))
         return 0
 
-    if args.command == "numbers" and args.numbers_command == "set":
-        if not E164.match(args.number):
-            print(f"shim: number {args.number!r}: expected E.164, e.g. +15551234567", file=sys.stderr)
-            return 2
-        if args.assistant is not None:
-            path = config.assistants_dir / f"{args.assistant}.json"
-            if not path.is_file():
-                print(f"shim: --assistant {args.assistant!r}: no file {path}", file=sys.stderr)
-                return 2
-        elif not re.match(r"^https?://[^\s]+$", args.server_url):
-            print(f"shim: --server-url {args.server_url!r}: expected an http(s) URL", file=sys.stderr)
-            return 2
-
-        async def set_number(conn):
-            await conn.execute(
-                """INSERT INTO numbers (number, assistant_id, server_url, updated_at) VALUES ($1, $2, $3, now())
-                   ON CONFLICT (number) DO UPDATE SET assistant_id = EXCLUDED.assistant_id,
-                       server_url = EXCLUDED.server_url, updated_at = now()""",
-                args.number,
-                args.assistant,
-                args.server_url,
-            )
-
-        _run(_with_db(config, set_number))
-        print(f"{args.number} -> {args.assistant or 'assistant-request ' + args.server_url}")
-        return 0
-
-    if args.command == "numbers" and args.numbers_command == "list":
-
-        async def list_numbers(conn):
-            return await conn.fetch("SELECT number, assistant_id, server_url, stack, updated_at FROM numbers ORDER BY number")
-
-        for row in _run(_with_db(config, list_numbers)):
-            print(orjson.dumps(dict(row)).decode())
-        return 0
+    if args.command == "numbers":
+        return numbers_cli.run(args, config)
     return 2
 
 

@@ -182,7 +182,7 @@ TABLES: dict[str, TableSpec] = {
                 "assistant_request": JSON,  # 0003
             },
             required=("call_sid",),
-            choices={"stack": _STACKS},
+            choices={"stack": _STACKS | {"vapi-redirect"}},  # 0004: a split's callers sent to Vapi
             managed=("created_at", "updated_at"),
             op="u",
         ),
@@ -238,7 +238,8 @@ TABLES: dict[str, TableSpec] = {
         TableSpec(
             "numbers",
             key=("number",),
-            columns={"number": TEXT, "assistant_id": TEXT, "stack": TEXT, "server_url": TEXT},
+            columns={"number": TEXT, "assistant_id": TEXT, "stack": TEXT, "server_url": TEXT,
+                     "split_percent": INT, "previous_settings": JSON, "twilio_sid": TEXT, "migrated_at": TS},  # 0004
             required=("number",),
             choices={"stack": _STACKS},
             managed=("updated_at",),
