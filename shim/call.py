@@ -217,6 +217,7 @@ class Call:
         self.account_sid = ""
         self.frames_in = 0
         self.frames_out = 0
+        self.frames_rejected = 0  # Twilio frames dropped as malformed (bad JSON, invalid base64...)
 
         self._early_audio: deque[tuple[str, int]] = deque(maxlen=MAX_EARLY_FRAMES)
         self._seq = 0
@@ -319,7 +320,10 @@ class Call:
             # overwrite why the call really ended.
             keep_existing=("ended_at", "ended_reason", "next_action"),
         )
-        self.log.info("call_ended", ended_reason=reason, frames_in=self.frames_in, frames_out=self.frames_out)
+        if self.frames_rejected:
+            self.record_event("twilio_frames_rejected", count=self.frames_rejected)
+        self.log.info("call_ended", ended_reason=reason, frames_in=self.frames_in, frames_out=self.frames_out,
+                      frames_rejected=self.frames_rejected)
 
     # --- Twilio side ---------------------------------------------------------------------
 
@@ -327,8 +331,11 @@ class Call:
         try:
             event = tw.parse(text)
         except tw.ProtocolError as exc:
-            # Bad input loses nothing already accepted: log it, keep the call.
-            self.log.warning("twilio_frame_rejected", error=str(exc))
+            # Bad input loses nothing already accepted: dropped and counted, the call goes on;
+            # logged once per call (a flood of bad frames must not become a flood of lines).
+            self.frames_rejected += 1
+            if self.frames_rejected == 1:
+                self.log.warning("twilio_frame_rejected", error=str(exc), note="further rejections are only counted")
             return
         if event is None:
             return
