@@ -217,6 +217,7 @@ class Call:
         self.account_sid = ""
         self.frames_in = 0
         self.frames_out = 0
+        self.admit_start: Callable[[tw.Start], str | None] | None = None  # set by the shell (stream token)
         self.frames_rejected = 0  # Twilio frames dropped as malformed (bad JSON, invalid base64...)
 
         self._early_audio: deque[tuple[str, int]] = deque(maxlen=MAX_EARLY_FRAMES)
@@ -353,6 +354,11 @@ class Call:
     def on_start(self, start: tw.Start) -> None:
         if self.phase is not Phase.AWAITING_START:
             self.log.warning("duplicate_start_ignored")
+            return
+        refusal = self.admit_start(start) if self.admit_start is not None else None
+        if refusal is not None:  # before anything is written: a forged start must not touch a live call
+            self.log.warning("stream_start_refused", call_sid=start.call_sid, reason=refusal)
+            self._finish("stream-start-refused")  # call_sid is not set: nothing is written
             return
         self.call_sid, self.stream_sid, self.account_sid = start.call_sid, start.stream_sid, start.account_sid
         self._stream_t0 = self.clock()
