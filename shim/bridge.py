@@ -103,8 +103,17 @@ class BridgeState:
         return hmac.new(key, call_sid.encode(), hashlib.sha256).hexdigest()[:32]
 
     def start_token_ok(self, start: tw.Start) -> bool:
-        given = start.custom_parameters.get("token", "")
-        return bool(self.config.twilio_auth_token) and hmac.compare_digest(given, self.stream_token(start.call_sid))
+        expected = self.stream_token(start.call_sid).encode()
+        return bool(self.config.twilio_auth_token) and hmac.compare_digest(start.token.encode(), expected)
+
+    def admit_start(self, start: tw.Start) -> str | None:
+        """Why a stream's `start` is refused (checked before the call writes or replaces
+        anything), or None: a wrong token, or a second stream for a CallSid that is live."""
+        if not self.start_token_ok(start):
+            return "stream token does not match the CallSid"
+        if any(runner.call.call_sid == start.call_sid and runner.call.end is None for runner in self.runners):
+            return "a stream for this CallSid is already live"
+        return None
 
     def stream_signature_ok(self, signature: str | None) -> bool:
         """The upgrade is signed over the exact <Stream url> we rendered (from PUBLIC_URL, never
@@ -193,6 +202,7 @@ class CallRunner:
         self.twilio = twilio
         self.model: WSTransport | None = None
         self.call = Call(state.records, log=log, metrics=state.metrics)
+        self.call.admit_start = state.admit_start
         self.task: asyncio.Task | None = None
         self.ended = asyncio.Event()
         self._twilio_closed = False
@@ -317,11 +327,6 @@ class CallRunner:
     async def _resolve(self) -> None:
         call = self.call
         assert call.start is not None
-        if not self.state.start_token_ok(call.start):
-            log.warning("stream_token_rejected", call_sid=call.call_sid)
-            call.on_setup_failed(AssistantError("start.customParameters.token", "(redacted)", "the token the voice webhook issued for this CallSid"))
-            self.pump()
-            return
         if self.state.number_lookup is not None:
             number = await self.state.number_lookup(call.start.custom_parameters.get("to", ""))
             self.number_server_url = (number or {}).get("server_url")
