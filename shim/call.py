@@ -304,7 +304,10 @@ class Call:
         self._early_audio.clear()
         if not self.call_sid:
             return
+        failed = action.get("say") == APOLOGY  # a failure, not a goodbye: the turn in progress was cut off
         for item in self._items.values():
+            if failed and not item.dropped and (not item.done or item.played_bytes < item.sent_bytes):
+                item.interrupted = True
             self._record_item(item, final=True)
         self._server_message("status-update", lambda info, now_ms: envelope.status_update_message(
             info, "ended", self.artifact_messages(), now_ms, ended_reason=reason, ended_at=self._wall_at(now)))
