@@ -503,9 +503,13 @@ class Call:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             self.log.warning("model_event_rejected", frame=str(text)[:120])
             return
-        handler = self._handlers.get(kind)
-        if handler is not None:
-            handler(self, event)
+        try:
+            handler = self._handlers.get(kind)
+            if handler is not None:
+                handler(self, event)
+        except (AttributeError, TypeError, KeyError, ValueError) as exc:
+            # A known event in an unexpected shape: the model side is not trusted either; logged, survived.
+            self.log.warning("model_event_malformed", type=str(kind)[:60], error=repr(exc)[:200])
 
     def _on_session_created(self, event: dict) -> None:
         assert self.setup is not None
