@@ -349,6 +349,9 @@ class CallRunner:
                     extra_headers=headers,
                     websocket_handshake_timeout=config.model_connect_timeout_s,
                     max_frame_size=16 * 1024 * 1024,
+                    # A socket that stays open but goes dead: picows pings after 5 s without a
+                    # frame and disconnects (-> on_model_closed) if no pong comes within 5 s.
+                    enable_auto_ping=True, auto_ping_idle_timeout=5, auto_ping_reply_timeout=5,
                 ),
                 config.model_connect_timeout_s,
             )
