@@ -21,6 +21,9 @@ MULAW_BYTES_PER_MS = 8
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 # At most 1 s of audio in one frame (Twilio sends 20 ms); anything larger is not Twilio.
 MAX_MEDIA_PAYLOAD_CHARS = 8000 * 4 // 3 + 4
+# The largest frame (or reassembled message) the media listeners accept from Twilio: its frames
+# are a few hundred bytes (a `start` with custom parameters a few KB); bigger ends the stream.
+MAX_FRAME_BYTES = 64 * 1024
 MAX_TIMESTAMP_DIGITS = 15  # ~31,000 years in ms; also keeps int() far from its digit limit
 
 
