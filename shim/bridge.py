@@ -643,14 +643,19 @@ class TwilioListener(WSListener):
                 self._fragments = []
             if self._fragments is not None:
                 self._fragments.append(frame.get_payload_as_bytes())
-                if frame.fin:
+                if sum(map(len, self._fragments)) > tw.MAX_FRAME_BYTES:  # memory stays bounded
+                    log.warning("twilio_message_too_large", call_sid=self.runner.call.call_sid)
+                    transport.send_close(WSCloseCode.MESSAGE_TOO_BIG)
+                    transport.disconnect()
+                    self._fragments = None
+                elif frame.fin:
                     data, self._fragments = b"".join(self._fragments), None
                     self.runner.on_twilio_text(data)
         elif kind == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()
         elif kind == WSMsgType.BINARY:
-            log.warning("twilio_binary_frame_ignored", call_sid=self.runner.call.call_sid)
+            self.runner.on_twilio_text(b"\x00binary frame")  # rejected and counted like any bad frame
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.runner is not None:
@@ -682,6 +687,7 @@ async def start_media_server(state: BridgeState, host: str, port: int) -> asynci
         port,
         websocket_handshake_timeout=10,
         enable_auto_pong=True,
+        max_frame_size=tw.MAX_FRAME_BYTES,  # per connection: a huge frame closes that stream only
     )
 
 
