@@ -52,7 +52,10 @@ HANGUP_GRACE_S = 5.0
 # starts within this window.
 NOISE_REPLY_WINDOW_S = 3.0
 SETUP_DEADLINE_S = 15.0  # from the stream's start to a configured model session
-HANG_AFTER_S = 5.0  # no reply this long after the caller stopped: Vapi's `hang` server message
+HANG_AFTER_S = 5.0
+# A response in progress with no model event for this long: the socket is open but the model is
+# gone (Realtime streams deltas every few hundred ms); treated as a loss of the model.
+MODEL_STALL_S = 10.0  # no reply this long after the caller stopped: Vapi's `hang` server message
 SAY_EXACTLY = 'Say exactly the following words, word for word, and nothing else: "{text}"'
 
 
@@ -218,6 +221,8 @@ class Call:
         self.frames_in = 0
         self.frames_out = 0
         self.admit_start: Callable[[tw.Start], str | None] | None = None  # set by the shell (stream token)
+        self.model_events = 0  # counted per event; tick() notices when it stops moving
+        self._model_progress = (0, self._mono0)  # (model_events, clock()) when it last moved
         self.frames_rejected = 0  # Twilio frames dropped as malformed (bad JSON, invalid base64...)
 
         self._early_audio: deque[tuple[str, int]] = deque(maxlen=MAX_EARLY_FRAMES)
@@ -497,6 +502,7 @@ class Call:
         self._finish(reason, {"verb": "hangup", "say": APOLOGY})
 
     def on_model_text(self, text: str | bytes) -> None:
+        self.model_events += 1
         try:
             event = orjson.loads(text)
             kind = event["type"]
@@ -1141,6 +1147,14 @@ class Call:
             self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
             return
         if self.phase is not Phase.LIVE or self.setup is None:
+            return
+        if self._model_progress[0] != self.model_events or self._response_id is None:
+            self._model_progress = (self.model_events, now)
+        elif now - self._model_progress[1] > MODEL_STALL_S:  # mid-answer, and the model went silent
+            self.metrics.model_error()
+            self.record_event("model_stalled", response_id=self._response_id, silent_s=round(now - self._model_progress[1], 1))
+            self.log.error("model_stalled", response_id=self._response_id)
+            self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
             return
         batch = self._batch
         if batch is not None and batch.pending and now > batch.deadline:
