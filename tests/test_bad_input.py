@@ -247,3 +247,39 @@ def test_a_turn_cut_off_by_a_model_failure_is_stored_as_interrupted():
     call.on_model_closed(1006, "")
     turns = [r for r in rows.merged("utterances", ("call_sid", "seq")).values() if r.get("role") == "assistant"]
     assert turns and all(t.get("interrupted") is True for t in turns)
+
+
+def test_a_model_that_goes_silent_mid_answer_ends_the_call_like_a_model_failure():
+    """The socket stays open but nothing comes: after MODEL_STALL_S without an event while a
+    response is active, the caller hears the apology, the reason and a call_events row are kept."""
+    from shim.call import MODEL_STALL_S
+
+    call, rows, clock = live_call()
+    call.on_model_text(ev("response.created", response={"id": "r1"}))
+    call.on_model_text(ev("response.output_audio.delta", response_id="r1", item_id="i1", delta=b64(b"\x10" * 800)))
+    for _ in range(int(MODEL_STALL_S)):
+        clock.t += 0.5
+        call.tick()
+        call.on_model_text(ev("response.output_audio.delta", response_id="r1", item_id="i1", delta=b64(b"\x10" * 80)))
+    for _ in range(int(MODEL_STALL_S * 2) - 1):  # the shell ticks twice a second
+        clock.t += 0.5
+        call.tick()
+    assert call.end is None  # progress, then less than the deadline of silence
+    clock.t += 1.5
+    call.tick()
+    assert call.end.reason == "pipeline-error-openai-llm-failed" and call.end.next_action["say"]
+    assert [r["kind"] for t, r in rows.inserts if r["kind"] == "model_stalled"] == ["model_stalled"]
+    turns = [r for r in rows.merged("utterances", ("call_sid", "seq")).values() if r.get("role") == "assistant"]
+    assert turns and all(t.get("interrupted") is True for t in turns)
+
+
+def test_a_quiet_model_between_turns_is_not_a_stall():
+    from shim.call import MODEL_STALL_S
+
+    call, rows, clock = live_call(dict(MINIMAL, silenceTimeoutSeconds=600))
+    call.on_model_text(ev("response.created", response={"id": "r1"}))
+    call.on_model_text(ev("response.done", response={"id": "r1", "status": "completed"}))
+    for _ in range(4):
+        clock.t += MODEL_STALL_S
+        call.tick()
+    assert call.end is None
