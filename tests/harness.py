@@ -97,6 +97,8 @@ async def running_shim(
         # No test reaches the internet: post-call analysis goes to a closed local port unless a
         # test brings the chat-model stand-in (tests/test_tools_e2e.py).
         openai_base_url="http://127.0.0.1:9/v1",
+        # The stand-in tool servers listen on loopback, which the egress guard refuses by default.
+        tool_url_allow="127.0.0.1",
     )
     config = replace(config, **overrides)
     app = create_app(config, media_host="127.0.0.1", media_port=media_port if media == "picows" else None)
