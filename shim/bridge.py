@@ -43,6 +43,7 @@ from .background import BackgroundMixer, ambience_for, public_url
 from tools import envelope
 from tools.analysis import analyze
 from tools.delivery import WebhookSender
+from tools.egress import guarded_client, parse_allow_list
 from tools.results import ToolOutcome, delayed_messages, parse_tool_response
 from tools.secrets import SecretsBook, ServerTarget, resolve_server
 
@@ -79,9 +80,11 @@ class BridgeState:
     _http: httpx.AsyncClient | None = None
 
     def http(self) -> httpx.AsyncClient:
-        """One HTTP client for the process (background sounds now, webhooks later)."""
+        """One HTTP client for the process (webhooks, apiRequest tools, background sounds, the
+        analysis): every request and redirect hop passes SHIM_TOOL_URL_ALLOW (tools/egress.py)."""
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=10, follow_redirects=True)
+            policy = parse_allow_list(self.config.tool_url_allow, trusted_urls=[self.config.openai_base_url])
+            self._http = guarded_client(policy, timeout=10, follow_redirects=True)
         return self._http
 
     def __post_init__(self) -> None:
