@@ -546,18 +546,24 @@ class CallRunner:
         body = envelope.with_static_parameters(tool, request.arguments)
         started = asyncio.get_running_loop().time()
         try:
-            # No redirects (headers may carry the customer's secrets); the answer is capped.
-            response = await self.state.http().request(
+            # No redirects (headers may carry the customer's secrets); the answer is capped, and
+            # the timeout is a total deadline (a server dripping bytes cannot hold the call).
+            async with asyncio.timeout(timeout), self.state.http().stream(
                 str(tool.get("method") or "POST"), url, json=body, headers=headers, timeout=timeout,
                 follow_redirects=False,
-            )
-            text = response.text[:20_000]
+            ) as response:
+                raw = bytearray()
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) >= 20_000:
+                        break
+            text = bytes(raw[:20_000]).decode(response.encoding or "utf-8", "replace")
             if 200 <= response.status_code < 300:
                 outcome = ToolOutcome(request.call_id, "ok", text or "Success.", text, None, None, response.status_code)
             else:
                 outcome = _failed(request.call_id, f"Error: the request failed with HTTP {response.status_code}.",
                                   http_status=response.status_code)
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             outcome = _failed(request.call_id, "No result returned.", status="timeout")
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             outcome = _failed(request.call_id, f"Error: the request could not be made ({type(exc).__name__}).")
