@@ -144,3 +144,37 @@ async def test_tool_urls_that_are_down_speak_no_tls_redirect_or_are_refused_stil
     assert got["moved"] == "Error: the tool failed with HTTP status 302."  # webhooks never follow redirects
     for name in ("down", "no_tls", "metadata"):
         assert got[name] in ("No result returned.",) or got[name].startswith("Error"), (name, got[name])
+
+
+async def test_api_request_tools_have_a_total_deadline_and_a_bounded_answer(tmp_path, db_dsn):
+    async def drip(reader, writer):  # headers, then a byte every 0.2 s, forever
+        try:
+            await reader.read(4096)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+            while True:
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except (OSError, asyncio.CancelledError):
+            writer.close()
+
+    dripping = await asyncio.start_server(drip, "127.0.0.1", 0)
+    huge, huge_port = await raw_http_server(b"HTTP/1.1 200 OK\r\nContent-Length: 3000000\r\n\r\n" + b"y" * 3_000_000)
+    drip_port = dripping.sockets[0].getsockname()[1]
+    async with dripping, huge, FakeCustomer() as customer:
+        tools = [
+            {"type": "apiRequest", "name": "dripping", "method": "POST", "url": f"http://127.0.0.1:{drip_port}/x", "timeoutSeconds": 1},
+            {"type": "apiRequest", "name": "huge", "method": "POST", "url": f"http://127.0.0.1:{huge_port}/x"},
+        ]
+        script = Script(replies=[calls(("dripping", {}), ("huge", {})), "Sorry about that."], audio_ms_per_char=15)
+        async with running_shim(tmp_path, db_dsn, script, assistant_overrides=assistant(customer, tools)) as run:
+            caller = await run.place_call()
+            session = await run.fake.wait_for_session()
+            started = asyncio.get_running_loop().time()
+            await keep_line_open(caller, session.wait_for("response.create", count=3, timeout=15))
+            waited = asyncio.get_running_loop().time() - started
+            await caller.stop()
+    by_call = {fc["call_id"]: fc["name"] for fc in session.function_calls}
+    got = {by_call[o["call_id"]]: o["output"] for o in outputs(session)}
+    assert got["dripping"] == "No result returned." and waited < 5
+    assert got["huge"] == "y" * 20_000
