@@ -6,7 +6,6 @@ Reference: twilio.md §3. Payloads stay base64 strings end to end: the shim neve
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import orjson
@@ -15,10 +14,11 @@ MULAW_BYTES_PER_MS = 8
 # A caller media payload is accepted only as canonical base64 of whole bytes: μ-law is one byte
 # per sample, so any whole number of bytes is a whole number of samples. Twilio sends 20 ms
 # (160-byte, 216-character) frames but does not promise the size, and the Realtime input buffer
-# takes any byte count, so the shim does not insist on 160. The alphabet check (a precompiled
-# fullmatch, ~0.3 µs on a 216-character payload) is what keeps a crafted payload from breaking
-# out of the JSON string it is pasted into (`"`, `\`, control characters are not base64).
-_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+# takes any byte count, so the shim does not insist on 160. The alphabet check is what keeps a
+# crafted payload from breaking out of the JSON string it is pasted into (`"`, `\`, control
+# characters are not base64): `+` and `/` become `A` with a C translate table, then ASCII
+# bytes.isalnum() (25% cheaper than a precompiled regex fullmatch, measured in the README).
+_PLUS_SLASH = bytes.maketrans(b"+/", b"AA")
 # At most 1 s of audio in one frame (Twilio sends 20 ms); anything larger is not Twilio.
 MAX_MEDIA_PAYLOAD_CHARS = 8000 * 4 // 3 + 4
 # The largest frame (or reassembled message) the media listeners accept from Twilio: its frames
@@ -35,7 +35,11 @@ class ProtocolError(ValueError):
 def valid_payload(payload: str) -> bool:
     """True for non-empty canonical base64 of whole bytes, at most MAX_MEDIA_PAYLOAD_CHARS long."""
     n = len(payload)
-    return 0 < n <= MAX_MEDIA_PAYLOAD_CHARS and n % 4 == 0 and _BASE64.fullmatch(payload) is not None
+    if not (0 < n <= MAX_MEDIA_PAYLOAD_CHARS and n % 4 == 0):
+        return False
+    data = payload.encode().translate(_PLUS_SLASH)  # non-ASCII becomes multi-byte, never alnum
+    stripped = data.rstrip(b"=")
+    return n - len(stripped) <= 2 and stripped.isalnum()
 
 
 def _timestamp(value: object) -> int:
