@@ -95,3 +95,23 @@ async def test_invalid_media_and_a_huge_frame_end_only_that_stream(tmp_path, db_
     assert orjson.loads(events["detail"]) == {"count": 2002}
     good_end = await fetchrow(db_dsn, "SELECT ended_reason FROM calls WHERE call_sid = $1", good.call_sid)
     assert good_end["ended_reason"] == "customer-ended-call"
+
+
+async def test_a_model_that_goes_silent_mid_answer_ends_the_call_with_an_apology(tmp_path, db_dsn, monkeypatch):
+    """The model socket stays open (pongs answered) but the answer stops: the no-progress deadline
+    ends the call as a model failure does, instead of silence until maxDurationSeconds."""
+    monkeypatch.setattr("shim.call.MODEL_STALL_S", 1.5)
+    async with running_shim(tmp_path, db_dsn, Script(replies=["A long answer that never finishes " * 5],
+                                                     stall_after_responses=0)) as run:
+        caller = await run.place_call()
+        started = asyncio.get_running_loop().time()
+        await caller.wait_closed(timeout=15)
+        waited = asyncio.get_running_loop().time() - started
+        response = await run.twilio_post("/twilio/stream-ended", {"CallSid": caller.call_sid})
+        await run.drain()
+    assert "<Say>" in response.text and waited < 10
+    call = await fetchrow(db_dsn, "SELECT ended_reason FROM calls WHERE call_sid = $1", caller.call_sid)
+    assert call["ended_reason"] == "pipeline-error-openai-llm-failed"
+    assert await fetchrow(db_dsn, "SELECT 1 FROM call_events WHERE call_sid = $1 AND kind = 'model_stalled'", caller.call_sid)
+    turn = await fetchrow(db_dsn, "SELECT interrupted FROM utterances WHERE call_sid = $1 AND role = 'assistant'", caller.call_sid)
+    assert turn["interrupted"] is True
