@@ -19,7 +19,7 @@ from shim.translate import translate
 
 from .test_call import MINIMAL, Rows, b64, ev, live_call, make_call, media, sent, start_frame
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- the Twilio parser ------------------------------------------------------------------------
 

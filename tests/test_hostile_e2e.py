@@ -70,8 +70,9 @@ async def test_forged_and_replayed_starts_never_touch_the_live_call(tmp_path, db
     assert "token" not in orjson.loads(stored["custom_parameters"])
 
 
-async def test_invalid_media_and_a_huge_frame_end_only_that_stream(tmp_path, db_dsn):
-    async with running_shim(tmp_path, db_dsn, Script(replies=["Hello there."])) as run:
+@pytest.mark.parametrize("media", ["picows", "starlette"])
+async def test_invalid_media_and_a_huge_frame_end_only_that_stream(tmp_path, db_dsn, media):
+    async with running_shim(tmp_path, db_dsn, Script(replies=["Hello there."]), media=media) as run:
         good, bad, huge = await asyncio.gather(run.place_call(), run.place_call(), run.place_call())
         for _ in range(3):
             await run.fake.wait_for_session()

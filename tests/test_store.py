@@ -581,3 +581,22 @@ async def test_kill_9_during_an_outage_loses_nothing(db_dsn, proxy, recorders, t
     assert again.spooled == 50 and await again.drain(10)
     assert await fetchval(db_dsn, "SELECT count(*) FROM call_events WHERE call_sid = 'CA21'") == 25
     assert await fetchval(db_dsn, "SELECT count(*) FROM utterances WHERE call_sid = 'CA21'") == 25
+
+
+async def test_a_write_that_hangs_counts_as_an_outage_after_stall_seconds(db_dsn, proxy, recorders):
+    """A network partition: the write neither fails nor finishes (a long command timeout). After
+    stall_seconds the rows behind the hung batch go to disk anyway; the hung batch is the only
+    thing in memory, and everything is written once, in order, when the network heals."""
+    rec = await recorders(proxy.dsn_for(db_dsn), spool="hang.jsonl", batch_max=5, stall_seconds=0.3,
+                          command_timeout=30, connect_timeout=0.5, retry_max=0.2)
+    rec.upsert("calls", {"call_sid": "CA30", "status": "first"})
+    assert await rec.drain(5)
+    await proxy.stall()
+    for i in range(20):
+        rec.upsert("utterances", {"call_sid": "CA30", "seq": i, "role": "user", "text": f"t{i}"})
+    await wait_until(lambda: rec.spooled >= 15 and rec.failed_batches == 0, what="spooled while the write hangs")
+    assert rec.pending <= 5 and rec.health().state == "degraded"
+    await proxy.resume()
+    assert await rec.drain(15)
+    texts = [r["text"] for r in await fetch(db_dsn, "SELECT text FROM utterances WHERE call_sid = 'CA30' ORDER BY seq")]
+    assert texts == [f"t{i}" for i in range(20)]
