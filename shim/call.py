@@ -361,7 +361,9 @@ class Call:
 
     def on_start(self, start: tw.Start) -> None:
         if self.phase is not Phase.AWAITING_START:
-            self.log.warning("duplicate_start_ignored")
+            self.frames_rejected += 1  # counted with the other rejected frames: a flood logs once
+            if self.frames_rejected == 1:
+                self.log.warning("duplicate_start_ignored")
             return
         refusal = self.admit_start(start) if self.admit_start is not None else None
         if refusal is not None:  # before anything is written: a forged start must not touch a live call
