@@ -165,13 +165,14 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
 
 def _transport(policy: EgressPolicy, *, check_addresses: bool) -> httpx.AsyncHTTPTransport:
     transport = httpx.AsyncHTTPTransport()
-    # httpx does not expose httpcore's network_backend: the pool is rebuilt with the guard, with
-    # the transport's own TLS context and limits.
-    pool = transport._pool
+    # httpx does not expose httpcore's network_backend: its pool is replaced by one built the way
+    # httpx builds it (its default TLS context and limits) plus the guard. tests/test_egress.py
+    # fails if a future httpx stops routing through `_pool`.
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
     transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=pool._ssl_context, max_connections=pool._max_connections,
-        max_keepalive_connections=pool._max_keepalive_connections, keepalive_expiry=pool._keepalive_expiry,
-        http1=pool._http1, http2=pool._http2,
+        ssl_context=httpx.create_ssl_context(), max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+        http1=True, http2=False,
         network_backend=_GuardedBackend(policy, httpcore.AnyIOBackend(), check_addresses=check_addresses),
     )
     return transport
