@@ -81,6 +81,7 @@ async def main() -> int:
         SHIM_ASSISTANTS_DIR=str(REPO / "assistants"),
         SHIM_LOG_FORMAT="console",
         SHIM_LOG_LEVEL=os.environ.get("SHIM_LOG_LEVEL", "warning"),
+        SHIM_TOOL_URL_ALLOW="127.0.0.1",  # the stand-ins listen on loopback, refused by default
     )
     env.pop("DATABASE_URL", None)
     shim = [sys.executable, "-m", "shim.cli"]

@@ -10,12 +10,14 @@ import os
 from datetime import datetime, timezone
 from collections import OrderedDict
 from typing import Any
+from urllib.parse import parse_qsl
 
 import asyncpg
 import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -92,7 +94,8 @@ class Shim:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         # The writer migrates on every (re)connect and spools while Postgres is away, so calls
         # work even when the database is down at boot.
-        self.recorder = Recorder(self.dsn, spool_path=config.data_dir / "spool.jsonl")
+        self.recorder = Recorder(self.dsn, spool_path=config.data_dir / "spool.jsonl",
+                                 max_memory_rows=config.writer_max_memory_rows)
         await self.recorder.start()
         self.bridge.sender = WebhookSender(self.bridge.http(), self.recorder)
         self.bridge.drain = self.recorder.drain
@@ -181,10 +184,34 @@ class _DeferredRecords:
 # --- routes -------------------------------------------------------------------------------
 
 
+# Twilio's webhook forms are a few KB; a body is capped before it is parsed (or its signature
+# checked), so an unsigned flood cannot stall the event loop that carries every call's audio.
+MAX_WEBHOOK_BODY = 64 * 1024
+
+
+async def _capped_body(request: Request) -> bytes:
+    """The body, or 413 as soon as it is known to exceed MAX_WEBHOOK_BODY (Content-Length, or
+    while a chunked body streams in)."""
+    too_large = HTTPException(413, f"webhook body over {MAX_WEBHOOK_BODY} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared and (not declared.isascii() or not declared.isdigit() or int(declared) > MAX_WEBHOOK_BODY):
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_WEBHOOK_BODY:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _signed_form(request: Request, path: str) -> dict[str, str] | None:
     shim: Shim = request.app.state.shim
-    form = await request.form()
-    params = {k: str(v) for k, v in form.multi_items()}
+    body = await _capped_body(request)
+    try:
+        params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=200))
+    except ValueError:
+        raise HTTPException(400, "webhook form has more than 200 fields") from None
     url = shim.config.http_url(path) + (f"?{request.url.query}" if request.url.query else "")
     signature = request.headers.get("x-twilio-signature", "")
     if not shim.config.twilio_auth_token or not shim.bridge.validator.validate(url, params, signature):

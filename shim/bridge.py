@@ -43,6 +43,7 @@ from .background import BackgroundMixer, ambience_for, public_url
 from tools import envelope
 from tools.analysis import analyze
 from tools.delivery import WebhookSender
+from tools.egress import guarded_client, parse_allow_list
 from tools.results import ToolOutcome, delayed_messages, parse_tool_response
 from tools.secrets import SecretsBook, ServerTarget, resolve_server
 
@@ -79,9 +80,11 @@ class BridgeState:
     _http: httpx.AsyncClient | None = None
 
     def http(self) -> httpx.AsyncClient:
-        """One HTTP client for the process (background sounds now, webhooks later)."""
+        """One HTTP client for the process (webhooks, apiRequest tools, background sounds, the
+        analysis): every request and redirect hop passes SHIM_TOOL_URL_ALLOW (tools/egress.py)."""
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=10, follow_redirects=True)
+            policy = parse_allow_list(self.config.tool_url_allow, trusted_urls=[self.config.openai_base_url])
+            self._http = guarded_client(policy, timeout=10, follow_redirects=True)
         return self._http
 
     def __post_init__(self) -> None:
@@ -103,8 +106,17 @@ class BridgeState:
         return hmac.new(key, call_sid.encode(), hashlib.sha256).hexdigest()[:32]
 
     def start_token_ok(self, start: tw.Start) -> bool:
-        given = start.custom_parameters.get("token", "")
-        return bool(self.config.twilio_auth_token) and hmac.compare_digest(given, self.stream_token(start.call_sid))
+        expected = self.stream_token(start.call_sid).encode()
+        return bool(self.config.twilio_auth_token) and hmac.compare_digest(start.token.encode(), expected)
+
+    def admit_start(self, start: tw.Start) -> str | None:
+        """Why a stream's `start` is refused (checked before the call writes or replaces
+        anything), or None: a wrong token, or a second stream for a CallSid that is live."""
+        if not self.start_token_ok(start):
+            return "stream token does not match the CallSid"
+        if any(runner.call.call_sid == start.call_sid and runner.call.end is None for runner in self.runners):
+            return "a stream for this CallSid is already live"
+        return None
 
     def stream_signature_ok(self, signature: str | None) -> bool:
         """The upgrade is signed over the exact <Stream url> we rendered (from PUBLIC_URL, never
@@ -193,6 +205,7 @@ class CallRunner:
         self.twilio = twilio
         self.model: WSTransport | None = None
         self.call = Call(state.records, log=log, metrics=state.metrics)
+        self.call.admit_start = state.admit_start
         self.task: asyncio.Task | None = None
         self.ended = asyncio.Event()
         self._twilio_closed = False
@@ -317,11 +330,6 @@ class CallRunner:
     async def _resolve(self) -> None:
         call = self.call
         assert call.start is not None
-        if not self.state.start_token_ok(call.start):
-            log.warning("stream_token_rejected", call_sid=call.call_sid)
-            call.on_setup_failed(AssistantError("start.customParameters.token", "(redacted)", "the token the voice webhook issued for this CallSid"))
-            self.pump()
-            return
         if self.state.number_lookup is not None:
             number = await self.state.number_lookup(call.start.custom_parameters.get("to", ""))
             self.number_server_url = (number or {}).get("server_url")
@@ -344,6 +352,9 @@ class CallRunner:
                     extra_headers=headers,
                     websocket_handshake_timeout=config.model_connect_timeout_s,
                     max_frame_size=16 * 1024 * 1024,
+                    # A socket that stays open but goes dead: picows pings after 5 s without a
+                    # frame and disconnects (-> on_model_closed) if no pong comes within 5 s.
+                    enable_auto_ping=True, auto_ping_idle_timeout=5, auto_ping_reply_timeout=5,
                 ),
                 config.model_connect_timeout_s,
             )
@@ -535,18 +546,24 @@ class CallRunner:
         body = envelope.with_static_parameters(tool, request.arguments)
         started = asyncio.get_running_loop().time()
         try:
-            # No redirects (headers may carry the customer's secrets); the answer is capped.
-            response = await self.state.http().request(
+            # No redirects (headers may carry the customer's secrets); the answer is capped, and
+            # the timeout is a total deadline (a server dripping bytes cannot hold the call).
+            async with asyncio.timeout(timeout), self.state.http().stream(
                 str(tool.get("method") or "POST"), url, json=body, headers=headers, timeout=timeout,
                 follow_redirects=False,
-            )
-            text = response.text[:20_000]
+            ) as response:
+                raw = bytearray()
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) >= 20_000:
+                        break
+            text = bytes(raw[:20_000]).decode(response.encoding or "utf-8", "replace")
             if 200 <= response.status_code < 300:
                 outcome = ToolOutcome(request.call_id, "ok", text or "Success.", text, None, None, response.status_code)
             else:
                 outcome = _failed(request.call_id, f"Error: the request failed with HTTP {response.status_code}.",
                                   http_status=response.status_code)
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             outcome = _failed(request.call_id, "No result returned.", status="timeout")
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             outcome = _failed(request.call_id, f"Error: the request could not be made ({type(exc).__name__}).")
@@ -635,14 +652,19 @@ class TwilioListener(WSListener):
                 self._fragments = []
             if self._fragments is not None:
                 self._fragments.append(frame.get_payload_as_bytes())
-                if frame.fin:
+                if sum(map(len, self._fragments)) > tw.MAX_FRAME_BYTES:  # memory stays bounded
+                    log.warning("twilio_message_too_large", call_sid=self.runner.call.call_sid)
+                    transport.send_close(WSCloseCode.MESSAGE_TOO_BIG)
+                    transport.disconnect()
+                    self._fragments = None
+                elif frame.fin:
                     data, self._fragments = b"".join(self._fragments), None
                     self.runner.on_twilio_text(data)
         elif kind == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()
         elif kind == WSMsgType.BINARY:
-            log.warning("twilio_binary_frame_ignored", call_sid=self.runner.call.call_sid)
+            self.runner.on_twilio_text(b"\x00binary frame")  # rejected and counted like any bad frame
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.runner is not None:
@@ -674,6 +696,7 @@ async def start_media_server(state: BridgeState, host: str, port: int) -> asynci
         port,
         websocket_handshake_timeout=10,
         enable_auto_pong=True,
+        max_frame_size=tw.MAX_FRAME_BYTES,  # per connection: a huge frame closes that stream only
     )
 
 

@@ -52,7 +52,10 @@ HANGUP_GRACE_S = 5.0
 # starts within this window.
 NOISE_REPLY_WINDOW_S = 3.0
 SETUP_DEADLINE_S = 15.0  # from the stream's start to a configured model session
-HANG_AFTER_S = 5.0  # no reply this long after the caller stopped: Vapi's `hang` server message
+HANG_AFTER_S = 5.0
+# A response in progress with no model event for this long: the socket is open but the model is
+# gone (Realtime streams deltas every few hundred ms); treated as a loss of the model.
+MODEL_STALL_S = 10.0  # no reply this long after the caller stopped: Vapi's `hang` server message
 SAY_EXACTLY = 'Say exactly the following words, word for word, and nothing else: "{text}"'
 
 
@@ -217,6 +220,10 @@ class Call:
         self.account_sid = ""
         self.frames_in = 0
         self.frames_out = 0
+        self.admit_start: Callable[[tw.Start], str | None] | None = None  # set by the shell (stream token)
+        self.model_events = 0  # counted per event; tick() notices when it stops moving
+        self._model_progress = (0, self._mono0)  # (model_events, clock()) when it last moved
+        self.frames_rejected = 0  # Twilio frames dropped as malformed (bad JSON, invalid base64...)
 
         self._early_audio: deque[tuple[str, int]] = deque(maxlen=MAX_EARLY_FRAMES)
         self._seq = 0
@@ -302,7 +309,10 @@ class Call:
         self._early_audio.clear()
         if not self.call_sid:
             return
+        failed = action.get("say") == APOLOGY  # a failure, not a goodbye: the turn in progress was cut off
         for item in self._items.values():
+            if failed and not item.dropped and (not item.done or item.played_bytes < item.sent_bytes):
+                item.interrupted = True
             self._record_item(item, final=True)
         self._server_message("status-update", lambda info, now_ms: envelope.status_update_message(
             info, "ended", self.artifact_messages(), now_ms, ended_reason=reason, ended_at=self._wall_at(now)))
@@ -319,7 +329,10 @@ class Call:
             # overwrite why the call really ended.
             keep_existing=("ended_at", "ended_reason", "next_action"),
         )
-        self.log.info("call_ended", ended_reason=reason, frames_in=self.frames_in, frames_out=self.frames_out)
+        if self.frames_rejected:
+            self.record_event("twilio_frames_rejected", count=self.frames_rejected)
+        self.log.info("call_ended", ended_reason=reason, frames_in=self.frames_in, frames_out=self.frames_out,
+                      frames_rejected=self.frames_rejected)
 
     # --- Twilio side ---------------------------------------------------------------------
 
@@ -327,8 +340,11 @@ class Call:
         try:
             event = tw.parse(text)
         except tw.ProtocolError as exc:
-            # Bad input loses nothing already accepted: log it, keep the call.
-            self.log.warning("twilio_frame_rejected", error=str(exc))
+            # Bad input loses nothing already accepted: dropped and counted, the call goes on;
+            # logged once per call (a flood of bad frames must not become a flood of lines).
+            self.frames_rejected += 1
+            if self.frames_rejected == 1:
+                self.log.warning("twilio_frame_rejected", error=str(exc), note="further rejections are only counted")
             return
         if event is None:
             return
@@ -345,7 +361,14 @@ class Call:
 
     def on_start(self, start: tw.Start) -> None:
         if self.phase is not Phase.AWAITING_START:
-            self.log.warning("duplicate_start_ignored")
+            self.frames_rejected += 1  # counted with the other rejected frames: a flood logs once
+            if self.frames_rejected == 1:
+                self.log.warning("duplicate_start_ignored")
+            return
+        refusal = self.admit_start(start) if self.admit_start is not None else None
+        if refusal is not None:  # before anything is written: a forged start must not touch a live call
+            self.log.warning("stream_start_refused", call_sid=start.call_sid, reason=refusal)
+            self._finish("stream-start-refused")  # call_sid is not set: nothing is written
             return
         self.call_sid, self.stream_sid, self.account_sid = start.call_sid, start.stream_sid, start.account_sid
         self._stream_t0 = self.clock()
@@ -481,15 +504,20 @@ class Call:
         self._finish(reason, {"verb": "hangup", "say": APOLOGY})
 
     def on_model_text(self, text: str | bytes) -> None:
+        self.model_events += 1
         try:
             event = orjson.loads(text)
             kind = event["type"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             self.log.warning("model_event_rejected", frame=str(text)[:120])
             return
-        handler = self._handlers.get(kind)
-        if handler is not None:
-            handler(self, event)
+        try:
+            handler = self._handlers.get(kind)
+            if handler is not None:
+                handler(self, event)
+        except (AttributeError, TypeError, KeyError, ValueError) as exc:
+            # A known event in an unexpected shape: the model side is not trusted either; logged, survived.
+            self.log.warning("model_event_malformed", type=str(kind)[:60], error=repr(exc)[:200])
 
     def _on_session_created(self, event: dict) -> None:
         assert self.setup is not None
@@ -1121,6 +1149,14 @@ class Call:
             self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
             return
         if self.phase is not Phase.LIVE or self.setup is None:
+            return
+        if self._model_progress[0] != self.model_events or self._response_id is None:
+            self._model_progress = (self.model_events, now)
+        elif now - self._model_progress[1] > MODEL_STALL_S:  # mid-answer, and the model went silent
+            self.metrics.model_error()
+            self.record_event("model_stalled", response_id=self._response_id, silent_s=round(now - self._model_progress[1], 1))
+            self.log.error("model_stalled", response_id=self._response_id)
+            self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
             return
         batch = self._batch
         if batch is not None and batch.pending and now > batch.deadline:

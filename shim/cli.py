@@ -27,6 +27,7 @@ async def _serve(config: Config, host: str, port: int, media_port: int | None) -
     import uvicorn
 
     from .app import create_app
+    from .twilio_media import MAX_FRAME_BYTES
 
     app = create_app(config, media_host=host, media_port=media_port)
     server = uvicorn.Server(
@@ -38,6 +39,7 @@ async def _serve(config: Config, host: str, port: int, media_port: int | None) -
             log_config=None,
             access_log=False,
             ws="websockets-sansio",
+            ws_max_size=MAX_FRAME_BYTES,  # the single-port media fallback: Twilio frames are small
             proxy_headers=False,  # signatures use PUBLIC_URL, never forwarded headers
             timeout_graceful_shutdown=int(config.drain_timeout_s) + 5,
         )

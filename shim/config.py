@@ -47,6 +47,16 @@ def _voice_map(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in data.items())
 
 
+def _allow_list(raw: str) -> str:
+    from tools.egress import parse_allow_list
+
+    try:
+        parse_allow_list(raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return raw
+
+
 @dataclass(frozen=True)
 class Config:
     openai_api_key: str = ""
@@ -74,6 +84,7 @@ class Config:
     openai_base_url: str = "https://api.openai.com/v1"  # post-call analysis (chat completions)
     analysis_model: str = "gpt-4.1-mini"
     secrets_file: str = ""  # SHIM_SECRETS_FILE: X-Vapi-Secret / headers per assistant and tool
+    tool_url_allow: str = ""  # SHIM_TOOL_URL_ALLOW: where customer URLs may point (tools/egress.py)
 
     @property
     def public_base(self) -> str:
@@ -129,4 +140,5 @@ class Config:
             openai_base_url=get("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/"),
             analysis_model=get("SHIM_ANALYSIS_MODEL", cls.analysis_model),
             secrets_file=get("SHIM_SECRETS_FILE"),
+            tool_url_allow=_allow_list(get("SHIM_TOOL_URL_ALLOW")),
         )

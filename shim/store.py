@@ -5,9 +5,12 @@ The audio path never waits on the database. Callers hand rows to `Recorder.upser
 programming errors), encode them and append them to an in-memory queue, and return. One writer task
 takes the queue in acceptance order and writes it in batches, one transaction per batch.
 
-Logical queue order is: spool file (oldest) -> in-memory deque (newest). While Postgres is down, rows
-wait in memory; beyond `max_memory_rows` the oldest are appended to a JSON-lines spool file (fsync'd per
-append), and they are replayed from it, in order, before the memory queue when Postgres comes back.
+Logical queue order is: spool file (oldest) -> in-memory deque (newest). As soon as Postgres is
+unreachable (a connect or write failed, or a write has hung for `stall_seconds`), every row in memory
+is appended to a JSON-lines spool file (fsync'd per append), so a kill -9 during an outage loses
+at most the rows of the last moment; memory holds at most the one batch being attempted. While
+Postgres is up but slow, memory holds up to `max_memory_rows` before the oldest spill. Spooled
+rows are replayed, in order, before the memory queue when Postgres comes back.
 A spool file left by a crashed process is replayed at start. Replaying rows that were already
 committed is harmless: every write is an idempotent upsert (last non-null value wins, keep_existing
 keeps the first) or an insert with a client-generated id and ON CONFLICT DO NOTHING.
@@ -44,7 +47,7 @@ from shim.db import redact_dsn
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["Migration", "Recorder", "TABLES", "load_migrations", "migrate"]
+__all__ = ["Migration", "Recorder", "StoreHealth", "TABLES", "load_migrations", "migrate"]
 
 # --------------------------------------------------------------------------------------------------
 # Migrations
@@ -464,6 +467,26 @@ def _append_lines(path: Path, lines: list[bytes]) -> int:
         return f.tell()
 
 
+def _prepend_lines(path: Path, lines: list[bytes], offset: int, end: int) -> int:
+    """Rewrite the spool as `lines` + its bytes [offset, end), atomically (fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(b"".join(lines))
+        src.seek(offset)
+        remaining = end - offset
+        while remaining > 0:
+            chunk = src.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            dst.write(chunk)
+            remaining -= len(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+        size = dst.tell()
+    os.replace(tmp, path)
+    return size
+
+
 def _read_spool(path: Path, offset: int, end: int, max_rows: int) -> list[tuple[Entry | None, bytes]]:
     out: list[tuple[Entry | None, bytes]] = []
     with open(path, "rb") as f:
@@ -539,6 +562,28 @@ class _Batch:
         return self.entries[self.pos :]
 
 
+@dataclass(frozen=True)
+class StoreHealth:
+    """What `/readyz` reports about the writer (`Recorder.health()`).
+
+    state: "connected" (Postgres reachable, rows flowing), "degraded" (Postgres unreachable or a
+    write hung: rows go to the spool file and will be written when it returns; calls are
+    unaffected), or "connecting" (no connection yet since start, and no failure seen either)."""
+
+    state: str
+    spooled: int  # rows in the spool file, not yet written
+    pending: int  # rows in memory, not yet written
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    def __str__(self) -> str:
+        if self.state == "degraded":
+            return f"degraded: spooling {self.spooled} rows"
+        return self.state
+
+
 class Recorder:
     """Accepts rows without ever blocking and writes them to Postgres from one background task.
 
@@ -563,6 +608,7 @@ class Recorder:
         connect_timeout: float = 5.0,
         command_timeout: float = 30.0,
         apply_migrations: bool = True,
+        stall_seconds: float = 2.0,
     ) -> None:
         if max_memory_rows < 1 or batch_max < 1:
             raise ValueError("max_memory_rows and batch_max must be >= 1")
@@ -582,6 +628,10 @@ class Recorder:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.apply_migrations = apply_migrations
+        self.stall_seconds = stall_seconds  # a write hung this long counts as an outage: spool
+        self._outage_spool_logged = False
+        self._db_down = False  # a connect or write failed and no connection succeeded since
+        self._attempt_started = 0.0
 
         self._mem: deque[Entry] = deque()
         self._head: _Batch | None = None
@@ -633,6 +683,19 @@ class Recorder:
         """Rows in the spool file (or being appended to it) and not yet committed."""
         return self._spool_rows + self._spill_rows
 
+    def health(self) -> StoreHealth:
+        """Connected, degraded (spooling N rows) or connecting: cheap, for `/readyz`."""
+        if self._degraded():
+            state = "degraded"
+        elif self.db_up:
+            state = "connected"
+        else:
+            state = "connecting"
+        return StoreHealth(state, self.spooled, self.pending)
+
+    def _degraded(self) -> bool:
+        return self._db_down or (self._attempting and time.monotonic() - self._attempt_started > self.stall_seconds)
+
     def stats(self) -> dict[str, int | bool]:
         return {
             "written": self.written,
@@ -679,7 +742,7 @@ class Recorder:
         self._wake.set()
         if len(self._mem) >= self.batch_max:
             self._flush.set()
-        if len(self._mem) > self.max_memory_rows:
+        if len(self._mem) > self.max_memory_rows or self._db_down:
             self._spill_evt.set()
 
     # ---------------------------------------------------------------- lifecycle
@@ -751,6 +814,15 @@ class Recorder:
             if head is not None and head.src is _Src.MEM:
                 leftover.extend(e for e in head.remaining() if e is not None)
                 self._head = None
+                if leftover and self._spool_rows:
+                    # Rows behind a hung batch were spooled while it was being written: it goes
+                    # in front of them (rare; the file is rewritten once).
+                    try:
+                        await self._prepend_to_spool(leftover)
+                    except OSError as exc:
+                        log.error("recorder.rows_lost", rows=len(leftover), path=str(self.spool_path), error=str(exc))
+                        raise
+                    leftover = []
             leftover.extend(self._mem)
             if leftover:
                 try:
@@ -791,30 +863,45 @@ class Recorder:
         self._spool_end = size
         self._spool_rows += len(entries)
 
+    async def _prepend_to_spool(self, entries: list[Entry]) -> None:
+        """Put rows in front of the unreplayed part of the spool (caller holds _spool_lock)."""
+        lines = [_entry_line(e) for e in entries]
+        size = await asyncio.to_thread(_prepend_lines, self.spool_path, lines, self._spool_off, self._spool_end)
+        self._spool_off, self._spool_end = 0, size
+        self._spool_rows += len(entries)
+
     async def _run_spiller(self) -> None:
-        target = max(self.max_memory_rows // 2, 1)
         while True:
-            await self._spill_evt.wait()
+            # Woken by rows arriving (over the limit, or during an outage) and every half
+            # stall_seconds, to notice a write that hangs.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._spill_evt.wait(), self.stall_seconds / 2)
             self._spill_evt.clear()
-            while self.pending > self.max_memory_rows:
+            while True:
+                degraded = self._degraded()
+                if self.pending <= (0 if degraded else self.max_memory_rows):
+                    break
+                target = 0 if degraded else max(self.max_memory_rows // 2, 1)
                 self._spill_pending = True
                 failed = False
                 try:
                     async with self._spool_lock:
-                        # A memory batch at the head goes to the spool first (it is the oldest), but
-                        # not while the writer is executing it.
-                        while self._attempting and self._head is not None and self._head.src is _Src.MEM:
-                            self._attempt_done.clear()
-                            await self._attempt_done.wait()
+                        # A memory batch at the head goes to the spool first (it is the oldest),
+                        # unless the writer is executing it right now or rows behind it were
+                        # spooled already: then it stays, the one bounded batch in memory, and the
+                        # writer retries it before it reads the spool.
                         chunk: list[Entry] = []
                         head = self._head
-                        if head is not None and head.src is _Src.MEM:
+                        if head is not None and head.src is _Src.MEM and not self._attempting and not self._spool_rows:
                             chunk.extend(e for e in head.remaining() if e is not None)
                             self._head = None
                         n = max(len(self._mem) - target, 0)
                         chunk.extend(self._mem.popleft() for _ in range(n))
                         if not chunk:
                             break
+                        if degraded and not self._outage_spool_logged:
+                            self._outage_spool_logged = True
+                            log.warning("recorder.spooling", reason="database unreachable", path=str(self.spool_path))
                         try:
                             await self._append_to_spool(chunk)
                         except OSError as exc:
@@ -886,6 +973,9 @@ class Recorder:
 
     def _mark_down(self, exc: BaseException, stage: str) -> None:
         self.db_up = False
+        if not self._db_down:
+            self._db_down = True
+            self._spill_evt.set()  # what waits in memory goes to the spool now
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.terminate()
@@ -933,6 +1023,8 @@ class Recorder:
             self.connects += 1
             log.info("recorder.db_up", recovered=self._outage_logged, pending=self.pending, spooled=self.spooled)
             self._outage_logged = False
+            self._db_down = False
+            self._outage_spool_logged = False
             self.db_up = True
             return conn
 
@@ -1003,6 +1095,7 @@ class Recorder:
         head = self._head
         assert head is not None
         self._attempting = True
+        self._attempt_started = time.monotonic()
         self._attempt_done.clear()
         try:
             rows = head.remaining()

@@ -108,6 +108,9 @@ class Script:
     """Unused: script function calls as `replies` entries made with `calls(...)`."""
     drop_after_responses: int | None = None
     """Close the socket with 1011 right after this many responses completed (model socket loss)."""
+    stall_after_responses: int | None = None
+    """The response after this many completed ones sends two chunks, then nothing: the socket stays
+    open and answers pings (a model that went silent mid-answer)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -997,6 +1000,10 @@ class FakeSession:
             said = ""
             for i in range(n_chunks):
                 if r.cancel.is_set():
+                    break
+                stall = self._script.stall_after_responses
+                if stall is not None and i == 2 and self._responses_completed >= stall:
+                    await r.cancel.wait()  # silent until the response is cancelled or the socket closes
                     break
                 piece = r.text[round(i * len(r.text) / n_chunks) : round((i + 1) * len(r.text) / n_chunks)]
                 if audio_mode:
