@@ -94,12 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument("--server-url", help="ask this server with Vapi's assistant-request on every call")
     nsub.add_parser("list", help="print the numbers table as JSON lines")
 
+    from .parity import cli as parity_cli  # shim parity run | import-vapi | report
+
+    parity_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
     try:
         config = Config.from_env()
     except ConfigError as exc:
         print(f"shim: {exc}", file=sys.stderr)
         return 2
+    if args.command == "parity":
+        return parity_cli.main(args, config, _run)
     if args.command == "translate":
         return translate_command(args, config)
     if args.command == "assistants":
