@@ -114,7 +114,7 @@ class TwilioCaller:
         # What the simulator observed.
         self.received: list[dict[str, Any]] = []
         self.received_audio = bytearray()
-        self.audio_arrivals: list[float] = []  # loop time of each outbound media frame received
+        self.audio_arrivals: list[tuple[float, int]] = []  # (loop time, bytes) of each media frame received
         self.played_audio = bytearray()
         self.sent_audio = bytearray()  # caller audio sent (padded to whole frames)
         self.marks_sent_back: list[str] = []
@@ -395,7 +395,7 @@ class TwilioCaller:
             audio = base64.b64decode(msg["media"]["payload"])
             self.received_audio += audio
             if audio:
-                self.audio_arrivals.append(asyncio.get_running_loop().time())
+                self.audio_arrivals.append((asyncio.get_running_loop().time(), len(audio)))
             if audio:
                 self._queue.append(("audio", audio))
                 self._wake.set()

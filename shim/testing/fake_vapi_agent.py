@@ -92,7 +92,8 @@ def vapi_call(call_id: str, *, created_ms: float, assistant_id: str = "asst-1", 
 class ScriptedAgent:
     def __init__(self, tool_plan: ToolPlan | None = None, *, greeting_ms: int = 300, reply_ms: int = 300,
                  think_ms: int = 250, end_silence_ms: int = 400, voice_rms: int = 300, cost_per_minute: float = 0.13,
-                 assistant_id: str = "asst-1"):
+                 assistant_id: str = "asst-1", hang_up_after_turns: int | None = None):
+        self.hang_up_after_turns = hang_up_after_turns
         self.tool_plan = tool_plan or (lambda call_index, turn_index: [])
         self.greeting_ms, self.reply_ms, self.think_ms = greeting_ms, reply_ms, think_ms
         self.end_silence_ms, self.voice_rms = end_silence_ms, voice_rms
@@ -177,6 +178,12 @@ class ScriptedAgent:
                         if speaking is not None:
                             await speaking
                         speaking = asyncio.create_task(self._answer(plan, add, now_ms, speak))
+                        if self.hang_up_after_turns is not None and turn_index >= self.hang_up_after_turns:
+                            await speaking
+                            speaking = None
+                            ended_reason = "assistant-ended-call"
+                            await ws.close()
+                            break
         finally:
             if speaking is not None:
                 speaking.cancel()
