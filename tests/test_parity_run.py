@@ -176,3 +176,76 @@ def test_scenario_errors_name_every_problem(tmp_path):
         w.writeframes(b"\0\0" * 1600)
     with pytest.raises(ScenarioError, match="2 channel"):
         read_wav_ulaw8k(stereo)
+
+
+def stereo_recording(call: dict, rate: int = 16000) -> bytes:
+    """Vapi's stereo recording of `call`: customer (left) speaks during the user messages, the
+    assistant (right) during the bot messages."""
+    import audioop
+    import io
+
+    import numpy as np
+
+    from shim.testing.fake_openai_speech import speech_pcm24k
+
+    msgs = call["artifact"]["messages"]
+    total_s = max(m.get("endTime", m["time"]) for m in msgs) / 1000 - msgs[0]["time"] / 1000 + 1
+    left = np.zeros(int(total_s * rate), dtype="<i2")
+    right = np.zeros_like(left)
+    for m in msgs:
+        if m["role"] not in ("user", "bot"):
+            continue
+        ms = int(m["endTime"] - m["time"])
+        voice = np.frombuffer(audioop.ratecv(speech_pcm24k(ms), 2, 1, 24000, rate, None)[0], dtype="<i2")
+        at = int(m["secondsFromStart"] * rate)
+        (left if m["role"] == "user" else right)[at:at + len(voice)] = voice[: len(left) - at]
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(2), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(np.stack([left, right], axis=1).tobytes())
+    return buf.getvalue()
+
+
+async def test_replay_of_an_imported_vapi_call_compares_tool_calls(tmp_path, db_dsn):
+    from shim.parity.replay import replay
+    from shim.parity.vapi_client import VapiClient
+    from shim.testing.fake_vapi_agent import vapi_call
+
+    import httpx
+
+    runner.SILENCE_S, runner.MAX_WAIT_S = 0.8, 8
+    script = Script(replies=[calls(("check_availability", {"day": "tuesday"})), "Free at nine.",
+                             calls(("book_appointment", {"time": "9am"})), "Booked."], audio_ms_per_char=8)
+    async with FakeCustomer() as customer, FakeVapi(api_key=VAPI_KEY) as vapi:
+        customer.on("/tools", reply_results(lambda name, args: "ok"))
+        call = vapi_call("vc-replay", created_ms=1.7645e12, base_url=vapi.base_url, turns=[
+            {"role": "bot", "text": "Hi.", "ms": 600},
+            {"role": "user", "text": "A cleaning on Tuesday, please.", "ms": 900, "gap_ms": 500},
+            {"role": "bot", "text": "Free at nine.", "ms": 700, "tools": [("check_availability", {"day": "tuesday"}, "ok")]},
+            {"role": "user", "text": "Nine works, book it.", "ms": 800, "gap_ms": 500},
+            {"role": "bot", "text": "Booked.", "ms": 500, "tools": [("book_appointment", {"time": "9am"}, "ok")]},
+        ])
+        vapi.add_call(call)
+        vapi.recordings["vc-replay"] = stereo_recording(call)
+        overrides = {"firstMessage": "Hi.", "model": {"provider": "openai", "model": "gpt-4o",
+                     "messages": [{"role": "system", "content": "Be brief."}],
+                     "tools": [function_tool("check_availability", customer.url("/tools")),
+                               function_tool("book_appointment", customer.url("/tools"))]}}
+        async with running_shim(tmp_path, db_dsn, script, assistant_overrides=overrides) as run:
+            settings = runner.Settings(target=run.config.public_url, auth_token=AUTH_TOKEN, number="+15550002222",
+                                       from_number="+15550001111", vapi_base=vapi.base_url, vapi_key=VAPI_KEY)
+            conn = await asyncpg.connect(db_dsn)
+            try:
+                async with httpx.AsyncClient() as http:
+                    [result] = await replay(conn, VapiClient(vapi.base_url, VAPI_KEY, client=http), ["vc-replay"],
+                                            settings, http, runner.run_batch)
+                assert result["status"] == "ok", result
+                assert result["vapi_tools"] == result["shim_tools"] == ["check_availability", "book_appointment"]
+                assert result["match"] is True
+                rows = await fetch_report(conn, assistant=None, since=None)
+                replayed = {r["stack"]: r for r in rows if r["scenario"] == "replay:vc-replay"}
+                assert replayed["shim"]["agreement"] == 1.0 and replayed["vapi"]["agreement"] == 1.0
+                [shim_run] = await conn.fetch("SELECT turn_latency_ms, turns_total FROM parity_runs WHERE stack = 'shim'")
+                assert shim_run["turns_total"] == 2 and len(shim_run["turn_latency_ms"]) == 2
+            finally:
+                await conn.close()

@@ -1,4 +1,4 @@
-"""`shim parity run | import-vapi | report`: argument parsing and the I/O around shim.parity.
+"""`shim parity run | import-vapi | replay | report`: argument parsing and the I/O around shim.parity.
 
 Exit codes: 0 ok; 1 runtime failure (Vapi unreachable, runs failed, database error); 2 usage or
 configuration error (bad flag values, missing VAPI_API_KEY / TWILIO_AUTH_TOKEN, bad scenario).
@@ -42,6 +42,15 @@ def add_parser(sub: Any) -> None:
     imp.add_argument("--since", required=True, type=_date, help="calls created at or after this date (UTC unless given)")
     imp.add_argument("--assistant", help="only this Vapi assistant's calls")
 
+    rpl = psub.add_parser("replay", help="replay real Vapi calls (customer channel of the stereo recording) against the shim")
+    which = rpl.add_mutually_exclusive_group(required=True)
+    which.add_argument("--vapi-call", action="append", metavar="ID", help="a Vapi call id (repeatable)")
+    which.add_argument("--since", type=_date, help="every ended Vapi call created at or after this date")
+    rpl.add_argument("--assistant", help="with --since: only this assistant's calls")
+    rpl.add_argument("--target", help="the shim deployment's base URL (default PUBLIC_URL)")
+    rpl.add_argument("--number", default="+15550002222", help="the shim number called (E.164)")
+    rpl.add_argument("--from", dest="from_number", default="+15550001111", help="the caller number (E.164)")
+
     rep = psub.add_parser("report", help="drift, latency and cost per scenario and stack (and real traffic)")
     rep.add_argument("--assistant", help="only runs/calls of this assistant")
     rep.add_argument("--since", type=_date, help="only runs/calls started at or after this date")
@@ -78,6 +87,14 @@ def main(args: argparse.Namespace, config: Config, run_coro) -> int:
         return run_coro(_with_db(config, lambda conn: _import(conn, args, key)))
     if args.parity_command == "report":
         return run_coro(_with_db(config, lambda conn: _report(conn, args)))
+    if args.parity_command == "replay":
+        key = os.environ.get("VAPI_API_KEY", "").strip()
+        problems = [m for m, bad in (("VAPI_API_KEY is not set", not key),
+                                     ("TWILIO_AUTH_TOKEN is not set", not config.twilio_auth_token)) if bad]
+        if problems:
+            _err("replay: " + "; ".join(problems))
+            return 2
+        return run_coro(_with_db(config, lambda conn: _replay(conn, args, config, key)))
     if args.parity_command == "run":
         from .runner import run_command
 
@@ -131,6 +148,38 @@ async def _import(conn, args, key: str) -> int:
         print(file=sys.stderr)
     print(json.dumps(stats.to_json()))
     return 0
+
+
+async def _replay(conn, args, config: Config, key: str) -> int:
+    import json
+
+    import httpx
+
+    from ..vapi_api import VAPI_BASE_URL, VapiApiError, VapiAuthError
+    from .replay import replay
+    from .runner import Settings, run_batch
+    from .vapi_client import VapiClient
+
+    base = os.environ.get("VAPI_BASE_URL", VAPI_BASE_URL).strip().rstrip("/")
+    settings = Settings(target=(args.target or config.http_url("")).rstrip("/"), auth_token=config.twilio_auth_token,
+                        number=args.number, from_number=args.from_number, vapi_base=base, vapi_key=key)
+    try:
+        async with httpx.AsyncClient() as http:
+            vapi = VapiClient(base, key, client=http)
+            ids = list(args.vapi_call or [])
+            if args.since is not None:
+                ids = [c["id"] async for c in vapi.list_calls(since=args.since, assistant_id=args.assistant)
+                       if c.get("status") == "ended"]
+            results = await replay(conn, vapi, ids, settings, http, run_batch)
+    except VapiAuthError as exc:
+        _err(str(exc))
+        return 2
+    except VapiApiError as exc:
+        _err(str(exc))
+        return 1
+    for result in results:
+        print(json.dumps(result))
+    return 0 if all(r.get("status") == "ok" for r in results) else 1
 
 
 async def _report(conn, args) -> int:
