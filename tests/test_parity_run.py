@@ -249,3 +249,21 @@ async def test_replay_of_an_imported_vapi_call_compares_tool_calls(tmp_path, db_
                 assert shim_run["turns_total"] == 2 and len(shim_run["turn_latency_ms"]) == 2
             finally:
                 await conn.close()
+
+
+def test_cli_usage_errors_exit_2_naming_every_problem(tmp_path, monkeypatch, capsys):
+    from shim.cli import main
+
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("name: x\nturns:\n  - say: hello\n")
+    for var in ("TWILIO_AUTH_TOKEN", "VAPI_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["parity", "run", "--scenario", str(scenario), "--runs", "0", "--stack", "both", "--number", "555"]) == 2
+    err = capsys.readouterr().err
+    for part in ("--runs 0", "TWILIO_AUTH_TOKEN", "VAPI_API_KEY", "OPENAI_API_KEY", "no assistant", "--number '555'"):
+        assert part in err, part
+    scenario.write_text("name: x\nturns: []\n")
+    assert main(["parity", "run", "--scenario", str(scenario)]) == 2
+    assert "turns: got []" in capsys.readouterr().err
+    assert main(["parity", "replay", "--vapi-call", "abc"]) == 2
+    assert "VAPI_API_KEY is not set" in capsys.readouterr().err

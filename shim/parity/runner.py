@@ -420,6 +420,8 @@ def run_command(args: Any, config: Any, run_coro, with_db) -> int:
     vapi_key = os.environ.get("VAPI_API_KEY", "").strip()
     if "shim" in stacks and not config.twilio_auth_token:
         problems.append("TWILIO_AUTH_TOKEN is not set (the voice webhook and stream are signed with it)")
+    if "vapi" in stacks and not scenario.assistant:
+        problems.append(f"{args.scenario}: no assistant: field (the Vapi assistant id POST /call starts)")
     if "vapi" in stacks and not vapi_key:
         problems.append("VAPI_API_KEY is not set (needed for --stack vapi/both)")
     if any(t.kind == "say" for t in scenario.turns) and not config.openai_api_key:
