@@ -127,7 +127,7 @@ async def test_twenty_runs_on_both_stacks_report_agreement_and_drift(tmp_path, d
 
 async def test_a_run_cut_short_is_partial_and_a_stopped_batch_leaves_partial_rows(tmp_path, db_dsn):
     scenario = tmp_path / "s.json"
-    scenario.write_text(json.dumps({"name": "three-turns", "turns": [{"audio": "a.wav"}, {"wait": 0.2}, {"audio": "a.wav"}]}))
+    scenario.write_text(json.dumps({"name": "three-turns", "assistant": "asst-1", "turns": [{"audio": "a.wav"}, {"wait": 0.2}, {"audio": "a.wav"}]}))
     with wave.open(str(tmp_path / "a.wav"), "wb") as w:  # 16 kHz PCM: resampled to 8 kHz mu-law
         from shim.testing.fake_openai_speech import speech_pcm24k
         import audioop
@@ -251,7 +251,16 @@ async def test_replay_of_an_imported_vapi_call_compares_tool_calls(tmp_path, db_
                 await conn.close()
 
 
-def test_cli_usage_errors_exit_2_naming_every_problem(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def keep_structlog_config():
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+def test_cli_usage_errors_exit_2_naming_every_problem(tmp_path, monkeypatch, capsys, keep_structlog_config):
     from shim.cli import main
 
     scenario = tmp_path / "s.yaml"

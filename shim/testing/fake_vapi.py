@@ -321,6 +321,9 @@ class FakeVapi(ServedStandIn):
                 return _error(400, "Bad Request", "this stand-in only starts vapi.websocket calls")
             if body.get("phoneNumberId") or body.get("phoneNumber"):
                 return _error(400, "Bad Request", "phoneNumber is not allowed with the vapi.websocket transport")
+            problem = _create_call_problem(body)
+            if problem:
+                return _error(400, "Bad Request", problem)
             call = self.agent.new_call(self, body)
             validate_call(call)
             self.calls[call["id"]] = call
@@ -338,6 +341,41 @@ class FakeVapi(ServedStandIn):
             await self.agent.serve(self, cid, ws)
         except WebSocketDisconnect:
             pass
+
+
+_CREATE_CALL_KEYS = frozenset({
+    "assistantVersion", "squadVersion", "transport", "customers", "name", "schedulePlan", "assistantId", "assistant",
+    "assistantOverrides", "squadId", "squad", "squadOverrides", "workflowId", "workflow", "workflowOverrides",
+    "phoneNumberId", "phoneNumber", "customerId", "customer"})  # CallsClient.create's body (vapi-server-sdk 3.0.0)
+
+
+def _create_call_problem(body: Any) -> str | None:
+    """Why Vapi would refuse this POST /call body (checked with the SDK's transport model), or None."""
+    from vapi.calls.types.create_call_dto_transport import CreateCallDtoTransport_VapiWebsocket
+    from vapi.types import AudioFormat
+
+    if not isinstance(body, dict):
+        return "body must be a JSON object"
+    unknown = set(body) - _CREATE_CALL_KEYS
+    if unknown:
+        return f"property {sorted(unknown)[0]} should not exist"
+    if not (body.get("assistantId") or body.get("assistant") or body.get("squadId") or body.get("squad")):
+        return "assistantId, assistant, squadId or squad is required"
+    transport = body.get("transport")
+    try:
+        parse_obj_as(CreateCallDtoTransport_VapiWebsocket, transport)
+        if not isinstance(transport, dict) or set(transport) - {"provider", "conversationType", "audioFormat"}:
+            raise ValueError(f"transport has unknown keys: {sorted(set(transport or {}) - {'provider', 'conversationType', 'audioFormat'})}")
+        audio = transport.get("audioFormat")
+        if audio is not None:
+            parse_obj_as(AudioFormat, audio)
+            if audio.get("format") not in ("pcm_s16le", "mulaw") or set(audio) - {"format", "container", "sampleRate"}:
+                raise ValueError(f"audioFormat {audio!r} is not a valid format")
+            if not isinstance(audio.get("sampleRate"), (int, float)):
+                raise ValueError("audioFormat.sampleRate is required")
+    except (pydantic.ValidationError, ValueError) as exc:
+        return f"transport: {str(exc)[:300]}"
+    return None
 
 
 def _iso(value: str):
