@@ -55,6 +55,10 @@ def _fmt(value: Any, kind: str = "") -> str:
         return f"{value * 100:.0f}%"
     if kind == "ms":
         return f"{value:.0f}"
+    if kind == "s":
+        return f"{value:.1f}"
+    if kind == "reasons":
+        return ", ".join(f"{k} x{v}" for k, v in sorted(value.items(), key=lambda kv: -kv[1])) or "-"
     if kind == "usd":
         return f"${value:.4f}"
     if isinstance(value, list):
@@ -67,7 +71,8 @@ def _fmt(value: Any, kind: str = "") -> str:
 _COLUMNS = (("scenario", "scenario", ""), ("stack", "stack", ""), ("runs", "runs", ""), ("tools (modal)", "modal_tools", ""),
             ("agreement", "agreement", "pct"), ("drift", "drift", ""), ("p50 ms", "latency_p50_ms", "ms"),
             ("p95 ms", "latency_p95_ms", "ms"), ("$/min", "cost_per_minute_usd", "usd"),
-            ("partial", "partial", ""), ("failed", "failed", ""))
+            ("dur s", "duration_p50_s", "s"), ("partial", "partial", ""), ("failed", "failed", ""),
+            ("ended", "ended_reasons", "reasons"))
 
 
 def _cells(report: list[dict[str, Any]]) -> list[list[str]]:
