@@ -855,6 +855,9 @@ class Call:
             item.done = True
             if item.dropped or item.played_bytes >= item.sent_bytes:
                 self._retire(item)
+        if response.get("usage") and response_id and self.call_sid:  # billed tokens -> calls.cost_usd (0006)
+            self.records.upsert("model_usage", {"call_sid": self.call_sid, "response_id": response_id,
+                                                "at": self._wall_at(self.clock()), "usage": response["usage"]})
         status = response.get("status")
         if status == "failed":
             self.metrics.model_error()

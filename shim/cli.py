@@ -93,12 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     numbers_cli.register(sub)  # shim numbers set | list | migrate | rollback | split | history
     ops_cli.register(sub)  # calls, transcript, recording, db
 
+    from .parity import cli as parity_cli  # shim parity run | import-vapi | report
+
+    parity_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
     try:
         config = Config.from_env()
     except ConfigError as exc:
         print(f"shim: {exc}", file=sys.stderr)
         return 2
+    if args.command == "parity":
+        return parity_cli.main(args, config, _run)
     if args.command == "translate":
         return translate_command(args, config)
     if args.command == "assistants":

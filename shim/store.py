@@ -126,6 +126,11 @@ async def migrate(dsn_or_conn: str | asyncpg.Connection) -> list[int]:
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, now())", m.version, m.name
                 )
                 applied.append(m.version)
+            # 0006: the price table costs are computed from, from shim/costs.py + SHIM_PRICES_FILE.
+            if any(m.version == 6 for m in migrations):
+                from .costs import sync_prices
+
+                await sync_prices(conn)
             newer = sorted(v for v in done if v > (migrations[-1].version if migrations else 0))
             if newer:
                 log.warning("migrate.database_newer_than_code", versions=newer)
@@ -183,10 +188,11 @@ TABLES: dict[str, TableSpec] = {
                 "next_action": JSON, "custom_parameters": JSON, "metadata": JSON, "recording_url": TEXT,
                 "summary": TEXT, "analysis": JSON, "transfer": JSON,  # 0002
                 "assistant_request": JSON,  # 0003
+                "stereo_recording_url": TEXT,  # 0006
             },
             required=("call_sid",),
             choices={"stack": _STACKS | {"vapi-redirect"}},  # 0004: a split's callers sent to Vapi
-            managed=("created_at", "updated_at"),
+            managed=("created_at", "updated_at", "cost_usd", "costs"),  # 0006: cost_usd/costs by trigger
             op="u",
         ),
         TableSpec(
@@ -215,6 +221,17 @@ TABLES: dict[str, TableSpec] = {
             required=("call_sid", "seq"),
             choices={},
             managed=(),
+            op="u",
+        ),
+        TableSpec(
+            "model_usage",  # 0006: response.done usage, one row per response
+            key=("call_sid", "response_id"),
+            columns={"call_sid": TEXT, "response_id": TEXT, "at": TS, "usage": JSON},
+            required=("call_sid", "response_id", "at", "usage"),
+            choices={},
+            managed=("input_tokens", "output_tokens", "input_text_tokens", "input_audio_tokens", "input_image_tokens",
+                     "cached_tokens", "cached_text_tokens", "cached_audio_tokens", "cached_image_tokens",
+                     "output_text_tokens", "output_audio_tokens"),
             op="u",
         ),
         TableSpec(

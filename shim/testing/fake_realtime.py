@@ -1058,6 +1058,10 @@ class FakeSession:
         text_tokens = math.ceil(len(said) / 4)
         audio_tokens = math.ceil(audio_ms / 50)
         input_tokens = 120 + self._tokens_in_context
+        # As the real API: the prompt cache serves the earlier context in 64-token blocks once a
+        # prompt reaches 1024 tokens (cached tokens are a subset of the input tokens).
+        cached = (input_tokens - 120) // 64 * 64 if input_tokens >= 1024 else 0
+        cached_text = min(120, cached)
         self._tokens_in_context += text_tokens + audio_tokens
         final = self._response_object(r, "cancelled" if cancelled else "completed", output)
         if cancelled:
@@ -1070,8 +1074,8 @@ class FakeSession:
                 "text_tokens": 120,
                 "audio_tokens": input_tokens - 120,
                 "image_tokens": 0,
-                "cached_tokens": 0,
-                "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0},
+                "cached_tokens": cached,
+                "cached_tokens_details": {"text_tokens": cached_text, "audio_tokens": cached - cached_text, "image_tokens": 0},
             },
             "output_token_details": {"text_tokens": text_tokens, "audio_tokens": audio_tokens},
         }
