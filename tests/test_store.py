@@ -546,7 +546,9 @@ async def main():
     for i in range(25):
         rec.insert("call_events", {"call_sid": "CA21", "kind": "k", "detail": {"i": i}})
         rec.upsert("utterances", {"call_sid": "CA21", "seq": i, "role": "user", "text": f"t{i}"})
-    while rec.spooled < 50:
+    spool = Path(sys.argv[2])
+    # on disk, not merely counted: `spooled` includes rows whose append is still under way
+    while not spool.exists() or len(spool.read_bytes().splitlines()) < 50:
         await asyncio.sleep(0.01)
     print("SPOOLED", flush=True)
     await asyncio.sleep(3600)  # killed here with SIGKILL: no close(), no drain
