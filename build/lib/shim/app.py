@@ -1,0 +1,568 @@
+"""HTTP side of the shim (Starlette): Twilio webhooks, health, metrics, and the single-port
+fallback of the media stream. Every Twilio request is checked against its X-Twilio-Signature
+over a URL built from PUBLIC_URL, never from request headers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import os
+from datetime import datetime, timezone
+from collections import OrderedDict
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+from .assistant import ASSISTANT_ID_RE
+from .bridge import BridgeState, CallRunner, start_media_server
+from .config import Config
+from .db import redact_dsn, resolve_dsn
+from .metrics import ShimMetrics
+from .store import Recorder, migrate
+from tools import envelope
+from tools.delivery import WebhookSender
+from tools.secrets import SecretsBook, resolve_server
+
+from .call import transfer_action
+
+log = structlog.get_logger("shim.app")
+SORRY_NO_ASSISTANT = "Sorry, this number is not in service. Goodbye."
+ASSISTANT_REQUEST_BUDGET_S = 7.5  # Vapi's fixed budget for assistant-request
+# Of SHIM_DRAIN_TIMEOUT, what live calls do NOT get: Twilio's callbacks after the apology (2/3)
+# and the last rows and end-of-call reports (1/3). At most a quarter of the drain time.
+DRAIN_RESERVE_S = 15.0
+
+# Twilio's final call statuses -> Vapi endedReason (only used when the stream did not already
+# record a more precise reason).
+STATUS_ENDED_REASON = {
+    "completed": "customer-ended-call",
+    "busy": "customer-busy",
+    "no-answer": "customer-did-not-answer",
+    "failed": "twilio-failed-to-connect-call",
+    "canceled": "customer-ended-call",
+}
+
+
+def twiml(response: VoiceResponse) -> Response:
+    return Response(str(response), media_type="application/xml")
+
+
+def hangup_twiml(say: str | None = None) -> Response:
+    vr = VoiceResponse()
+    if say:
+        vr.say(say)
+    vr.hangup()
+    return twiml(vr)
+
+
+class Shim:
+    """The process: configuration, database, writer, metrics and the media listeners."""
+
+    def __init__(self, config: Config, *, media_host: str = "0.0.0.0", media_port: int | None = None):
+        self.config = config
+        self.media_host = media_host
+        self.media_port = media_port if media_port is not None else config.media_port
+        self.embedded = None
+        self.dsn = ""
+        self.pool: asyncpg.Pool | None = None
+        self.recorder: Recorder | None = None
+        self.media_server: asyncio.Server | None = None
+        self.metrics = ShimMetrics(lambda: [r.call for r in self.bridge.runners])
+        # Secrets for the customer's webhooks: a bad file stops the start, naming file and key.
+        secrets = SecretsBook.load(config.secrets_file or None, {"SHIM_VAPI_SECRET": os.environ.get("SHIM_VAPI_SECRET", "")})
+        self.bridge = BridgeState(config=config, records=_DeferredRecords(self), metrics=self.metrics, secrets=secrets)
+        self.endings: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.assistant_requests: dict[str, dict[str, Any]] = {}  # this instance's recent answers
+        self.ticker: asyncio.Task | None = None
+        self.started = False
+        self.draining = False  # SIGTERM seen: /readyz 503
+        self.drain_started: float | None = None
+        self.stream_ended_answered: set[str] = set()  # during a drain: whose apology/<Dial> went out
+        self.metrics_server: asyncio.Server | None = None
+
+    async def startup(self) -> None:
+        config = self.config
+        self.dsn, self.embedded = await asyncio.to_thread(resolve_dsn, config.database_url, config.data_dir)
+        log.info("database", dsn=redact_dsn(self.dsn), embedded=self.embedded is not None)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        # The writer migrates on every (re)connect and spools while Postgres is away, so calls
+        # work even when the database is down at boot.
+        self.recorder = Recorder(self.dsn, spool_path=config.data_dir / "spool.jsonl")
+        await self.recorder.start()
+        self.bridge.sender = WebhookSender(self.bridge.http(), self.recorder)
+        self.bridge.drain = self.recorder.drain
+        self.bridge.number_lookup = self.lookup_number
+        self.bridge.request_lookup = lambda call_sid: load_assistant_request(self, call_sid)
+        self.ticker = asyncio.get_running_loop().create_task(self.bridge.tick_forever(), name="call-timers")
+        try:
+            await asyncio.wait_for(migrate(self.dsn), 15)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            log.error("database_unavailable_at_start", error=str(exc))
+        if self.media_port:
+            self.media_server = await start_media_server(self.bridge, self.media_host, self.media_port)
+            log.info("media_listener", host=self.media_host, port=self.media_port, url=config.media_stream_url)
+        if config.metrics_port:
+            self.metrics_server = await start_metrics_server(self, self.media_host, config.metrics_port)
+            log.info("metrics_listener", host=self.media_host, port=config.metrics_port)
+        self.started = True
+
+    def drain_plan(self) -> tuple[float, float]:
+        """(seconds live calls may go on, seconds for Twilio's callbacks after the apology),
+        both inside SHIM_DRAIN_TIMEOUT; the rest is for rows and end-of-call reports."""
+        total = self.config.drain_timeout_s
+        reserve = min(DRAIN_RESERVE_S, total / 4)
+        return total - reserve, reserve * 2 / 3
+
+    async def drain_calls(self) -> None:
+        """SIGTERM: take no new calls (/readyz 503), let live calls finish, end the rest with
+        the apology. The HTTP port stays open all along: /twilio/stream-ended (which plays the
+        apology or the <Dial>) and /twilio/status of these calls are still answered."""
+        if self.drain_started is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self.draining = True
+        self.drain_started = loop.time()
+        calls_s, callbacks_s = self.drain_plan()
+        seen = {r.call.call_sid for r in self.bridge.runners}
+        log.info("drain_started", live_calls=len(seen), wait_s=calls_s)
+        while self.bridge.runners and loop.time() < self.drain_started + calls_s:
+            seen |= {r.call.call_sid for r in self.bridge.runners}
+            await asyncio.sleep(0.1)
+        aborted = 0
+        for runner in list(self.bridge.runners):
+            seen.add(runner.call.call_sid)
+            runner.call.abort("worker-shutdown")  # Twilio says the apology, then hangs up
+            runner.pump()
+            aborted += 1
+        seen.discard("")
+        until = self.drain_started + calls_s + callbacks_s
+        # Twilio asks /twilio/stream-ended right after the stream closes: answer it before exiting.
+        while (self.bridge.runners or not seen <= self.stream_ended_answered) and loop.time() < until:
+            await asyncio.sleep(0.05)
+        log.info("drain_done", calls=len(seen), ended_by_shutdown=aborted,
+                 unanswered_stream_ended=len(seen - self.stream_ended_answered),
+                 seconds=round(loop.time() - self.drain_started, 2))
+
+    async def shutdown(self) -> None:
+        await self.drain_calls()  # a no-op when `shim serve` drained already
+        if self.media_server is not None:
+            self.media_server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        loop = asyncio.get_running_loop()
+        exit_by = (self.drain_started or loop.time()) + self.config.drain_timeout_s
+
+        def left(cap: float) -> float:
+            return max(0.5, min(cap, exit_by - loop.time()))
+
+        if self.bridge.post_call:  # end-of-call reports of calls that just ended (bounded)
+            await asyncio.wait(list(self.bridge.post_call), timeout=left(10))
+        if self.bridge.sender is not None:
+            await self.bridge.sender.close(timeout=left(10))
+        if self.ticker is not None:
+            self.ticker.cancel()
+        if self.recorder is not None:
+            await self.recorder.close(timeout=left(10))
+        if self.pool is not None:
+            await self.pool.close()
+        if self.bridge._http is not None:
+            await self.bridge._http.aclose()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this instance takes new calls, and why (GET /readyz). A database outage or
+        a failing model does not make it unready (every instance shares them, and calls still
+        run on the spool and the in-memory routes); they are reported as degraded."""
+        recorder = self.recorder
+        if recorder is None:
+            database = "starting"
+        elif recorder.db_up:
+            database = "up"
+        else:
+            database = "down (rows spooled)" if recorder.spooled else "down"
+        model = self.bridge.model_health
+        ready = self.started and not self.draining
+        body = {
+            "ready": ready,
+            "status": "draining" if self.draining else "starting" if not self.started else
+                      "ok" if database == "up" and model.get("ok", True) else "degraded",
+            "draining": self.draining,
+            "live_calls": len(self.bridge.runners),
+            "database": {"state": database, "pending_rows": recorder.pending if recorder else 0,
+                         "spooled_rows": recorder.spooled if recorder else 0},
+            "model": model or {"ok": None, "detail": "no call has connected yet"},
+        }
+        return ready, body
+
+    async def db(self) -> asyncpg.Pool:
+        if self.pool is None:
+            self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=2)
+        return self.pool
+
+    async def lookup_number(self, number: str) -> dict[str, Any] | None:
+        """The numbers row for `number` ({assistant_id, server_url}); None when unknown or when
+        Postgres is unreachable (the call then runs on what the stream says)."""
+        if not number:
+            return None
+        try:
+            pool = await asyncio.wait_for(self.db(), 2)
+            row = await pool.fetchrow("SELECT assistant_id, server_url FROM numbers WHERE number = $1", number, timeout=2)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            log.error("number_lookup_failed", error=str(exc))
+            return None
+        return dict(row) if row else None
+
+    def remember_end(self, call_sid: str, action: dict[str, Any]) -> None:
+        self.endings[call_sid] = action
+        while len(self.endings) > 10_000:
+            self.endings.popitem(last=False)
+
+
+class _DeferredRecords:
+    """RecordSink handed to calls: forwards to the Recorder, and notes how each call ended so
+    this instance can answer its own <Connect action> without a database round trip."""
+
+    def __init__(self, shim: Shim):
+        self.shim = shim
+
+    def upsert(self, table: str, row: dict[str, Any], *, keep_existing: tuple[str, ...] = ()) -> None:
+        if table == "calls" and "next_action" in row and row["call_sid"] not in self.shim.endings:
+            self.shim.remember_end(row["call_sid"], row["next_action"])
+        try:
+            self.shim.recorder.upsert(table, row, keep_existing=keep_existing)
+        except ValueError as exc:  # a value Postgres cannot take: lose the row, never the call
+            log.error("row_refused", table=table, call_sid=row.get("call_sid"), error=str(exc)[:300])
+
+    def insert(self, table: str, row: dict[str, Any]) -> None:
+        try:
+            self.shim.recorder.insert(table, row)
+        except ValueError as exc:
+            log.error("row_refused", table=table, call_sid=row.get("call_sid"), error=str(exc)[:300])
+
+
+# --- routes -------------------------------------------------------------------------------
+
+
+async def _signed_form(request: Request, path: str) -> dict[str, str] | None:
+    shim: Shim = request.app.state.shim
+    form = await request.form()
+    params = {k: str(v) for k, v in form.multi_items()}
+    url = shim.config.http_url(path) + (f"?{request.url.query}" if request.url.query else "")
+    signature = request.headers.get("x-twilio-signature", "")
+    if not shim.config.twilio_auth_token or not shim.bridge.validator.validate(url, params, signature):
+        log.warning("twilio_signature_rejected", path=path)
+        return None
+    return params
+
+
+async def twilio_voice(request: Request) -> Response:
+    shim: Shim = request.app.state.shim
+    params = await _signed_form(request, "/twilio/voice")
+    if params is None:
+        return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
+    call_sid, to, from_ = params.get("CallSid", ""), params.get("To", ""), params.get("From", "")
+    bound = log.bind(call_sid=call_sid)
+    number = await shim.lookup_number(to) or {}
+    assistant_id = number.get("assistant_id") or ""
+    row = {"call_sid": call_sid, "from_number": from_ or None, "to_number": to or None,
+           "account_sid": params.get("AccountSid") or None, "status": "ringing", "stack": "shim"}
+    if not assistant_id and number.get("server_url"):
+        # Vapi's assistant-request: the number's server picks the assistant (7.5 s budget).
+        answer, reason = await assistant_request(shim, params, number["server_url"])
+        if reason is not None:
+            bound.warning("assistant_request_failed", ended_reason=reason)
+            shim.recorder.upsert("calls", {**row, "status": "ended", "ended_reason": reason,
+                                           "ended_at": datetime.now(timezone.utc)}, keep_existing=("ended_reason",))
+            spoken = answer.get("error") if isinstance(answer.get("error"), str) else SORRY_NO_ASSISTANT
+            return hangup_twiml(spoken)
+        if isinstance(answer.get("destination"), dict):
+            shim.recorder.upsert("calls", {**row, "status": "forwarding", "ended_reason": "assistant-forwarded-call",
+                                           "ended_at": datetime.now(timezone.utc), "assistant_request": answer})
+            return twiml(dial_twiml(transfer_action(answer["destination"], {}), fallback_caller_id=to))
+        assistant_id = "@request"
+        await store_assistant_request(shim, {**row, "assistant_request": answer})
+    elif not assistant_id:
+        assistant_id = shim.config.default_assistant
+    if assistant_id != "@request" and (
+        not ASSISTANT_ID_RE.match(assistant_id) or not (shim.config.assistants_dir / f"{assistant_id}.json").is_file()
+    ):
+        bound.warning("no_assistant_for_number", to=to, assistant_id=assistant_id)
+        return hangup_twiml(SORRY_NO_ASSISTANT)
+    if call_sid and assistant_id != "@request":
+        shim.recorder.upsert("calls", {**row, "assistant_id": assistant_id})
+    vr = VoiceResponse()
+    connect = Connect(action=shim.config.http_url("/twilio/stream-ended"), method="POST")
+    stream = connect.stream(url=shim.config.media_stream_url)
+    stream.parameter(name="assistant", value=assistant_id)
+    stream.parameter(name="from", value=from_)
+    stream.parameter(name="to", value=to)
+    stream.parameter(name="token", value=shim.bridge.stream_token(call_sid))
+    vr.append(connect)
+    bound.info("call_answered", assistant_id=assistant_id)
+    return twiml(vr)
+
+
+async def assistant_request(shim: Shim, params: dict[str, str], server_url: str) -> tuple[dict[str, Any], str | None]:
+    """Ask the number's server which assistant runs this call. Returns (answer, None) or
+    (answer, Vapi endedReason) when the call cannot go on."""
+    info = envelope.CallInfo(
+        call_sid=params.get("CallSid", ""), account_sid=params.get("AccountSid", ""), assistant_id="", assistant={},
+        from_number=params.get("From", ""), to_number=params.get("To", ""), started_at=datetime.now(timezone.utc),
+    )
+    target = resolve_server(tool=None, assistant={}, assistant_id="", number_server_url=server_url,
+                            secrets=shim.bridge.secrets)
+    if target is None or shim.bridge.sender is None:
+        return {}, "assistant-request-failed"
+    delivery = await shim.bridge.sender.post(
+        target, envelope.assistant_request(info, int(datetime.now(timezone.utc).timestamp() * 1000)),
+        kind="assistant-request", call_sid=info.call_sid, retries=0, timeout_s=ASSISTANT_REQUEST_BUDGET_S,
+    )
+    answer = delivery.json() if delivery.ok else None
+    if not isinstance(answer, dict):
+        return {}, "assistant-request-failed"
+    if answer.get("error"):
+        return answer, "assistant-request-returned-error"
+    if isinstance(answer.get("destination"), dict):
+        return answer, None
+    if isinstance(answer.get("assistant"), dict):
+        return answer, None
+    assistant_id = answer.get("assistantId")
+    if isinstance(assistant_id, str) and ASSISTANT_ID_RE.match(assistant_id) and (
+        shim.config.assistants_dir / f"{assistant_id}.json"
+    ).is_file():
+        return answer, None
+    if assistant_id:
+        return answer, "assistant-request-returned-invalid-assistant"
+    return answer, "assistant-request-returned-no-assistant"
+
+
+async def store_assistant_request(shim: Shim, row: dict[str, Any]) -> None:
+    """The server's answer must reach whichever instance gets the media stream: write it before
+    answering Twilio (and keep it in memory for this instance, in case Postgres is away)."""
+    shim.assistant_requests[row["call_sid"]] = row["assistant_request"]
+    while len(shim.assistant_requests) > 10_000:
+        shim.assistant_requests.pop(next(iter(shim.assistant_requests)))
+    try:
+        pool = await asyncio.wait_for(shim.db(), 2)
+        await pool.execute(
+            """INSERT INTO calls (call_sid, from_number, to_number, account_sid, status, stack, assistant_request)
+               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+               ON CONFLICT (call_sid) DO UPDATE SET assistant_request = EXCLUDED.assistant_request, updated_at = now()""",
+            row["call_sid"], row["from_number"], row["to_number"], row["account_sid"], row["status"], row["stack"],
+            orjson.dumps(row["assistant_request"]).decode(), timeout=2,
+        )
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        log.error("assistant_request_not_stored", call_sid=row["call_sid"], error=str(exc))
+
+
+async def load_assistant_request(shim: Shim, call_sid: str) -> dict[str, Any] | None:
+    if call_sid in shim.assistant_requests:
+        return shim.assistant_requests[call_sid]
+    try:
+        pool = await asyncio.wait_for(shim.db(), 2)
+        raw = await pool.fetchval("SELECT assistant_request FROM calls WHERE call_sid = $1", call_sid, timeout=2)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        log.error("assistant_request_lookup_failed", call_sid=call_sid, error=str(exc))
+        return None
+    return orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
+
+
+async def stream_ended(request: Request) -> Response:
+    """<Connect action>: the stream is over; answer what the call decided (kept in Postgres so
+    any instance can answer; this instance's own recent decisions are read from memory)."""
+    shim: Shim = request.app.state.shim
+    params = await _signed_form(request, "/twilio/stream-ended")
+    if params is None:
+        return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
+    call_sid = params.get("CallSid", "")
+    action = shim.endings.get(call_sid) or await _stored_action(shim, call_sid)
+    if shim.draining:
+        shim.stream_ended_answered.add(call_sid)
+    if action and action.get("verb") == "dial":
+        return twiml(dial_twiml(action, fallback_caller_id=params.get("To", "")))
+    if action and action.get("verb") == "hangup":
+        return hangup_twiml(action.get("say"))
+    return hangup_twiml()
+
+
+def dial_twiml(action: dict[str, Any], *, fallback_caller_id: str) -> VoiceResponse:
+    """A transfer (Vapi transferCall, blind): <Dial> the number or SIP URI, caller id as
+    configured or the shim's own number, ringing until answered; if nobody answers, a short
+    apology rather than dead air."""
+    vr = VoiceResponse()
+    dial = vr.dial(caller_id=action.get("callerId") or fallback_caller_id or None, answer_on_bridge=True, timeout=60)
+    if action.get("sip"):
+        uri = action["sip"]
+        headers = action.get("sipHeaders") or {}
+        if headers:
+            uri += ("&" if "?" in uri else "?") + "&".join(f"{k}={v}" for k, v in headers.items())
+        dial.sip(uri)
+    else:
+        extension = action.get("extension")
+        dial.number(action.get("number", ""), send_digits=f"ww{extension}" if extension else None)
+    vr.say("Sorry, nobody is available to take your call. Goodbye.")
+    vr.hangup()
+    return vr
+
+
+async def _stored_action(shim: Shim, call_sid: str) -> dict[str, Any] | None:
+    # The deciding instance writes next_action through its batching writer: allow it a moment.
+    for _ in range(10):
+        try:
+            pool = await asyncio.wait_for(shim.db(), 2)
+            raw = await pool.fetchval("SELECT next_action FROM calls WHERE call_sid = $1", call_sid, timeout=2)
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return None
+        if raw:
+            return orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def twilio_status(request: Request) -> Response:
+    shim: Shim = request.app.state.shim
+    params = await _signed_form(request, "/twilio/status")
+    if params is None:
+        return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
+    call_sid, status = params.get("CallSid", ""), params.get("CallStatus", "")
+    if call_sid and status in STATUS_ENDED_REASON:
+        from datetime import datetime, timezone
+
+        shim.recorder.upsert(
+            "calls",
+            {"call_sid": call_sid, "status": status, "ended_at": datetime.now(timezone.utc),
+             "ended_reason": STATUS_ENDED_REASON[status]},
+            keep_existing=("ended_at", "ended_reason"),
+        )
+    return Response(status_code=204)
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: the process answers. Whether it takes calls is /readyz."""
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    ready, body = request.app.state.shim.readiness()
+    return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
+
+
+async def metrics(request: Request) -> Response:
+    shim: Shim = request.app.state.shim
+    if shim.config.metrics_port:  # private port only
+        return PlainTextResponse("Not Found", status_code=404)
+    token = shim.config.metrics_token
+    if token:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return PlainTextResponse("unauthorized", status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return Response(generate_latest(shim.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def start_metrics_server(shim: Shim, host: str, port: int) -> asyncio.Server:
+    """SHIM_METRICS_PORT: /metrics alone on a port the platform keeps private (Fly scrapes it
+    over its private network through fly.toml's [metrics]). One request per connection."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            path = line.split(b" ", 2)[1].split(b"?", 1)[0] if line.count(b" ") >= 2 else b""
+            if path == b"/metrics":
+                body, status, ctype = generate_latest(shim.metrics.registry), b"200 OK", CONTENT_TYPE_LATEST.encode()
+            else:
+                body, status, ctype = b"Not Found", b"404 Not Found", b"text/plain"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
+
+
+class QueueTwilioSink:
+    """Adapter for the single-port fallback: Starlette's send is async, the call core is not."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def send(self, frame: str) -> None:
+        self.queue.put_nowait(frame)
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
+
+
+async def media_stream(websocket: WebSocket) -> None:
+    shim: Shim = websocket.app.state.shim
+    if not shim.bridge.stream_signature_ok(websocket.headers.get("x-twilio-signature")):
+        log.warning("media_stream_signature_rejected")
+        await websocket.close(code=1008)  # before accept(): the upgrade is refused with 403
+        return
+    await websocket.accept()
+    sink = QueueTwilioSink()
+    runner = CallRunner(shim.bridge, sink)
+
+    async def sender() -> None:
+        while (frame := await sink.queue.get()) is not None:
+            await websocket.send_text(frame)
+        await websocket.close()
+
+    send_task = asyncio.create_task(sender())
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            data = message.get("text") or message.get("bytes")
+            if data is not None:
+                runner.on_twilio_text(data)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        runner.on_twilio_closed()
+        if runner.task is not None:
+            await runner.task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(send_task, 2)
+        send_task.cancel()
+
+
+def create_app(config: Config, *, media_host: str = "0.0.0.0", media_port: int | None = None) -> Starlette:
+    shim = Shim(config, media_host=media_host, media_port=media_port)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await shim.startup()
+        try:
+            yield
+        finally:
+            await shim.shutdown()
+
+    app = Starlette(
+        routes=[
+            Route("/twilio/voice", twilio_voice, methods=["POST"]),
+            Route("/twilio/stream-ended", stream_ended, methods=["POST"]),
+            Route("/twilio/status", twilio_status, methods=["POST"]),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            WebSocketRoute("/twilio/media", media_stream),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.shim = shim
+    return app

@@ -1,0 +1,697 @@
+"""The I/O shell around shim.call.Call: sockets in, sockets out, nothing else.
+
+Both media sockets use picows (a Cython WebSocket whose callbacks run synchronously on the
+event loop): a Twilio frame is parsed, turned into a model event and written to the model's
+transport inside one callback, with no queue, task switch or await in between. The same holds
+the other way. See ARCHITECTURE.md for why picows and not websockets/uvicorn here.
+
+Per call: one CallRunner, one asyncio task (`run`: opens the model socket, ticks the call's
+timers, and on the way out closes both sockets). Every task a call starts ends with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable, Protocol
+from urllib.parse import quote
+
+import httpx
+import structlog
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSHandshakeError,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_connect,
+    ws_create_server,
+)
+from twilio.request_validator import RequestValidator
+
+from . import twilio_media as tw
+from .assistant import AssistantError, CallContext, load_assistant, load_saved_tools, render
+from .background import BackgroundMixer, ambience_for, public_url
+from tools import envelope
+from tools.analysis import analyze
+from tools.delivery import WebhookSender
+from tools.results import ToolOutcome, delayed_messages, parse_tool_response
+from tools.secrets import SecretsBook, ServerTarget, resolve_server
+
+from .translate import CallSetup, translate
+from .twilio_rest import REST_TIMEOUT_S, TwilioRestError, start_recording
+from .call import Call, RecordSink, ToolRequest
+from .config import Config
+
+log = structlog.get_logger("shim.bridge")
+TICK_SECONDS = 0.5
+
+
+class TwilioSink(Protocol):
+    def send(self, frame: str) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class BridgeState:
+    """What every call shares: configuration and the process-wide services."""
+
+    config: Config
+    records: RecordSink
+    metrics: Any
+    runners: set["CallRunner"] = field(default_factory=set)
+    validator: RequestValidator | None = None
+    secrets: SecretsBook = field(default_factory=SecretsBook)
+    sender: WebhookSender | None = None  # set at start-up (needs the writer)
+    # number -> {"assistant_id", "server_url"} from the numbers table (injected by the app)
+    number_lookup: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None
+    post_call: set[asyncio.Task] = field(default_factory=set)  # end-of-call work still running
+    drain: Callable[[float], Awaitable[bool]] | None = None  # wait (bounded) until rows are written
+    request_lookup: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None  # assistant-request answers
+    model_health: dict[str, Any] = field(default_factory=dict)  # the last model connect, for /readyz
+    _http: httpx.AsyncClient | None = None
+
+    def http(self) -> httpx.AsyncClient:
+        """One HTTP client for the process (background sounds now, webhooks later)."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=10, follow_redirects=True)
+        return self._http
+
+    def __post_init__(self) -> None:
+        self.validator = RequestValidator(self.config.twilio_auth_token)
+
+    async def tick_forever(self) -> None:
+        """One timer for every call (max duration, silence, goodbyes, keypad timeouts): cheaper
+        than a sleeping task per call, and a call's tick failing only ends that call."""
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            for runner in list(self.runners):
+                if runner.call.start is not None and not runner.ended.is_set():
+                    runner.tick()
+
+    def stream_token(self, call_sid: str) -> str:
+        """A per-call token (HMAC of the CallSid with the auth token), given to the stream as a
+        <Parameter> by the signed voice webhook: a replayed upgrade for another call fails it."""
+        key = self.config.twilio_auth_token.encode()
+        return hmac.new(key, call_sid.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def start_token_ok(self, start: tw.Start) -> bool:
+        given = start.custom_parameters.get("token", "")
+        return bool(self.config.twilio_auth_token) and hmac.compare_digest(given, self.stream_token(start.call_sid))
+
+    def stream_signature_ok(self, signature: str | None) -> bool:
+        """The upgrade is signed over the exact <Stream url> we rendered (from PUBLIC_URL, never
+        from request headers); Twilio's docs suggest also trying it with a trailing slash."""
+        if not signature or not self.config.twilio_auth_token:
+            return False
+        url = self.config.media_stream_url
+        assert self.validator is not None
+        return self.validator.validate(url, {}, signature) or self.validator.validate(url + "/", {}, signature)
+
+    async def resolve_setup(self, start: tw.Start) -> CallSetup:
+        """Load and translate the call's assistant (file reads and template rendering run in a
+        worker thread: nothing slow on the event loop that carries every call's audio)."""
+        requested = None
+        if start.custom_parameters.get("assistant") == "@request":
+            requested = await self.request_lookup(start.call_sid) if self.request_lookup else None
+            if not isinstance(requested, dict):
+                raise AssistantError("assistant", "@request", "the number server's assistant-request answer (not found)")
+        return await asyncio.to_thread(self._resolve_setup, start, requested)
+
+    def _resolve_setup(self, start: tw.Start, requested: dict[str, Any] | None = None) -> CallSetup:
+        params = start.custom_parameters
+        overrides: dict[str, Any] = {}
+        if requested is not None:
+            # Vapi's assistant-request answer: an inline assistant or an id, plus overrides
+            # (top-level keys replace, variableValues become template variables).
+            overrides = dict(requested.get("assistantOverrides") or {})
+            if isinstance(requested.get("assistant"), dict):
+                assistant = dict(requested["assistant"])
+                assistant_id = str(assistant.get("id") or assistant.get("name") or "inline")
+            else:
+                assistant_id = str(requested.get("assistantId") or "")
+                assistant = load_assistant(self.config.assistants_dir, assistant_id)
+        else:
+            assistant_id = params.get("assistant", "")
+            assistant = load_assistant(self.config.assistants_dir, assistant_id)
+        variable_values = overrides.pop("variableValues", None) or {}
+        assistant = {**assistant, **overrides}
+        reserved = {"assistant", "from", "to"}
+        ctx = CallContext(
+            call_sid=start.call_sid,
+            from_number=params.get("from", ""),
+            to_number=params.get("to", ""),
+            variables={**variable_values, **{k: v for k, v in params.items() if k not in reserved}},
+        )
+        model = assistant.get("model")
+        saved = load_saved_tools(self.config.assistants_dir, model.get("toolIds") if isinstance(model, dict) else None)
+        return translate(
+            assistant_id,
+            assistant,
+            ctx,
+            model=self.config.openai_realtime_model,
+            saved_tools=saved,
+            transcription_model=self.config.transcription_model,
+            voice_overrides=dict(self.config.voice_map),
+        )
+
+    def model_url(self) -> str:
+        base = self.config.openai_realtime_url
+        sep = "&" if "?" in base else "?"
+        return f"{base}{sep}model={self.config.openai_realtime_model}"
+
+
+class ModelListener(WSListener):
+    def __init__(self, runner: CallRunner):
+        self.runner = runner
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.TEXT:
+            self.runner.on_model_text(frame.get_payload_as_bytes())
+        elif frame.msg_type == WSMsgType.CLOSE:
+            self.close_code = int(frame.get_close_code())
+            self.close_reason = frame.get_close_message().decode("utf-8", "replace") if frame.get_close_message() else ""
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.runner.on_model_disconnected(self.close_code, self.close_reason)
+
+
+class CallRunner:
+    def __init__(self, state: BridgeState, twilio: TwilioSink):
+        self.state = state
+        self.twilio = twilio
+        self.model: WSTransport | None = None
+        self.call = Call(state.records, log=log, metrics=state.metrics)
+        self.task: asyncio.Task | None = None
+        self.ended = asyncio.Event()
+        self._twilio_closed = False
+        self._tasks: set[asyncio.Task] = set()  # the call's own work (webhooks): ends with the call
+        self._recording: asyncio.Task | None = None
+        self.number_server_url: str | None = None
+        state.runners.add(self)
+
+    # picows / Starlette callbacks (synchronous). A bug in the call core ends this call, with
+    # the error recorded, and never propagates into the socket library or another call.
+    def on_twilio_text(self, data: str | bytes) -> None:
+        try:
+            self.call.on_twilio_text(data)
+            self.pump()
+        except Exception:
+            self._fail("twilio frame")
+
+    def on_twilio_closed(self) -> None:
+        self._twilio_closed = True
+        try:
+            self.call.on_twilio_closed()
+            self.pump()
+        except Exception:
+            self._fail("twilio close")
+        if self.task is None:
+            self._forget()
+
+    def on_model_text(self, data: bytes) -> None:
+        try:
+            self.call.on_model_text(data)
+            self.pump()
+        except Exception:
+            self._fail("model event")
+
+    def on_model_disconnected(self, code: int | None, reason: str) -> None:
+        self.model = None
+        try:
+            self.call.on_model_closed(code, reason)
+            self.pump()
+        except Exception:
+            self._fail("model close")
+
+    def _fail(self, where: str) -> None:
+        log.exception("call_failed", call_sid=self.call.call_sid, where=where)
+        if self.call.end is None:
+            try:
+                self.call.abort("call.in-progress.error-vapifault-worker-died")
+            except Exception:
+                log.exception("call_finish_failed", call_sid=self.call.call_sid)
+        if not self.ended.is_set():
+            self.ended.set()
+            if self.task is None:
+                self._close_twilio()
+
+    def tick(self) -> None:
+        try:
+            self.call.tick()
+            self.pump()
+        except Exception:
+            self._fail("tick")
+
+    def pump(self) -> None:
+        call = self.call
+        if call.twilio_out and not self._twilio_closed:
+            send = self.twilio.send
+            for frame in call.take_twilio_out():
+                send(frame)
+        if call.model_out and self.model is not None:
+            model = self.model
+            for event in call.take_model_out():
+                model.send(WSMsgType.TEXT, event.encode())
+        if call.tool_requests:
+            self._dispatch_tools(call.take_tool_requests())
+        if call.server_out:
+            for kind, body in call.take_server_messages():
+                self._deliver(kind, body)
+        if call.start is not None and self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.run(), name=f"call:{call.call_sid}")
+        if call.end is not None and not self.ended.is_set():
+            self.ended.set()
+            if self.task is None:
+                self._close_twilio()
+
+    async def run(self) -> None:
+        call = self.call
+        try:
+            await self._resolve()
+            if call.end is None:
+                # Side work never holds up the call: the recording is started in a task of the
+                # call, the background sound loads while the model socket opens.
+                self._recording = asyncio.get_running_loop().create_task(self._start_recording())
+                await asyncio.gather(self._connect_model(), self._load_background())
+            await self.ended.wait()  # timers: BridgeState.tick_forever ticks every live call
+        except Exception:
+            log.exception("call_runner_failed", call_sid=call.call_sid)
+            call.abort("call.in-progress.error-vapifault-worker-died")
+        finally:
+            model, self.model = self.model, None
+            if model is not None:
+                model.send_close(WSCloseCode.OK)
+                model.disconnect()
+            end = call.end
+            if end is not None and end.next_action.get("verb") == "dial" and self.state.drain is not None:
+                # The <Connect action> request may reach another instance: make the transfer
+                # decision durable before Twilio asks for it (bounded).
+                await self.state.drain(2.0)
+            self._close_twilio()
+            for task in list(self._tasks):
+                task.cancel()  # webhooks nobody is waiting for any more
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._recording is not None:
+                # A recording being started is let finish (bounded), so its URL is kept.
+                await asyncio.wait({self._recording}, timeout=REST_TIMEOUT_S + 1)
+                self._recording.cancel()
+            self._forget()
+            if call.info is not None and call.setup is not None:
+                post = asyncio.get_running_loop().create_task(self._after_call(), name=f"post-call:{call.call_sid}")
+                self.state.post_call.add(post)
+                post.add_done_callback(self.state.post_call.discard)
+
+    async def _resolve(self) -> None:
+        call = self.call
+        assert call.start is not None
+        if not self.state.start_token_ok(call.start):
+            log.warning("stream_token_rejected", call_sid=call.call_sid)
+            call.on_setup_failed(AssistantError("start.customParameters.token", "(redacted)", "the token the voice webhook issued for this CallSid"))
+            self.pump()
+            return
+        if self.state.number_lookup is not None:
+            number = await self.state.number_lookup(call.start.custom_parameters.get("to", ""))
+            self.number_server_url = (number or {}).get("server_url")
+        try:
+            setup = await self.state.resolve_setup(call.start)
+        except AssistantError as exc:
+            call.on_setup_failed(exc)
+        else:
+            call.on_setup(setup)
+        self.pump()
+
+    async def _connect_model(self) -> None:
+        call, config = self.call, self.state.config
+        headers = {"Authorization": f"Bearer {config.openai_api_key}"}
+        try:
+            transport, _listener = await asyncio.wait_for(
+                ws_connect(
+                    lambda: ModelListener(self),
+                    self.state.model_url(),
+                    extra_headers=headers,
+                    websocket_handshake_timeout=config.model_connect_timeout_s,
+                    max_frame_size=16 * 1024 * 1024,
+                ),
+                config.model_connect_timeout_s,
+            )
+        except WSHandshakeError as exc:
+            status = int(exc.response.status) if exc.response is not None else None
+            self.state.model_health = {"ok": False, "at": _now_ms(), "detail": f"HTTP {status}"}
+            call.on_model_connect_failed(status, str(exc))
+            self.pump()
+            return
+        except (OSError, TimeoutError) as exc:
+            self.state.model_health = {"ok": False, "at": _now_ms(), "detail": type(exc).__name__}
+            call.on_model_connect_failed(None, f"{type(exc).__name__}: {exc}")
+            self.pump()
+            return
+        if call.end is not None:  # the caller hung up while we were connecting
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+            return
+        self.model = transport
+        self.state.model_health = {"ok": True, "at": _now_ms(), "detail": "connected"}
+        call.on_model_connected()
+        self.pump()
+
+    async def _start_recording(self) -> None:
+        """artifactPlan.recordingEnabled (Vapi's default): Twilio records the live call in two
+        channels; the URL goes on the call row."""
+        call, config = self.call, self.state.config
+        if call.setup is None or not call.setup.policy.recording:
+            return
+        if not (config.twilio_account_sid and config.twilio_auth_token):
+            call.record_event("recording_skipped", reason="TWILIO_ACCOUNT_SID/TWILIO_AUTH_TOKEN not set")
+            return
+        try:
+            url = await asyncio.to_thread(start_recording, config, call.account_sid, call.call_sid)
+        except TwilioRestError as exc:
+            log.warning("recording_failed", call_sid=call.call_sid, error=str(exc))
+            call.record_event("recording_failed", error=str(exc))
+            return
+        call.on_recording_started(url)
+
+    async def _load_background(self) -> None:
+        setup = self.call.setup
+        if setup is None or setup.policy.background_sound == "off":
+            return
+        sound = setup.policy.background_sound
+        try:
+            ambience = await ambience_for(sound, self.state.http())
+        except Exception as exc:  # AmbienceError, and anything unexpected: the call goes on
+            # Vapi would play *something*; the office loop is the closest honest fallback.
+            log.warning("background_sound_unavailable", call_sid=self.call.call_sid, url=public_url(sound), error=str(exc))
+            self.call.record_event("background_sound_unavailable", error=str(exc))
+            ambience = await ambience_for("office", self.state.http())
+        if ambience:
+            self.call.mixer = BackgroundMixer(ambience)
+
+    # --- webhooks (off the audio path: tasks of this call, fed back through the core) ----------
+
+    def _spawn(self, coro, answers: list[str] = ()) -> None:
+        """Run webhook work as a task of this call. Should it fail unexpectedly, the calls it
+        was to answer get an error output: the model is never left waiting."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("webhook_task_failed", call_sid=self.call.call_sid)
+                for call_id in answers:
+                    self.call.on_tool_outcome(_failed(call_id, "Error: the tool could not be reached."))
+                self.pump()
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _target(self, tool: dict[str, Any] | None) -> ServerTarget | None:
+        setup = self.call.setup
+        assert setup is not None
+        return resolve_server(tool=tool, assistant=setup.assistant, assistant_id=setup.assistant_id,
+                              number_server_url=self.number_server_url, secrets=self.state.secrets)
+
+    def _deliver(self, kind: str, body: dict[str, Any]) -> None:
+        sender = self.state.sender
+        target = self._target(None) if self.call.setup is not None else None
+        if sender is not None and target is not None:
+            sender.send_in_background(target, body, kind=kind, call_sid=self.call.call_sid)
+
+    def _dispatch_tools(self, requests: list[ToolRequest]) -> None:
+        """One tool-calls message per server (Vapi batches the calls of a turn that go to the
+        same URL); transfer-destination-request and apiRequest tools on their own."""
+        groups: dict[str, tuple[ServerTarget, list[ToolRequest]]] = {}
+        for request in requests:
+            if request.kind == "transfer-destination-request":
+                self._spawn(self._transfer_destination(request), [request.call_id])
+                continue
+            if request.binding.kind == "apiRequest":
+                self._spawn(self._api_request(request), [request.call_id])
+                continue
+            target = self._target(request.binding.vapi_tool)
+            if target is None:
+                self.call.on_tool_outcome(_failed(request.call_id, "No server URL is configured for this tool."))
+                continue
+            groups.setdefault(target.url, (target, []))[1].append(request)
+        for target, batch in groups.values():
+            self._spawn(self._post_tool_calls(target, batch), [r.call_id for r in batch if not r.fire_and_forget])
+        self.pump()
+
+    async def _post_tool_calls(self, target: ServerTarget, requests: list[ToolRequest]) -> None:
+        call = self.call
+        assert call.info is not None and call.setup is not None and self.state.sender is not None
+        variables = call.setup.variables
+
+        def render_static(text: str) -> str:
+            try:
+                return render(text, variables, "tool.parameters")
+            except AssistantError:
+                return text
+
+        calls = [
+            envelope.ToolCallRequest(
+                id=r.call_id, name=_vapi_tool_name(r.binding.vapi_tool, r.binding.realtime_name),
+                arguments=envelope.with_static_parameters(r.binding.vapi_tool, r.arguments, render_static),
+                tool=r.binding.vapi_tool,
+            )
+            for r in requests
+        ]
+        body = envelope.tool_calls_message(call.info, calls, call.artifact_messages(), _now_ms())
+        timers = [
+            asyncio.get_running_loop().create_task(self._delayed(r.call_id, ms, text))
+            for r in requests if not r.fire_and_forget
+            for ms, text in delayed_messages(r.binding.vapi_tool, r.arguments)
+        ]
+        try:
+            delivery = await self.state.sender.post(target, body, kind="tool-calls", call_sid=call.call_sid,
+                                                    retries=0, timeout_s=target.timeout_s)
+        finally:
+            for timer in timers:
+                timer.cancel()
+        outcomes = parse_tool_response(
+            [r.call_id for r in requests], http_status=delivery.http_status, body=delivery.body,
+            timed_out=delivery.status == "timeout", transport_error=delivery.error if delivery.http_status is None else None,
+        )
+        for request in requests:
+            if not request.fire_and_forget:
+                call.on_tool_outcome(outcomes[request.call_id], url=target.safe_url)
+        self.pump()
+
+    async def _delayed(self, call_id: str, after_ms: int, text: str) -> None:
+        await asyncio.sleep(after_ms / 1000)
+        self.call.on_tool_delayed(call_id, text)
+        self.pump()
+
+    async def _transfer_destination(self, request: ToolRequest) -> None:
+        """A transferCall without destinations: ask the server (transfer-destination-request)."""
+        call = self.call
+        assert call.info is not None and self.state.sender is not None
+        target = self._target(None)
+        if target is None:
+            call.on_transfer_destination(request.call_id, None, "No server URL to ask for a transfer destination.")
+        else:
+            body = envelope.transfer_destination_request(call.info, call.artifact_messages(), _now_ms())
+            delivery = await self.state.sender.post(target, body, kind="transfer-destination-request",
+                                                    call_sid=call.call_sid, retries=0, timeout_s=target.timeout_s)
+            answer = delivery.json() if delivery.ok else None
+            call.on_transfer_destination(request.call_id, answer if isinstance(answer, dict) else None,
+                                         None if delivery.ok else (delivery.error or f"HTTP {delivery.http_status}"))
+        self.pump()
+
+    async def _api_request(self, request: ToolRequest) -> None:
+        """Vapi's apiRequest tool: the platform calls the URL itself (method, Liquid URL, headers,
+        JSON body = the model's arguments + static parameters); the response is the result."""
+        call = self.call
+        tool = request.binding.vapi_tool
+        assert call.setup is not None
+        # The model's arguments fill the URL template URL-encoded, and never replace the call's
+        # own variables (a model must not be able to point the request elsewhere).
+        encoded = {k: quote(str(v), safe="") for k, v in request.arguments.items() if not isinstance(v, (dict, list))}
+        variables = {**encoded, **call.setup.variables}
+        try:
+            url = render(str(tool.get("url") or ""), variables, "tool.url")
+            timeout = float(tool.get("timeoutSeconds") or 20)
+        except (AssistantError, TypeError, ValueError) as exc:
+            call.on_tool_outcome(_failed(request.call_id, f"Error: {exc}"))
+            self.pump()
+            return
+        headers = {
+            str(name): str(spec.get("value"))
+            for name, spec in ((tool.get("headers") or {}).get("properties") or {}).items()
+            if isinstance(spec, dict) and spec.get("value") is not None
+        }
+        body = envelope.with_static_parameters(tool, request.arguments)
+        started = asyncio.get_running_loop().time()
+        try:
+            # No redirects (headers may carry the customer's secrets); the answer is capped.
+            response = await self.state.http().request(
+                str(tool.get("method") or "POST"), url, json=body, headers=headers, timeout=timeout,
+                follow_redirects=False,
+            )
+            text = response.text[:20_000]
+            if 200 <= response.status_code < 300:
+                outcome = ToolOutcome(request.call_id, "ok", text or "Success.", text, None, None, response.status_code)
+            else:
+                outcome = _failed(request.call_id, f"Error: the request failed with HTTP {response.status_code}.",
+                                  http_status=response.status_code)
+        except httpx.TimeoutException:
+            outcome = _failed(request.call_id, "No result returned.", status="timeout")
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+            outcome = _failed(request.call_id, f"Error: the request could not be made ({type(exc).__name__}).")
+        log.info("api_request", call_sid=call.call_sid, status=outcome.status,
+                 latency_ms=int((asyncio.get_running_loop().time() - started) * 1000))
+        call.on_tool_outcome(outcome, url=public_url(url))
+        self.pump()
+
+    async def _after_call(self) -> None:
+        """Vapi's post-call work: analysisPlan (summary, structured data, success evaluation),
+        stored on the call row, then the end-of-call-report to the server. Bounded by timeouts."""
+        call, state = self.call, self.state
+        setup, info, end = call.setup, call.info, call.end
+        assert setup is not None and info is not None and end is not None
+        messages = call.artifact_messages()
+        transcript = envelope.artifact(messages)["transcript"]
+        analysis: dict[str, Any] | None = None
+        plan = setup.policy.analysis_plan
+        if state.config.openai_api_key and not setup.policy.hipaa:
+            try:
+                analysis = await analyze(
+                    plan, transcript, ended_reason=end.reason, client=state.http(), base_url=state.config.openai_base_url,
+                    api_key=state.config.openai_api_key, model=state.config.analysis_model, timeout_s=5,
+                    system_prompt=setup.session.get("instructions"),
+                )
+            except Exception:  # analysis must never lose the report
+                log.exception("analysis_failed", call_sid=call.call_sid)
+        if analysis and any(v is not None for v in analysis.values()):
+            state.records.upsert("calls", {"call_sid": call.call_sid, "summary": analysis.get("summary"),
+                                           "analysis": {k: v for k, v in analysis.items() if v is not None}})
+        if "end-of-call-report" in setup.policy.server_messages:
+            target = self._target(None)
+            if target is not None and state.sender is not None:
+                ended_at = call._wall_at(call.clock())
+                body = envelope.end_of_call_report(
+                    info, ended_reason=end.reason, ended_at=ended_at, messages=messages, now_ms=_now_ms(),
+                    recording_url=call.recording_url,
+                    analysis={k: v for k, v in (analysis or {}).items() if v is not None} or None,
+                )
+                state.sender.send_in_background(target, body, kind="end-of-call-report", call_sid=call.call_sid)
+
+    def _close_twilio(self) -> None:
+        if not self._twilio_closed:
+            self._twilio_closed = True
+            self.twilio.close()
+
+    def _forget(self) -> None:
+        if self in self.state.runners:
+            self.state.runners.discard(self)
+            self.state.metrics.call_finished(self.call)
+
+
+# --- the picows media listener --------------------------------------------------------------
+
+
+class PicowsTwilioSink:
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: WSTransport):
+        self.transport = transport
+
+    def send(self, frame: str) -> None:
+        self.transport.send(WSMsgType.TEXT, frame.encode())
+
+    def close(self) -> None:
+        self.transport.send_close(WSCloseCode.OK)
+        self.transport.disconnect()
+
+
+class TwilioListener(WSListener):
+    def __init__(self, state: BridgeState):
+        self.state = state
+        self.runner: CallRunner | None = None
+        self._fragments: list[bytes] | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.runner = CallRunner(self.state, PicowsTwilioSink(transport))
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind == WSMsgType.TEXT and frame.fin:
+            self.runner.on_twilio_text(frame.get_payload_as_bytes())
+        elif kind in (WSMsgType.TEXT, WSMsgType.CONTINUATION):
+            # Twilio frames are small and unfragmented; reassemble anyway rather than misparse.
+            if kind == WSMsgType.TEXT:
+                self._fragments = []
+            if self._fragments is not None:
+                self._fragments.append(frame.get_payload_as_bytes())
+                if frame.fin:
+                    data, self._fragments = b"".join(self._fragments), None
+                    self.runner.on_twilio_text(data)
+        elif kind == WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+        elif kind == WSMsgType.BINARY:
+            log.warning("twilio_binary_frame_ignored", call_sid=self.runner.call.call_sid)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.runner is not None:
+            self.runner.on_twilio_closed()
+
+
+def media_listener_factory(state: BridgeState) -> Callable[[WSUpgradeRequest], Any]:
+    def factory(request: WSUpgradeRequest) -> Any:
+        path = request.path.split(b"?", 1)[0].rstrip(b"/")
+        if path == b"/healthz":
+            return WSUpgradeResponseWithListener(WSUpgradeResponse.create_ok_response(b"ok"), None)
+        if path != b"/twilio/media":
+            return None  # 404
+        if not state.stream_signature_ok(request.headers.get("x-twilio-signature")):
+            # Refused before any model connection is opened (Twilio logs error 31920).
+            log.warning("media_stream_signature_rejected")
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_error_response(HTTPStatus.FORBIDDEN, b"invalid X-Twilio-Signature"), None
+            )
+        return TwilioListener(state)
+
+    return factory
+
+
+async def start_media_server(state: BridgeState, host: str, port: int) -> asyncio.Server:
+    return await ws_create_server(
+        media_listener_factory(state),
+        host,
+        port,
+        websocket_handshake_timeout=10,
+        enable_auto_pong=True,
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _failed(call_id: str, output: str, *, status: str = "error", http_status: int | None = None) -> ToolOutcome:
+    return ToolOutcome(call_id, status, output, None, output, None, http_status)
+
+
+def _vapi_tool_name(tool: dict[str, Any], fallback: str) -> str:
+    function = tool.get("function")
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return function["name"]
+    return str(tool.get("name") or fallback)
+

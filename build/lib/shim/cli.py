@@ -1,0 +1,329 @@
+"""shim: Twilio Media Streams <-> OpenAI Realtime, configured by exported Vapi assistants.
+
+Data goes to stdout, logs and errors to stderr. Exit codes: 0 ok, 1 runtime failure (a service
+unreachable, a request failed), 2 usage or configuration error (nothing was done)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+
+import orjson
+
+from .config import Config, ConfigError
+
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UserError(Exception):
+    """A mistake in what the user asked (exit 2). Message: what, which value, what was expected.
+    Raise it from any command; main() prints `shim <command>: <message>` and exits 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class Failure(Exception):
+    """The command was fine but the work failed (exit 1): a service unreachable, a request refused."""
+
+    exit_code = EXIT_FAILURE
+
+
+# Environment each command reads (shown in --help; the README's configuration table has them all).
+DB_ENV = "DATABASE_URL (unset: embedded PostgreSQL in SHIM_DATA_DIR), SHIM_DATA_DIR, SHIM_LOG_LEVEL, SHIM_LOG_FORMAT"
+SERVE_ENV = (
+    "TWILIO_AUTH_TOKEN, OPENAI_API_KEY, PUBLIC_URL (required); PUBLIC_MEDIA_URL, PORT, SHIM_MEDIA_PORT, "
+    "TWILIO_ACCOUNT_SID, DATABASE_URL, SHIM_DATA_DIR, SHIM_ASSISTANTS_DIR, SHIM_DEFAULT_ASSISTANT, "
+    "SHIM_DRAIN_TIMEOUT, SHIM_METRICS_TOKEN, SHIM_METRICS_PORT, SHIM_SECRETS_FILE, SHIM_VAPI_SECRET, "
+    "SHIM_VOICE_MAP, SHIM_TRANSCRIPTION_MODEL, SHIM_ANALYSIS_MODEL, OPENAI_REALTIME_URL, "
+    "OPENAI_REALTIME_MODEL, OPENAI_BASE_URL, TWILIO_API_BASE, SHIM_LOG_LEVEL, SHIM_LOG_FORMAT"
+)
+
+
+def _run(coro):
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _require(config: Config, *, serving: bool, media_port: int | None = None) -> None:
+    problems = config.problems(serving=serving, media_port=media_port)
+    if problems:
+        raise ConfigError.of(problems)
+
+
+async def _with_db(config: Config, work):
+    _require(config, serving=False)
+    from .db import resolve_dsn
+    from .store import migrate
+
+    import asyncpg
+
+    dsn, embedded = await asyncio.to_thread(resolve_dsn, config.database_url, config.data_dir)
+    try:
+        try:
+            await asyncio.wait_for(migrate(dsn), 30)
+            conn = await asyncio.wait_for(asyncpg.connect(dsn), 10)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            from .db import redact_dsn
+
+            raise Failure(f"database {redact_dsn(dsn)}: {type(exc).__name__}: {exc or 'timed out'}") from None
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shim")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        from . import __version__
+
+        return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each command's --help lists the environment it reads. Configuration: README.md#configuration-environment",
+    )
+    parser.add_argument("--version", action="version", version=f"shim {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, env: str, parent=sub) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help, description=help, epilog=f"environment: {env}")
+
+    serve = command("serve", "run the service (Twilio webhooks, media streams, /healthz, /readyz, /metrics)", SERVE_ENV)
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8080),
+                       help="the one public port: webhooks, health, and the media stream on /twilio/media (default: $PORT or 8080)")
+    serve.add_argument("--media-port", type=int, default=None,
+                       help="also serve /twilio/media on its own port (set PUBLIC_MEDIA_URL to match); default: SHIM_MEDIA_PORT or none")
+
+    check = command("check", "validate the configuration and reach Postgres, the OpenAI endpoint and every assistant, without serving", SERVE_ENV)
+    check.add_argument("--media-port", type=int, default=None, help="check as for `shim serve --media-port`")
+    check.add_argument("--offline", action="store_true", help="skip the network probes (configuration and assistants only)")
+    check.add_argument("--json", action="store_true", help="one JSON object per check on stdout")
+
+    tr = command("translate", "print the Realtime session an exported Vapi assistant becomes; findings on stderr",
+                 "OPENAI_REALTIME_MODEL, SHIM_TRANSCRIPTION_MODEL, SHIM_VOICE_MAP")
+    tr.add_argument("file", help="exported assistant JSON (GET /assistant/{id})")
+    tr.add_argument("--tools", help="saved tools JSON (a list, or one tool) that model.toolIds name")
+    tr.add_argument("--var", action="append", default=[], metavar="K=V", help="template variable (repeatable)")
+    tr.add_argument("--from", dest="from_number", default="+15550001111", help="caller number for {{customer.number}}")
+    tr.add_argument("--to", dest="to_number", default="+15550002222", help="called number for {{phoneNumber.number}}")
+
+    assistants = command("assistants", "exported Vapi assistants", "see the subcommands")
+    asub = assistants.add_subparsers(dest="assistants_command", required=True, metavar="SUBCOMMAND")
+    pull = command("pull", "fetch assistants and their saved tools from the Vapi API into SHIM_ASSISTANTS_DIR",
+                   "VAPI_API_KEY (required), VAPI_BASE_URL, SHIM_ASSISTANTS_DIR; exit 3: the key was rejected", asub)
+    pull.add_argument("ids", nargs="+", metavar="ID")
+
+    numbers = command("numbers", "which assistant answers which number (local table)", DB_ENV)
+    nsub = numbers.add_subparsers(dest="numbers_command", required=True, metavar="SUBCOMMAND")
+    nset = command("set", "route NUMBER to an assistant, or to a server that picks one", DB_ENV + ", SHIM_ASSISTANTS_DIR", nsub)
+    nset.add_argument("number")
+    who = nset.add_mutually_exclusive_group(required=True)
+    who.add_argument("--assistant", help="assistant id (SHIM_ASSISTANTS_DIR/<id>.json)")
+    who.add_argument("--server-url", help="ask this server with Vapi's assistant-request on every call")
+    nlist = command("list", "print the numbers table, one JSON object per line", DB_ENV, nsub)
+    nlist.add_argument("--json", action="store_true", help="the default: one JSON object per line")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2
+    where = "shim " + " ".join(a for a in (args.command, getattr(args, f"{args.command}_command", None)) if a)
+    try:
+        return dispatch(args)
+    except ConfigError as exc:
+        print(f"{where}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (UserError, Failure) as exc:
+        print(f"{where}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def dispatch(args) -> int:
+    config = Config.from_env(strict=args.command not in ("serve", "check"))  # those two report all problems together
+    from . import logs
+
+    # Before anything logs: structlog's default would print to stdout, which is for data.
+    logs.configure(config.log_format, config.log_level)
+    if args.command == "translate":
+        return translate_command(args, config)
+    if args.command == "assistants":
+        return pull_command(args, config)
+
+    if args.command == "serve":
+        from .serve import serve
+
+        media_port = args.media_port if args.media_port is not None else config.media_port
+        _require(config, serving=True, media_port=media_port)
+        _run(serve(config, args.host, args.port, media_port))
+        return EXIT_OK
+
+    if args.command == "check":
+        from .check import run_check
+
+        media_port = args.media_port if args.media_port is not None else config.media_port
+        return _run(run_check(config, media_port=media_port, offline=args.offline, as_json=args.json))
+
+    if args.command == "numbers" and args.numbers_command == "set":
+        if not E164.match(args.number):
+            raise UserError(f"number {args.number!r}: expected E.164, e.g. +15551234567")
+        if args.assistant is not None:
+            path = config.assistants_dir / f"{args.assistant}.json"
+            if not path.is_file():
+                raise UserError(f"--assistant {args.assistant!r}: no file {path}")
+        elif not re.match(r"^https?://[^\s]+$", args.server_url):
+            raise UserError(f"--server-url {args.server_url!r}: expected an http(s) URL")
+
+        async def set_number(conn):
+            await conn.execute(
+                """INSERT INTO numbers (number, assistant_id, server_url, updated_at) VALUES ($1, $2, $3, now())
+                   ON CONFLICT (number) DO UPDATE SET assistant_id = EXCLUDED.assistant_id,
+                       server_url = EXCLUDED.server_url, updated_at = now()""",
+                args.number,
+                args.assistant,
+                args.server_url,
+            )
+
+        _run(_with_db(config, set_number))
+        print(f"{args.number} -> {args.assistant or 'assistant-request ' + args.server_url}")
+        return EXIT_OK
+
+    if args.command == "numbers" and args.numbers_command == "list":
+
+        async def list_numbers(conn):
+            return await conn.fetch("SELECT number, assistant_id, server_url, stack, updated_at FROM numbers ORDER BY number")
+
+        for row in _run(_with_db(config, list_numbers)):  # JSON lines (--json is the default here)
+            print(orjson.dumps(dict(row)).decode())
+        return EXIT_OK
+    return EXIT_USAGE
+
+
+def text_table(columns: list[str], rows: list[dict]) -> str:
+    """A plain aligned table for people (use --json for programs)."""
+    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def _read_json(path: str, what: str):
+    try:
+        raw = open(path, "rb").read()
+    except OSError as exc:
+        raise UserError(f"{what} {path}: {exc.strerror}") from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise UserError(f"{what} {path}: not JSON ({exc})") from None
+
+
+def pull_command(args, config: Config) -> int:
+    """Exit codes: 0 all pulled; 1 some failed (the others are on disk); 2 usage (bad id, no
+    key: no request made); 3 the key was rejected."""
+    import os
+
+    from .vapi_api import VAPI_BASE_URL, InvalidIdError, PullError, VapiApiError, VapiAuthError, pull_assistants
+
+    key = os.environ.get("VAPI_API_KEY", "").strip()
+    if not key:
+        print("shim assistants pull: VAPI_API_KEY is not set", file=sys.stderr)
+        return 2
+    base_url = os.environ.get("VAPI_BASE_URL", VAPI_BASE_URL).strip().rstrip("/")
+    try:
+        results = _run(pull_assistants(args.ids, api_key=key, dest=config.assistants_dir, base_url=base_url))
+    except InvalidIdError as exc:
+        print(f"shim assistants pull: {exc}", file=sys.stderr)
+        return 2
+    except VapiAuthError as exc:
+        print(f"shim assistants pull: {exc}", file=sys.stderr)
+        return 3
+    except PullError as exc:
+        for result in exc.results:
+            print(f"{result.assistant_id} -> {result.path} (+{len(result.tool_paths)} tools)")
+        print(f"shim assistants pull: {exc}", file=sys.stderr)
+        return 1
+    except VapiApiError as exc:
+        print(f"shim assistants pull: {exc}", file=sys.stderr)
+        return 1
+    for result in results:
+        print(f"{result.assistant_id} -> {result.path} (+{len(result.tool_paths)} tools)")
+        for warning in result.warnings:
+            print(f"shim assistants pull: {result.assistant_id}: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def translate_command(args, config: Config) -> int:
+    from pathlib import Path
+
+    from .assistant import AssistantError, CallContext, load_saved_tools
+    from .translate import translate
+
+    assistant = _read_json(args.file, "assistant")
+    saved: dict = {}
+    if args.tools:
+        tools = _read_json(args.tools, "--tools")
+        for i, tool in enumerate(tools if isinstance(tools, list) else [tools]):
+            if not isinstance(tool, dict) or not isinstance(tool.get("id"), str):
+                print(f"shim translate: --tools {args.tools}[{i}]: got {str(tool)[:80]!r}, expected a saved tool object with an id", file=sys.stderr)
+                return 2
+            saved[tool["id"]] = tool
+    # Saved tools `shim assistants pull` wrote beside the assistant (tools/<id>.json) count too.
+    model = assistant.get("model") if isinstance(assistant, dict) else None
+    for tool_id, tool in load_saved_tools(Path(args.file).parent, model.get("toolIds") if isinstance(model, dict) else None).items():
+        saved.setdefault(tool_id, tool)
+    variables = {}
+    for item in args.var:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"shim translate: --var {item!r}: expected K=V", file=sys.stderr)
+            return 2
+        variables[key] = value
+    assistant_id = Path(args.file).stem.split(".")[0]
+    ctx = CallContext(call_sid="CA" + "0" * 32, from_number=args.from_number, to_number=args.to_number, variables=variables)
+    try:
+        setup = translate(assistant_id, assistant, ctx, model=config.openai_realtime_model, saved_tools=saved,
+                          transcription_model=config.transcription_model, voice_overrides=dict(config.voice_map))
+    except AssistantError as exc:
+        print(f"shim translate: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(orjson.dumps(setup.session, option=orjson.OPT_INDENT_2).decode() + "\n")
+    print(findings_table(setup.findings), file=sys.stderr)
+    return 0
+
+
+def findings_table(findings) -> str:
+    rows = [(f.status, f.path, f.detail) for f in findings]
+    if not rows:
+        return "no findings"
+    w0 = max(len("status"), *(len(r[0]) for r in rows))
+    w1 = max(len("field"), *(len(r[1]) for r in rows))
+    lines = [f"{'status':<{w0}}  {'field':<{w1}}  what the shim does", f"{'-' * w0}  {'-' * w1}  {'-' * 18}"]
+    order = {"unsupported": 0, "approximated": 1, "mapped": 2}
+    for status, path, detail in sorted(rows, key=lambda r: (order.get(r[0], 3), r[1])):
+        lines.append(f"{status:<{w0}}  {path:<{w1}}  {detail}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
