@@ -528,6 +528,11 @@ async def media_stream(websocket: WebSocket) -> None:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
+                if message.get("code") == 1012 and shim.draining:
+                    # Our own server closing this socket at shutdown (uvicorn sends 1012), not
+                    # Twilio hanging up: the call ends as any call the drain ends.
+                    runner.call.abort("worker-shutdown")
+                    runner.pump()
                 break
             data = message.get("text") or message.get("bytes")
             if data is not None:

@@ -149,7 +149,7 @@ class FrontDoor:
         media = request_path(head) == MEDIA_PATH
         self.routed["media" if media else "http"] += 1
         try:
-            if media:
+            if media and self.media_factory != self.http_factory:
                 # The same transport picows' own server uses (aiofastnet when installed).
                 await _connect_media(loop, self.media_factory, conn)
             else:
@@ -184,9 +184,11 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, with the shim's drain between the signal and uvicorn's own shutdown, and with
     the front door as its only listener."""
 
-    def __init__(self, config: uvicorn.Config, shim: Any, *, host: str, port: int):
+    def __init__(self, config: uvicorn.Config, shim: Any, *, host: str, port: int, media_via_picows: bool = True):
         super().__init__(config)
         self.shim = shim
+        # False: /twilio/media goes to Starlette's WebSocket route too (the portable ASGI path).
+        self.media_via_picows = media_via_picows
         self.front: FrontDoor | None = None
         self._front_host, self._front_port = host, port
 
@@ -201,7 +203,8 @@ class DrainingServer(uvicorn.Server):
             return
         from .bridge import media_listener_factory
 
-        self.front = FrontDoor(self.http_protocol, media_protocol_factory(media_listener_factory(self.shim.bridge)))
+        media = media_protocol_factory(media_listener_factory(self.shim.bridge)) if self.media_via_picows else self.http_protocol
+        self.front = FrontDoor(self.http_protocol, media)
         try:
             await self.front.start(self._front_host, self._front_port)
         except OSError as exc:

@@ -1,0 +1,182 @@
+"""`shim serve` as deployed: one public port routed by path, /readyz, private /metrics, and the
+SIGTERM drain (readiness off at once, the port open for Twilio's callbacks, live calls finish,
+the rest end with the apology inside SHIM_DRAIN_TIMEOUT). The server is a real subprocess; the
+model and Twilio are the stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from xml.etree import ElementTree
+
+import asyncpg
+import httpx
+import pytest
+
+from shim.testing.fake_realtime import FakeRealtime, Script
+from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, keep_line_open, post_twilio_webhook
+from shim.testing._serve import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+AUTH_TOKEN = "serve-test-token"
+ACCOUNT_SID = "AC" + "0" * 32
+CALLER, SHIM_NUMBER = "+15550001111", "+15550002222"
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    base: str
+    http: httpx.AsyncClient
+    fake: FakeRealtime
+
+    async def post(self, path: str, params: dict[str, str]) -> httpx.Response:
+        return await post_twilio_webhook(self.http, self.base + path, params, AUTH_TOKEN)
+
+    async def call(self) -> tuple[TwilioCaller, dict[str, str]]:
+        call_sid = "CA" + uuid.uuid4().hex
+        params = incoming_call_params(call_sid, CALLER, SHIM_NUMBER, ACCOUNT_SID)
+        twiml = (await self.post("/twilio/voice", params)).text
+        stream = ElementTree.fromstring(twiml).find("./Connect/Stream")
+        assert stream is not None, twiml
+        custom = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
+        caller = TwilioCaller(stream.attrib["url"], AUTH_TOKEN, custom_parameters=custom, call_sid=call_sid,
+                              account_sid=ACCOUNT_SID)
+        await caller.connect()
+        await keep_line_open(caller, caller.wait_for_audio(1, timeout=10))  # the greeting
+        return caller, params
+
+    def terminate(self) -> float:
+        self.proc.send_signal(signal.SIGTERM)
+        return time.monotonic()
+
+    async def exit_code(self, timeout: float) -> int:
+        return await asyncio.to_thread(self.proc.wait, timeout)
+
+
+@contextlib.asynccontextmanager
+async def served(tmp_path: Path, dsn: str, **env: str):
+    fake = FakeRealtime(Script(replies=["Sure."]))
+    await fake.start()
+    port = free_port()
+    assistants = tmp_path / "assistants"
+    assistants.mkdir(exist_ok=True)
+    (assistants / "demo.json").write_bytes((REPO / "assistants" / "demo.json").read_bytes())
+    full = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("SHIM_", "TWILIO_", "OPENAI_", "PUBLIC_"))},
+        "OPENAI_API_KEY": "sk-test", "OPENAI_REALTIME_URL": fake.url, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": "http://127.0.0.1:9",
+        "PUBLIC_URL": f"http://127.0.0.1:{port}", "DATABASE_URL": dsn, "SHIM_DEFAULT_ASSISTANT": "demo",
+        "SHIM_ASSISTANTS_DIR": str(assistants), "SHIM_DATA_DIR": str(tmp_path / "data"),
+        "SHIM_LOG_LEVEL": "warning", "SHIM_LOG_FORMAT": "console", **env,
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "shim.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            env=full)
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            for _ in range(300):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                        break
+                assert proc.poll() is None, "shim serve exited during start-up"
+                await asyncio.sleep(0.05)
+            yield Served(proc, f"http://127.0.0.1:{port}", http, fake)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await fake.stop()
+
+
+async def row(dsn: str, call_sid: str):
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchrow("SELECT status, ended_reason, next_action FROM calls WHERE call_sid = $1", call_sid)
+    finally:
+        await conn.close()
+
+
+async def test_one_port_serves_webhooks_health_and_the_media_stream(tmp_path, db_dsn):
+    async with served(tmp_path, db_dsn, SHIM_METRICS_TOKEN="scrape-me") as s:
+        caller, params = await s.call()
+        assert caller.media_url == f"{s.base.replace('http', 'ws')}/twilio/media"  # the same port
+        ready = await s.http.get(s.base + "/readyz")
+        assert ready.status_code == 200
+        body = ready.json()
+        assert body["ready"] is True and body["live_calls"] == 1 and body["model"]["ok"] is True
+        assert body["database"]["state"] == "up"
+        assert (await s.http.get(s.base + "/metrics")).status_code == 401
+        wrong = await s.http.get(s.base + "/metrics", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        scraped = await s.http.get(s.base + "/metrics", headers={"Authorization": "Bearer scrape-me"})
+        assert scraped.status_code == 200 and "shim_active_calls 1.0" in scraped.text
+        assert (await s.http.get(s.base + "/nothing-here")).status_code == 404
+        await caller.stop()
+
+
+async def test_metrics_on_a_private_port_only(tmp_path, db_dsn):
+    metrics_port = free_port()
+    async with served(tmp_path, db_dsn, SHIM_METRICS_PORT=str(metrics_port)) as s:
+        assert (await s.http.get(s.base + "/metrics")).status_code == 404
+        private = await s.http.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert private.status_code == 200 and "shim_frames_relayed" in private.text
+
+
+async def test_sigterm_stops_taking_calls_keeps_the_port_open_and_lets_live_calls_finish(tmp_path, db_dsn):
+    async with served(tmp_path, db_dsn, SHIM_DRAIN_TIMEOUT="60") as s:
+        caller, params = await s.call()
+        s.terminate()
+        await asyncio.sleep(0.5)
+        ready = await s.http.get(s.base + "/readyz")
+        assert ready.status_code == 503 and ready.json()["draining"] is True
+        # The live call goes on: the caller talks, the model answers.
+        before = len(caller.received_audio)
+        await caller.send_silence(200)
+        assert not caller.closed and s.proc.poll() is None
+        await caller.stop()  # the caller hangs up during the drain
+        # Twilio's callbacks for it still reach the shim.
+        ended = await s.post("/twilio/stream-ended", params)
+        assert ended.status_code == 200 and "<Hangup" in ended.text and "<Say" not in ended.text
+        status = await s.post("/twilio/status", {"CallSid": caller.call_sid, "CallStatus": "completed"})
+        assert status.status_code == 204
+        # No live call left: the process exits at once, not at the drain limit.
+        started = time.monotonic()
+        assert await s.exit_code(timeout=20) == 0
+        assert time.monotonic() - started < 15
+        assert before >= 1
+    stored = await row(db_dsn, caller.call_sid)
+    assert stored["ended_reason"] == "customer-ended-call" and stored["status"] == "completed"
+
+
+async def test_calls_still_live_at_the_drain_limit_hear_the_apology_and_nothing_is_lost(tmp_path, db_dsn):
+    # SHIM_DRAIN_TIMEOUT=4: live calls get 3 s (a quarter is kept for callbacks and rows).
+    async with served(tmp_path, db_dsn, SHIM_DRAIN_TIMEOUT="4") as s:
+        caller, params = await s.call()
+        sigterm = s.terminate()
+        await keep_line_open(caller, caller.wait_closed(timeout=10))
+        cut_after = time.monotonic() - sigterm
+        assert 2.5 < cut_after < 4.5, cut_after
+        ended = await s.post("/twilio/stream-ended", params)  # the port is still open
+        assert ended.status_code == 200 and "<Say>" in ended.text and "<Hangup" in ended.text
+        assert await s.exit_code(timeout=10) == 0
+        assert time.monotonic() - sigterm < 4 + 2  # within the platform's kill timeout (+ process exit)
+    stored = await row(db_dsn, caller.call_sid)
+    assert stored["ended_reason"] == "worker-shutdown"
+
+
+@pytest.mark.parametrize("timeout", ["0"])
+async def test_a_zero_drain_ends_calls_at_once_but_still_cleanly(tmp_path, db_dsn, timeout):
+    async with served(tmp_path, db_dsn, SHIM_DRAIN_TIMEOUT=timeout) as s:
+        caller, _params = await s.call()
+        s.terminate()
+        await keep_line_open(caller, caller.wait_closed(timeout=10))
+        assert await s.exit_code(timeout=15) == 0
+    assert (await row(db_dsn, caller.call_sid))["ended_reason"] == "worker-shutdown"
