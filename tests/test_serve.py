@@ -180,3 +180,50 @@ async def test_a_zero_drain_ends_calls_at_once_but_still_cleanly(tmp_path, db_ds
         await keep_line_open(caller, caller.wait_closed(timeout=10))
         assert await s.exit_code(timeout=15) == 0
     assert (await row(db_dsn, caller.call_sid))["ended_reason"] == "worker-shutdown"
+
+
+async def test_the_starlette_media_fallback_gets_the_same_drain(tmp_path, db_dsn):
+    """Media through Starlette's WebSocket route (the portable ASGI path) is drained like picows:
+    no 1012 at SIGTERM, the apology, `worker-shutdown`, and the port open for stream-ended."""
+    import uvicorn
+
+    from shim.app import create_app
+    from shim.config import Config
+    from shim.serve import DrainingServer
+
+    fake = FakeRealtime(Script())
+    await fake.start()
+    port = free_port()
+    assistants = tmp_path / "assistants"
+    assistants.mkdir()
+    (assistants / "demo.json").write_bytes((REPO / "assistants" / "demo.json").read_bytes())
+    config = Config(openai_api_key="sk-test", openai_realtime_url=fake.url, twilio_auth_token=AUTH_TOKEN,
+                    public_url=f"http://127.0.0.1:{port}", database_url=db_dsn, data_dir=tmp_path / "data",
+                    assistants_dir=assistants, default_assistant="demo", log_format="console", drain_timeout_s=2,
+                    openai_base_url="http://127.0.0.1:9/v1", twilio_api_base="http://127.0.0.1:9")
+    app = create_app(config, media_host="127.0.0.1")
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_config=None,
+                                           ws="websockets-sansio"),
+                            app.state.shim, host="127.0.0.1", port=port, media_via_picows=False)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            for _ in range(300):
+                if server.started or task.done():
+                    break
+                await asyncio.sleep(0.02)
+            s = Served(proc=None, base=f"http://127.0.0.1:{port}", http=http, fake=fake)  # type: ignore[arg-type]
+            caller, params = await s.call()
+            server.handle_exit(signal.SIGTERM, None)  # what the platform's SIGTERM does
+            assert (await http.get(s.base + "/readyz")).status_code == 503
+            await keep_line_open(caller, caller.wait_closed(timeout=10))
+            assert caller.close_code != 1012
+            ended = await s.post("/twilio/stream-ended", params)
+            assert ended.status_code == 200 and "<Say>" in ended.text
+        await asyncio.wait_for(task, 15)
+    finally:
+        if not task.done():
+            server.force_exit = server.should_exit = True
+            await asyncio.wait_for(task, 15)
+        await fake.stop()
+    assert (await row(db_dsn, caller.call_sid))["ended_reason"] == "worker-shutdown"
