@@ -227,3 +227,12 @@ async def test_the_starlette_media_fallback_gets_the_same_drain(tmp_path, db_dsn
             await asyncio.wait_for(task, 15)
         await fake.stop()
     assert (await row(db_dsn, caller.call_sid))["ended_reason"] == "worker-shutdown"
+
+
+def test_the_image_smoke_script_passes_against_the_local_server():
+    """scripts/docker_smoke.py --local: the steps `make docker-smoke` runs against the image
+    (CI has no docker), so the script itself cannot rot."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "docker_smoke.py"), "--local"], cwd=REPO,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "smoke test passed" in out.stdout
