@@ -89,6 +89,7 @@ class Shim:
         self.draining = False  # SIGTERM seen: /readyz 503
         self.drain_started: float | None = None
         self.stream_ended_answered: set[str] = set()  # during a drain: whose apology/<Dial> went out
+        self.status_answered: set[str] = set()  # during a drain: whose final status arrived
         self.metrics_server: asyncio.Server | None = None
 
     async def startup(self) -> None:
@@ -148,11 +149,14 @@ class Shim:
             aborted += 1
         seen.discard("")
         until = self.drain_started + calls_s + callbacks_s
-        # Twilio asks /twilio/stream-ended right after the stream closes: answer it before exiting.
-        while (self.bridge.runners or not seen <= self.stream_ended_answered) and loop.time() < until:
+        # Twilio asks /twilio/stream-ended right after the stream closes (its answer is the
+        # apology or the <Dial>), and /twilio/status once the call is over: answer both.
+        while (self.bridge.runners or not seen <= self.stream_ended_answered or not seen <= self.status_answered) \
+                and loop.time() < until:
             await asyncio.sleep(0.05)
         log.info("drain_done", calls=len(seen), ended_by_shutdown=aborted,
                  unanswered_stream_ended=len(seen - self.stream_ended_answered),
+                 unanswered_status=len(seen - self.status_answered),
                  seconds=round(loop.time() - self.drain_started, 2))
 
     async def shutdown(self) -> None:
@@ -438,6 +442,8 @@ async def twilio_status(request: Request) -> Response:
     if params is None:
         return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
     call_sid, status = params.get("CallSid", ""), params.get("CallStatus", "")
+    if shim.draining and status in STATUS_ENDED_REASON:
+        shim.status_answered.add(call_sid)
     if call_sid and status in STATUS_ENDED_REASON:
         from datetime import datetime, timezone
 

@@ -230,6 +230,10 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.front is not None:
             await self.front.close()
+        # uvicorn's own grace for open HTTP requests comes out of what is left of the drain time.
+        loop = asyncio.get_running_loop()
+        exit_by = (self.shim.drain_started or loop.time()) + self.shim.config.drain_timeout_s
+        self.config.timeout_graceful_shutdown = max(0.1, min(5.0, (exit_by - loop.time()) / 3))
         await super().shutdown(sockets=sockets)
 
 

@@ -166,10 +166,13 @@ async def test_calls_still_live_at_the_drain_limit_hear_the_apology_and_nothing_
         assert 2.5 < cut_after < 4.5, cut_after
         ended = await s.post("/twilio/stream-ended", params)  # the port is still open
         assert ended.status_code == 200 and "<Say>" in ended.text and "<Hangup" in ended.text
+        await asyncio.sleep(0.2)  # Twilio says the apology, then reports the call completed
+        status = await s.post("/twilio/status", {"CallSid": caller.call_sid, "CallStatus": "completed"})
+        assert status.status_code == 204
         assert await s.exit_code(timeout=10) == 0
         assert time.monotonic() - sigterm < 4 + 2  # within the platform's kill timeout (+ process exit)
     stored = await row(db_dsn, caller.call_sid)
-    assert stored["ended_reason"] == "worker-shutdown"
+    assert stored["ended_reason"] == "worker-shutdown" and stored["status"] == "completed"
 
 
 @pytest.mark.parametrize("timeout", ["0"])
