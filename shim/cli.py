@@ -14,22 +14,9 @@ import sys
 import orjson
 
 from .config import Config, ConfigError
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Failure, UserError  # noqa: F401 - the commands' convention
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class UserError(Exception):
-    """A mistake in what the user asked (exit 2). Message: what, which value, what was expected.
-    Raise it from any command; main() prints `shim <command>: <message>` and exits 2."""
-
-    exit_code = EXIT_USAGE
-
-
-class Failure(Exception):
-    """The command was fine but the work failed (exit 1): a service unreachable, a request refused."""
-
-    exit_code = EXIT_FAILURE
 
 
 # Environment each command reads (shown in --help; the README's configuration table has them all).

@@ -88,18 +88,22 @@ def request_path(head: bytes) -> bytes | None:
 class FrontDoor:
     """The one public listener: routes each accepted connection by its request path."""
 
-    def __init__(self, http_factory: Callable[[], asyncio.BaseProtocol], media_factory: Callable[[], asyncio.BaseProtocol]):
-        self.http_factory = http_factory
-        self.media_factory = media_factory
+    def __init__(self) -> None:
+        self.http_factory: Callable[[], asyncio.BaseProtocol] | None = None
+        self.media_factory: Callable[[], asyncio.BaseProtocol] | None = None
         self.sock: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._routing: set[asyncio.Task] = set()
         self.routed = {"media": 0, "http": 0, "dropped": 0}
 
-    async def start(self, host: str, port: int) -> None:
+    def bind(self, host: str, port: int) -> None:
+        """Take the port (before anything starts: a busy port fails the start at once)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=False)
         self.sock.setblocking(False)
+
+    def start(self, http_factory: Callable[[], asyncio.BaseProtocol], media_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        self.http_factory, self.media_factory = http_factory, media_factory
         self._accepting = asyncio.get_running_loop().create_task(self._accept_forever(), name="front-door")
 
     @property
@@ -184,13 +188,12 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, with the shim's drain between the signal and uvicorn's own shutdown, and with
     the front door as its only listener."""
 
-    def __init__(self, config: uvicorn.Config, shim: Any, *, host: str, port: int, media_via_picows: bool = True):
+    def __init__(self, config: uvicorn.Config, shim: Any, front: FrontDoor, *, media_via_picows: bool = True):
         super().__init__(config)
         self.shim = shim
+        self.front = front
         # False: /twilio/media goes to Starlette's WebSocket route too (the portable ASGI path).
         self.media_via_picows = media_via_picows
-        self.front: FrontDoor | None = None
-        self._front_host, self._front_port = host, port
 
     def http_protocol(self) -> asyncio.BaseProtocol:
         return self.config.http_protocol_class(  # what uvicorn's own create_server builds
@@ -204,14 +207,8 @@ class DrainingServer(uvicorn.Server):
         from .bridge import media_listener_factory
 
         media = media_protocol_factory(media_listener_factory(self.shim.bridge)) if self.media_via_picows else self.http_protocol
-        self.front = FrontDoor(self.http_protocol, media)
-        try:
-            await self.front.start(self._front_host, self._front_port)
-        except OSError as exc:
-            log.error("listen_failed", host=self._front_host, port=self._front_port, error=str(exc))
-            self.should_exit = True
-            raise SystemExit(1) from None
-        log.info("listening", host=self._front_host, port=self.front.port, media_url=self.shim.config.media_stream_url)
+        self.front.start(self.http_protocol, media)
+        log.info("listening", port=self.front.port, media_url=self.shim.config.media_stream_url)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not re-raised after shutdown (uvicorn's default): we exit 0 once everything is written.
@@ -224,12 +221,10 @@ class DrainingServer(uvicorn.Server):
         await super().main_loop()
         if not self.force_exit:
             await self.shim.drain_calls()  # the port still answers webhooks meanwhile
-        if self.front is not None:
-            await self.front.close()
+        await self.front.close()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        if self.front is not None:
-            await self.front.close()
+        await self.front.close()
         # uvicorn's own grace for open HTTP requests comes out of what is left of the drain time.
         loop = asyncio.get_running_loop()
         exit_by = (self.shim.drain_started or loop.time()) + self.shim.config.drain_timeout_s
@@ -239,7 +234,13 @@ class DrainingServer(uvicorn.Server):
 
 async def serve(config: Config, host: str, port: int, media_port: int | None) -> None:
     from .app import create_app
+    from .errors import Failure
 
+    front = FrontDoor()
+    try:
+        front.bind(host, port)
+    except OSError as exc:
+        raise Failure(f"--port {port} on {host}: {exc.strerror or exc}") from None
     app = create_app(config, media_host=host, media_port=media_port)
     server = DrainingServer(
         uvicorn.Config(
@@ -248,6 +249,6 @@ async def serve(config: Config, host: str, port: int, media_port: int | None) ->
             proxy_headers=False,  # signatures use PUBLIC_URL, never forwarded headers
             timeout_graceful_shutdown=5,  # calls are drained before uvicorn's shutdown starts
         ),
-        app.state.shim, host=host, port=port,
+        app.state.shim, front,
     )
     await server.serve()

@@ -141,3 +141,15 @@ async def test_check_says_unreachable_for_a_name_that_does_not_resolve(tmp_path,
     assert out.returncode == 1
     line = next(l for l in out.stdout.splitlines() if "openai realtime" in l)
     assert line.startswith("FAIL") and "unreachable" in line and host in line
+
+
+async def test_serve_on_a_busy_port_fails_at_once_with_one_line_exit_1(tmp_path, db_dsn):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = await ashim("serve", "--host", "127.0.0.1", "--port", str(port),
+                          env=serve_env(tmp_path, DATABASE_URL=db_dsn, PUBLIC_URL=f"http://127.0.0.1:{port}"))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith(f"shim serve: --port {port} on 127.0.0.1: Address already in use")
+    assert "Traceback" not in out.stderr

@@ -192,7 +192,7 @@ async def test_the_starlette_media_fallback_gets_the_same_drain(tmp_path, db_dsn
 
     from shim.app import create_app
     from shim.config import Config
-    from shim.serve import DrainingServer
+    from shim.serve import DrainingServer, FrontDoor
 
     fake = FakeRealtime(Script())
     await fake.start()
@@ -205,9 +205,11 @@ async def test_the_starlette_media_fallback_gets_the_same_drain(tmp_path, db_dsn
                     assistants_dir=assistants, default_assistant="demo", log_format="console", drain_timeout_s=2,
                     openai_base_url="http://127.0.0.1:9/v1", twilio_api_base="http://127.0.0.1:9")
     app = create_app(config, media_host="127.0.0.1")
+    front = FrontDoor()
+    front.bind("127.0.0.1", port)
     server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_config=None,
                                            ws="websockets-sansio"),
-                            app.state.shim, host="127.0.0.1", port=port, media_via_picows=False)
+                            app.state.shim, front, media_via_picows=False)
     task = asyncio.create_task(server.serve())
     try:
         async with httpx.AsyncClient(timeout=10) as http:
@@ -239,3 +241,44 @@ def test_the_image_smoke_script_passes_against_the_local_server():
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "smoke test passed" in out.stdout
+
+
+async def test_the_front_door_routes_by_path_even_when_the_request_line_comes_in_pieces():
+    from shim.serve import FrontDoor, request_path
+
+    assert request_path(b"GET /twilio/media?x=1 HTTP/1.1\r\nHost: a\r\n") == b"/twilio/media"
+    assert request_path(b"GET /twilio/media/ HTTP/1.1\r\n") == b"/twilio/media"
+    assert request_path(b"POST /twilio/voice HTTP/1.1\r\n") == b"/twilio/voice"
+    assert request_path(b"GET /twilio/me") is None
+
+    seen: dict[str, bytes] = {}
+
+    class Recorder(asyncio.Protocol):
+        def __init__(self, name: str):
+            self.name = name
+
+        def data_received(self, data: bytes) -> None:  # the whole request reaches the chosen protocol
+            seen[self.name] = seen.get(self.name, b"") + data
+
+    front = FrontDoor()
+    front.bind("127.0.0.1", 0)
+    front.start(lambda: Recorder("http"), lambda: Recorder("media"))
+    try:
+        for path, pieces in ((b"/twilio/media", 3), (b"/twilio/voice", 1)):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+            request = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+            step = len(request) // pieces + 1
+            for i in range(0, len(request), step):
+                writer.write(request[i:i + step])
+                await writer.drain()
+                await asyncio.sleep(0.02)
+            for _ in range(100):
+                if any(v.endswith(b"\r\n\r\n") and path in v for v in seen.values()):
+                    break
+                await asyncio.sleep(0.01)
+            writer.close()
+        assert seen["media"].startswith(b"GET /twilio/media HTTP/1.1\r\n")
+        assert seen["http"].startswith(b"GET /twilio/voice HTTP/1.1\r\n")
+        assert front.routed == {"media": 1, "http": 1, "dropped": 0}
+    finally:
+        await front.close()
