@@ -127,7 +127,10 @@ def test_fly_drain_time_equals_its_kill_timeout():
     assert fly["kill_signal"] == "SIGTERM"
     assert fly["build"]["dockerfile"] == "Dockerfile"
     assert "builder" not in fly["build"]
-    # The one public port carries the media stream: no second public service.
-    assert "services" not in fly
+    # The one public port carries the media stream: one service, 443 only, TLS then raw TCP.
+    [service] = fly["services"]
+    assert service["internal_port"] == int(fly["env"]["PORT"])
+    assert [(p["port"], p["handlers"]) for p in service["ports"]] == [(443, ["tls"])]
+    assert service["http_checks"][0]["path"] == "/readyz"
+    assert "http_service" not in fly
     assert fly["metrics"]["port"] == int(fly["env"]["SHIM_METRICS_PORT"])
-    assert fly["http_service"]["checks"][0]["path"] == "/readyz"
