@@ -3,8 +3,8 @@
 For each --calls value, runs N concurrent simulated calls (Twilio caller + Realtime stand-in,
 both lightweight and in this one uvloop process, see scripts/_bench_peers.py) through:
 
-* shim: `python -m shim.cli serve` as a subprocess, as scripts/demo.py starts it (picows media
-  listener, embedded PostgreSQL and its writer, the demo assistant with its defaults, e.g. the
+* shim: `python -m shim.cli serve` as a subprocess, as scripts/demo.py starts it (media on the
+  one port, routed to picows; `--media media-port` for picows on a port of its own; embedded PostgreSQL and its writer, the demo assistant with its defaults, e.g. the
   office ambience mixed under every assistant chunk; only the Twilio REST recording start is
   skipped, by leaving TWILIO_ACCOUNT_SID unset, so nothing leaves 127.0.0.1);
 * bare relay (--baseline): a ~60-line picows relay, also a subprocess of this script
