@@ -1,5 +1,6 @@
 # Production image of `shim serve`: slim Python, locked dependencies (requirements.lock, hashes
-# checked), no embedded PostgreSQL (DATABASE_URL is required), a non-root user that owns /data.
+# checked), no embedded PostgreSQL (DATABASE_URL is required), runs as the non-root user `shim`
+# (the entrypoint gives it the /data volume, which platforms mount owned by root, then drops root).
 # Build and smoke-test it: scripts/docker_smoke.sh (README "Deploying").
 
 FROM python:3.12-slim-bookworm AS build
@@ -25,14 +26,16 @@ RUN groupadd --system --gid 10001 shim \
  && mkdir -p /data /app/assistants \
  && chown shim:shim /data
 COPY --from=build /opt/shim /opt/shim
+COPY deploy/entrypoint.py /usr/local/bin/shim-entrypoint
 # Your exported assistants: bake them in (assistants/ here), or mount a directory over it.
 COPY --chown=shim:shim assistants /app/assistants
 WORKDIR /app
-USER shim
 VOLUME ["/data"]
 EXPOSE 8080
 # Liveness only; readiness (draining, database, model) is GET /readyz.
 HEALTHCHECK --interval=10s --timeout=2s --start-period=15s \
   CMD python -c "import os,urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\",\"8080\")}/healthz', timeout=2)"
-# exec form: shim is PID 1 and receives SIGTERM itself (the drain: README "Deploys").
+# Starts as root only to chown the volume; the entrypoint execs the command as `shim`, which
+# becomes PID 1 and receives SIGTERM itself (the drain: README "Deploying").
+ENTRYPOINT ["/usr/local/bin/python", "/usr/local/bin/shim-entrypoint"]
 CMD ["shim", "serve", "--host", "0.0.0.0"]

@@ -115,7 +115,9 @@ async def smoke(local: bool) -> None:
         else:
             name = f"shim-smoke-{uuid.uuid4().hex[:8]}"
             args = [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
-            docker("run", "-d", "--name", name, "--network", "host", *args, IMAGE)
+            # /data as a fresh root-owned mount, as platform volumes come: the entrypoint must hand it over.
+            docker("run", "-d", "--name", name, "--network", "host", "--mount", "type=tmpfs,destination=/data",
+                   *args, IMAGE)
 
             def alive() -> bool:
                 out = docker("inspect", "-f", "{{.State.Running}}", name, check=False, capture=True).stdout
@@ -137,6 +139,12 @@ async def smoke(local: bool) -> None:
                 ready = await http.get(f"{base}/readyz")
                 step(f"/healthz ok; /readyz {ready.status_code} {ready.json()}")
                 assert ready.status_code == 200 and ready.json()["ready"] is True
+                if not local:  # the service runs unprivileged, and owns the data volume
+                    status = docker("exec", name, "cat", "/proc/1/status", capture=True).stdout
+                    uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+                    owner = docker("exec", name, "stat", "-c", "%u", "/data", capture=True).stdout.strip()
+                    assert uid == owner == "10001", (uid, owner)
+                    step("PID 1 runs as uid 10001 (shim), which owns /data")
 
                 call_sid = "CA" + uuid.uuid4().hex
                 params = incoming_call_params(call_sid, CALLER, SHIM_NUMBER, ACCOUNT_SID)
