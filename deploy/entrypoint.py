@@ -10,7 +10,7 @@ import os
 import pwd
 import sys
 
-USER = "shim"
+USER = os.environ.get("SHIM_USER", "shim")  # the image's unprivileged user
 
 
 def main() -> None:
