@@ -143,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug or an unforeseen failure: one line; the traceback on request
+        if os.environ.get("SHIM_LOG_LEVEL", "").strip().lower() == "debug":
+            raise
+        print(f"{where}: {type(exc).__name__}: {exc} (SHIM_LOG_LEVEL=debug shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def dispatch(args) -> int:

@@ -153,3 +153,13 @@ async def test_serve_on_a_busy_port_fails_at_once_with_one_line_exit_1(tmp_path,
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith(f"shim serve: --port {port} on 127.0.0.1: Address already in use")
     assert "Traceback" not in out.stderr
+
+
+def test_a_data_dir_that_cannot_exist_is_a_configuration_error_not_a_crash(tmp_path):
+    # A data dir under a file: the embedded PostgreSQL could not start there.
+    (tmp_path / "data").write_text("not a directory")
+    env = serve_env(tmp_path, SHIM_DATA_DIR=str(tmp_path / "data" / "x"))
+    out = shim("numbers", "list", env=env)
+    assert out.returncode == 2 and "SHIM_DATA_DIR" in out.stderr  # caught by the checks first
+    out = shim("translate", str(REPO / "assistants" / "demo.json"), "--tools", str(tmp_path / "data"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
