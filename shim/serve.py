@@ -1,7 +1,8 @@
 """`shim serve`: one public port, routed by path, and a drain on SIGTERM.
 
-One port. Twilio's Media Streams docs name only TCP 443 for the stream, so webhooks and media
-share the public URL. A front listener accepts each connection, peeks (MSG_PEEK, nothing
+One port. Twilio's Media Streams docs name only TCP 443 for the stream ("allow secure WebSocket
+connections (TCP port 443) from Twilio", https://www.twilio.com/docs/global-infrastructure/
+firewall-configurations/media-streams-configuration), so webhooks and media share the public URL. A front listener accepts each connection, peeks (MSG_PEEK, nothing
 consumed) at its request line, and hands the socket over with `loop.connect_accepted_socket`:
 `GET /twilio/media` to the picows WebSocket protocol (the fast path: its callbacks run the call
 core synchronously), anything else to uvicorn's HTTP protocol (Starlette: webhooks, health,
