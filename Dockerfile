@@ -3,7 +3,9 @@
 # (the entrypoint gives it the /data volume, which platforms mount owned by root, then drops root).
 # Build and smoke-test it: scripts/docker_smoke.sh (README "Deploying").
 
-FROM python:3.12-slim-bookworm AS build
+# Python 3.11: the version CI tests on, so every pin of the universal lock (numpy's differs by
+# Python version) is the one CI ran.
+FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/shim
@@ -14,7 +16,7 @@ COPY shim ./shim
 COPY tools ./tools
 RUN /opt/shim/bin/pip install --no-deps . && /opt/shim/bin/shim --version
 
-FROM python:3.12-slim-bookworm
+FROM python:3.11-slim-bookworm
 ENV PATH=/opt/shim/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PORT=8080 \
