@@ -77,6 +77,7 @@ class BridgeState:
     post_call: set[asyncio.Task] = field(default_factory=set)  # end-of-call work still running
     drain: Callable[[float], Awaitable[bool]] | None = None  # wait (bounded) until rows are written
     request_lookup: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None  # assistant-request answers
+    model_health: dict[str, Any] = field(default_factory=dict)  # the last model connect, for /readyz
     _http: httpx.AsyncClient | None = None
 
     def http(self) -> httpx.AsyncClient:
@@ -360,10 +361,12 @@ class CallRunner:
             )
         except WSHandshakeError as exc:
             status = int(exc.response.status) if exc.response is not None else None
+            self.state.model_health = {"ok": False, "at": _now_ms(), "detail": f"HTTP {status}"}
             call.on_model_connect_failed(status, str(exc))
             self.pump()
             return
         except (OSError, TimeoutError) as exc:
+            self.state.model_health = {"ok": False, "at": _now_ms(), "detail": type(exc).__name__}
             call.on_model_connect_failed(None, f"{type(exc).__name__}: {exc}")
             self.pump()
             return
@@ -372,6 +375,7 @@ class CallRunner:
             transport.disconnect()
             return
         self.model = transport
+        self.state.model_health = {"ok": True, "at": _now_ms(), "detail": "connected"}
         call.on_model_connected()
         self.pump()
 

@@ -385,7 +385,8 @@ class Call:
                 "stack": "shim",
                 "status": "in-progress",
                 "started_at": self._wall_at(self._mono0),
-                "custom_parameters": params,
+                # The per-call stream token authenticates this stream only: never stored.
+                "custom_parameters": {k: v for k, v in params.items() if k != "token"},
             },
         )
         self.start = start
@@ -813,6 +814,8 @@ class Call:
             "audio_ms": item.sent_bytes // tw.MULAW_BYTES_PER_MS,
             "heard_ms": item.played_bytes // tw.MULAW_BYTES_PER_MS,
         }
+        if item.played_bytes:  # Twilio plays an item's audio without gaps: the end is start + heard
+            row["ended_at"] = self._wall_at(item.started + item.played_bytes / (tw.MULAW_BYTES_PER_MS * 1000))
         if item.interrupted:
             said = heard_text(full, item.played_bytes, item.sent_bytes)
             row.update(interrupted=True, text=self._keep_text(said), full_text=self._keep_text(full))
@@ -941,7 +944,7 @@ class Call:
             return
         batch.pending.discard(outcome.call_id)
         self._tool_output(outcome.call_id, outcome.output, outcome.status, result=outcome.result,
-                          error=outcome.error, url=url)
+                          error=outcome.error, url=url, http_status=outcome.http_status)
         binding = self._binding_for(outcome.call_id)
         if binding is not None:
             kind = "request-complete" if outcome.status == "ok" else "request-failed"
@@ -986,7 +989,8 @@ class Call:
             self._request_response()
 
     def _tool_output(self, call_id: str, output: str, status: str, *, name: str | None = None,
-                     result: str | None = None, error: str | None = None, url: str | None = None) -> None:
+                     result: str | None = None, error: str | None = None, url: str | None = None,
+                     http_status: int | None = None) -> None:
         self.model_out.append(rt.function_call_output(call_id, output))
         info = self._tool_calls.get(call_id)
         if info is not None:
@@ -995,7 +999,7 @@ class Call:
                                result=self._keep_text(output) or "", tool_call_id=call_id)
             self.records.upsert(
                 "tool_calls",
-                {"call_sid": self.call_sid, "seq": seq, "status": status, "url": url,
+                {"call_sid": self.call_sid, "seq": seq, "status": status, "url": url, "http_status": http_status,
                  "result": self._keep_text(result if result is not None else output), "error": error,
                  "latency_ms": int(round((self.clock() - started) * 1000)),
                  "completed_at": self._wall_at(self.clock())},

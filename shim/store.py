@@ -217,6 +217,7 @@ TABLES: dict[str, TableSpec] = {
                 "call_sid": TEXT, "seq": INT, "call_id": TEXT, "name": TEXT, "arguments": JSON, "url": TEXT,
                 "status": TEXT, "result": TEXT, "error": TEXT, "latency_ms": INT, "requested_at": TS,
                 "completed_at": TS,
+                "http_status": INT,  # 0005
             },
             required=("call_sid", "seq"),
             choices={},
