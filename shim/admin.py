@@ -70,7 +70,6 @@ class Plot:
 
 
 ParityPlots = Callable[[asyncpg.Connection], Awaitable[list[Plot]]]
-_parity_plots: ParityPlots | None = None
 
 
 def register_parity_plots(make_plots: ParityPlots | None) -> None:
@@ -81,7 +80,20 @@ def register_parity_plots(make_plots: ParityPlots | None) -> None:
 
 
 async def parity_available(conn) -> bool:
-    return bool(await conn.fetchval("SELECT to_regclass('parity_runs') IS NOT NULL"))
+    """True once `shim parity run`/`replay` has stored a run (the table itself always exists)."""
+    if not await conn.fetchval("SELECT to_regclass('parity_runs') IS NOT NULL"):
+        return False
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM parity_runs)"))
+
+
+async def report_plots(conn) -> list[Plot]:
+    """The parity report's own figures (shim/parity/report.py), drawn from the same SQL."""
+    from .parity.report import svg_plots
+
+    return [Plot(title, svg.encode()) for title, svg in await svg_plots(conn) if svg.startswith("<svg")]
+
+
+_parity_plots: ParityPlots | None = report_plots
 
 
 async def parity_runs(conn, limit: int = 50) -> tuple[list[str], list[list[Any]]]:
@@ -307,7 +319,7 @@ class Admin:
         pool = await self.db()
         async with pool.acquire() as conn:
             if not await parity_available(conn):
-                return self.page("not_found.html", status_code=404, what="No parity runs yet (the parity_runs table does not exist).")
+                return self.page("not_found.html", status_code=404, what="No parity runs yet (run `shim parity run` or `shim parity replay`).")
             columns, rows = await parity_runs(conn)
             plots = await _parity_plots(conn) if _parity_plots is not None else []
         return self.page("parity.html", columns=columns, rows=rows, plots=plots)

@@ -61,7 +61,7 @@ async def site(monkeypatch, db_dsn, tmp_path, twilio):
         yield Browser(client), seeded
     finally:
         await asyncio.to_thread(client.__exit__, None, None, None)
-        admin.register_parity_plots(None)
+        admin.register_parity_plots(admin.report_plots)
 
 
 async def test_off_without_a_token(monkeypatch, db_dsn, tmp_path, twilio):
@@ -242,10 +242,16 @@ async def test_parity_section_appears_with_its_table(site, db_dsn):
 
     conn = await asyncpg.connect(db_dsn)
     try:
-        await conn.execute("CREATE TABLE parity_runs (id serial, started_at timestamptz, label text)")
-        await conn.execute("INSERT INTO parity_runs (started_at, label) VALUES (now() - interval '1 day', 'older'), (now(), $1)", XSS)
+        await conn.execute(
+            """INSERT INTO parity_runs (run_id, batch_id, scenario, stack, status, tools, started_at)
+               VALUES (gen_random_uuid(), gen_random_uuid(), $1, 'shim', 'ok', '{a}', now() - interval '1 day'),
+                      (gen_random_uuid(), gen_random_uuid(), $1, 'vapi', 'ok', '{a}', now())""", XSS)
     finally:
         await conn.close()
+
+    default = (await browser.get("/admin/parity", headers=BEARER)).text  # the report's own figures
+    assert [i.attrs["alt"] for i in parse(default).find_all("img", cls="plot")] == [
+        "Turn latency per scenario and stack", "Tool-order agreement per scenario"]
 
     async def plots(conn):
         n = await conn.fetchval("SELECT count(*) FROM parity_runs")
@@ -257,8 +263,9 @@ async def test_parity_section_appears_with_its_table(site, db_dsn):
     page = await browser.get("/admin/parity", headers=BEARER)
     doc = parse(page.text)
     rows = doc.find("table", id="parity").find("tbody").find_all("tr")
-    assert [c.text for c in doc.find("table", id="parity").find_all("th")] == ["id", "started_at", "label"]
-    assert rows[0].find_all("td")[2].text == XSS and not doc.find_all("script")  # newest first, escaped
+    header = [c.text for c in doc.find("table", id="parity").find_all("th")]
+    assert header[:4] == ["run_id", "batch_id", "scenario", "assistant_id"]
+    assert rows[0].find_all("td")[header.index("scenario")].text == XSS and not doc.find_all("script")  # newest first, escaped
     img = doc.find("img", cls="plot")
     assert img.attrs["src"].startswith("data:image/svg+xml;base64,") and img.attrs["alt"] == "2 runs"
 

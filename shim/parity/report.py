@@ -170,3 +170,11 @@ drift when below 95% (dashed line). Latency: end of the caller's audio to the fi
 <h2>Turn latency per stack</h2>{_latency_svg(latencies)}
 </body></html>
 """
+
+
+async def svg_plots(conn: Any) -> list[tuple[str, str]]:
+    """The report's two figures over every run, as (title, SVG) — the call browser's /admin/parity."""
+    report = await fetch_report(conn, assistant=None, since=None)
+    latencies = await fetch_latencies(conn, assistant=None, since=None)
+    return [("Turn latency per scenario and stack", _latency_svg(latencies)),
+            ("Tool-order agreement per scenario", _agreement_svg(report))]
