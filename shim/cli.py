@@ -45,28 +45,10 @@ def _require(config: Config, *, serving: bool, media_port: int | None = None) ->
 
 
 async def _with_db(config: Config, work):
-    _require(config, serving=False)
-    from .db import resolve_dsn
-    from .store import migrate
+    from .db import cli_connection
 
-    import asyncpg
-
-    dsn, embedded = await asyncio.to_thread(resolve_dsn, config.database_url, config.data_dir)
-    try:
-        try:
-            await asyncio.wait_for(migrate(dsn), 30)
-            conn = await asyncio.wait_for(asyncpg.connect(dsn), 10)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            from .db import redact_dsn
-
-            raise Failure(f"database {redact_dsn(dsn)}: {type(exc).__name__}: {exc or 'timed out'}") from None
-        try:
-            return await work(conn)
-        finally:
-            await conn.close()
-    finally:
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+    async with cli_connection(config) as conn:
+        return await work(conn)
 
 
 def _version() -> str:
@@ -120,7 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
     numbers_cli.register(sub)  # shim numbers set | list | migrate | rollback | split | history
     ops_cli.register(sub)  # calls, transcript, recording, db
     parity_cli.add_parser(sub)  # shim parity run | import-vapi | replay | report
+    _describe_environment(sub)
     return parser
+
+
+TWILIO_ENV = "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_API_BASE"
+# Environment of the commands registered by their own modules, shown in their --help.
+COMMAND_ENV = {
+    "numbers set": DB_ENV + ", SHIM_ASSISTANTS_DIR",
+    "numbers list": TWILIO_ENV + ", PUBLIC_URL, " + DB_ENV,
+    "numbers migrate": TWILIO_ENV + ", PUBLIC_URL, SHIM_ASSISTANTS_DIR, " + DB_ENV,
+    "numbers rollback": TWILIO_ENV + ", " + DB_ENV,
+    "numbers split": DB_ENV,
+    "numbers history": DB_ENV,
+    "calls": DB_ENV, "transcript": DB_ENV, "db": DB_ENV,
+    "recording": TWILIO_ENV + ", " + DB_ENV,
+    "parity": ("TWILIO_AUTH_TOKEN, PUBLIC_URL (the shim stack); VAPI_API_KEY, VAPI_BASE_URL (the Vapi stack, import); "
+               "OPENAI_API_KEY, OPENAI_BASE_URL (speech for say: turns); SHIM_PRICES_FILE, SHIM_PARITY_AGENT_SILENCE_S, "
+               "SHIM_PARITY_MAX_WAIT_S, " + DB_ENV),
+}
+
+
+def _describe_environment(sub: argparse._SubParsersAction, prefix: str = "") -> None:
+    """Give every command without an `environment:` epilog the one COMMAND_ENV names."""
+    for name, parser in sub.choices.items():
+        path = f"{prefix}{name}"
+        env = COMMAND_ENV.get(path) or COMMAND_ENV.get(path.split()[0])
+        if env and not parser.epilog:
+            parser.epilog = f"environment: {env}"
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _describe_environment(action, path + " ")
 
 
 def main(argv: list[str] | None = None) -> int:

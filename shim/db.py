@@ -8,10 +8,13 @@ that library (a stale postmaster.pid whose PID was reused, and dead PIDs in .han
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import warnings
 from pathlib import Path
+from typing import Any, AsyncIterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import structlog
@@ -171,3 +174,33 @@ def with_database(dsn: str, database: str) -> str:
     parts = urlsplit(dsn)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "dbname"]
     return urlunsplit((parts.scheme, parts.netloc, "/" + database, urlencode(query, safe="/"), parts.fragment))
+
+
+@contextlib.asynccontextmanager
+async def cli_connection(config: Any) -> AsyncIterator[Any]:
+    """One connection for a CLI command: the configuration checked first (every problem at
+    once, exit 2), the schema migrated, the embedded server stopped afterwards. An unreachable
+    database is a `Failure` (exit 1) naming the DSN without its password."""
+    import asyncpg
+
+    from .config import ConfigError
+    from .errors import Failure
+    from .store import migrate
+
+    problems = config.problems(serving=False)
+    if problems:
+        raise ConfigError.of(problems)
+    dsn, embedded = await asyncio.to_thread(resolve_dsn, config.database_url, config.data_dir)
+    try:
+        try:
+            await asyncio.wait_for(migrate(dsn), 30)
+            conn = await asyncio.wait_for(asyncpg.connect(dsn), 10)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise Failure(f"database {redact_dsn(dsn)}: {type(exc).__name__}: {exc or 'timed out'}") from None
+        try:
+            yield conn
+        finally:
+            await conn.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)

