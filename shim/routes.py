@@ -67,6 +67,7 @@ class NumberRoutes:
         self.snapshot_path = snapshot_path
         self._pool = pool
         self._routes: dict[str, Route] = {}
+        self._version = 0  # bumped by every refresh: a lookup's answer is stale once it moved
         self.loaded = False  # from Postgres or the snapshot at least once
         self.db_ok = False  # the last read of Postgres worked
         self._changed = asyncio.Event()
@@ -85,6 +86,7 @@ class NumberRoutes:
         if route is not None or not number:
             return route
         if self.db_ok:
+            version = self._version
             try:
                 pool = await asyncio.wait_for(self._pool(), MISS_TIMEOUT_S)
                 row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM numbers WHERE number = $1", number, timeout=MISS_TIMEOUT_S)
@@ -94,8 +96,9 @@ class NumberRoutes:
                 if row is None:
                     return None
                 route = Route.from_row(row)
-                self._routes = {**self._routes, number: route}
-                return route
+                if self._version == version:  # else a refresh read the table after this row: it wins
+                    self._routes = {**self._routes, number: route}
+                return self._routes.get(number, route)
         if self.loaded:
             return None
         raise RoutingUnavailable("the numbers table was never loaded and Postgres is unreachable")
@@ -157,6 +160,7 @@ class NumberRoutes:
     async def _refresh(self, conn: asyncpg.Connection) -> None:
         rows = await conn.fetch(f"SELECT {_COLUMNS} FROM numbers", timeout=QUERY_TIMEOUT_S)
         routes = {row["number"]: Route.from_row(row) for row in rows}
+        self._version += 1
         if not self.db_ok:
             log.info("numbers_loaded", routes=len(routes))
         self.db_ok = True

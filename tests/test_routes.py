@@ -1,0 +1,70 @@
+"""The voice webhook's in-memory routing table (shim/routes.py) against a real Postgres: what it
+holds after races between a webhook's lookup and the refresh, and after changes the poll alone
+must notice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import pytest
+
+from shim.routes import NumberRoutes
+
+NUMBER = "+15550002222"
+
+
+class SlowPool:
+    """Stands in for the server's pool: answers a lookup with the row as it was when asked,
+    but only once the test lets it (a slow query racing the refresh)."""
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def fetchrow(self, sql: str, *args, timeout: float | None = None):
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            row = await conn.fetchrow(sql, *args)
+        finally:
+            await conn.close()
+        self.asked.set()
+        await self.release.wait()
+        return row
+
+
+async def wait_for(predicate, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "not within 5 s"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_slow_lookup_never_puts_back_a_route_the_refresh_has_replaced(tmp_path, db_dsn):
+    conn = await asyncpg.connect(db_dsn)
+    pool = SlowPool(db_dsn)
+
+    async def get_pool():
+        return pool
+
+    routes = NumberRoutes(lambda: db_dsn, tmp_path / "numbers.json", get_pool)
+    try:
+        await routes.start()
+        # The number is added after the table was loaded: a call to it asks Postgres ...
+        await conn.execute("ALTER TABLE numbers DISABLE TRIGGER numbers_changed")  # the refresh waits for the poll
+        await conn.execute("INSERT INTO numbers (number, assistant_id, updated_at) VALUES ($1, 'old', now())", NUMBER)
+        lookup = asyncio.create_task(routes.lookup(NUMBER))
+        await asyncio.wait_for(pool.asked.wait(), 5)
+        # ... and while that answer is on its way, the number changes and the refresh applies it.
+        await conn.execute("UPDATE numbers SET assistant_id = 'new', updated_at = now() + interval '1 second'")
+        await wait_for(lambda: routes.get(NUMBER) is not None and routes.get(NUMBER).assistant_id == "new")
+        pool.release.set()
+        await asyncio.wait_for(lookup, 5)
+        assert routes.get(NUMBER).assistant_id == "new"  # the slower, older answer did not win
+        assert (await routes.lookup(NUMBER)).assistant_id == "new"
+    finally:
+        pool.release.set()
+        await routes.stop()
+        await conn.close()
