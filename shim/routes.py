@@ -3,7 +3,7 @@ rings while Postgres is away is still answered as configured.
 
 One task per instance keeps it fresh: a dedicated connection LISTENs on `shim_numbers` (a trigger
 NOTIFYs on every change, so a CLI change is live in well under a second), and every POLL_S
-seconds reads the table's version (row count, newest updated_at), re-reading the rows when it
+seconds reads the table's version (a digest of its rows), re-reading the rows when it
 moved and every FULL_READ_S regardless (a lost notification or connection costs at most POLL_S).
 Each new version is written to a snapshot file, which a restart during an outage starts from.
 """
@@ -25,11 +25,15 @@ from .numbers import Route
 log = structlog.get_logger("shim.routes")
 
 POLL_S = 2.0
-FULL_READ_S = 30.0  # between polls only a version (row count, newest updated_at) is read
+FULL_READ_S = 30.0  # between polls only the version (a digest of the rows) is read
 QUERY_TIMEOUT_S = 3.0
 MISS_TIMEOUT_S = 1.0  # a number not in the table: how long the webhook may ask Postgres
 CHANNEL = "shim_numbers"
 _COLUMNS = "number, assistant_id, server_url, split_percent, previous_settings"
+# The table's version: a digest of every row, computed by Postgres (32 bytes on the wire). Not
+# (count, max(updated_at)): an edit in SQL that leaves updated_at alone, or a transaction that
+# commits after a later one (its now() is older), would not move that for FULL_READ_S.
+_VERSION_SQL = "SELECT md5(coalesce(string_agg(n::text, ',' ORDER BY n.number), '')) FROM numbers n"
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
@@ -137,7 +141,7 @@ class NumberRoutes:
                 version, full_read_at = None, 0.0
                 while True:
                     now = loop.time()
-                    seen = tuple(await conn.fetchrow("SELECT count(*), max(updated_at) FROM numbers", timeout=QUERY_TIMEOUT_S))
+                    seen = await conn.fetchval(_VERSION_SQL, timeout=QUERY_TIMEOUT_S)
                     if self._changed.is_set() or seen != version or now - full_read_at >= FULL_READ_S or not self.db_ok:
                         self._changed.clear()
                         await self._refresh(conn)

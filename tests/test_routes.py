@@ -68,3 +68,26 @@ async def test_a_slow_lookup_never_puts_back_a_route_the_refresh_has_replaced(tm
         pool.release.set()
         await routes.stop()
         await conn.close()
+
+
+async def test_the_poll_alone_sees_an_edit_that_leaves_updated_at_alone(tmp_path, db_dsn):
+    """Without NOTIFY (a lost notification, or a pooler that drops LISTEN), the periodic check
+    must still see any change, e.g. `UPDATE numbers SET assistant_id = …` typed in psql."""
+    conn = await asyncpg.connect(db_dsn)
+
+    async def no_pool():
+        raise OSError("not used")
+
+    routes = NumberRoutes(lambda: db_dsn, tmp_path / "numbers.json", no_pool)
+    try:
+        await conn.execute("INSERT INTO numbers (number, assistant_id, updated_at) VALUES ($1, 'old', now())", NUMBER)
+        await routes.start()
+        # The refresh task is running (it saw a change it was told about), then NOTIFY stops.
+        await conn.execute("UPDATE numbers SET assistant_id = 'older', updated_at = now()")
+        await wait_for(lambda: routes.get(NUMBER).assistant_id == "older")
+        await conn.execute("ALTER TABLE numbers DISABLE TRIGGER numbers_changed")
+        await conn.execute("UPDATE numbers SET assistant_id = 'new'")  # updated_at untouched
+        await wait_for(lambda: routes.get(NUMBER).assistant_id == "new")
+    finally:
+        await routes.stop()
+        await conn.close()
