@@ -251,11 +251,16 @@ class Route:
             import orjson
 
             previous = orjson.loads(previous)
+        # jsonb has no schema: a value edited by hand that is not Twilio's shape leaves the
+        # route with nowhere to redirect to (the shim keeps the callers) instead of failing.
+        if not isinstance(previous, dict):
+            previous = {}
+        url, method = previous.get("VoiceUrl"), previous.get("VoiceMethod")
         return cls(
             number=row["number"], assistant_id=row["assistant_id"], server_url=row["server_url"],
             split_percent=int(row["split_percent"] if row["split_percent"] is not None else 100),
-            redirect_url=previous.get("VoiceUrl") or None,
-            redirect_method=(previous.get("VoiceMethod") or "POST").upper(),
+            redirect_url=url if isinstance(url, str) and url else None,
+            redirect_method=method.upper() if isinstance(method, str) and method else "POST",
         )
 
 

@@ -152,6 +152,9 @@ class NumberRoutes:
                 if self.db_ok:
                     log.error("numbers_refresh_failed", error=str(exc) or type(exc).__name__, routes=len(self._routes))
                 self.db_ok = False
+            except Exception:  # a bug must not end the refreshing for the life of the process
+                log.exception("numbers_refresh_crashed", routes=len(self._routes))
+                self.db_ok = False
             finally:
                 if conn is not None:
                     conn.terminate()

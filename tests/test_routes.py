@@ -91,3 +91,28 @@ async def test_the_poll_alone_sees_an_edit_that_leaves_updated_at_alone(tmp_path
     finally:
         await routes.stop()
         await conn.close()
+
+
+async def test_a_hand_edited_row_of_an_unexpected_shape_does_not_stop_the_routing(tmp_path, db_dsn):
+    """`previous_settings` is jsonb without a schema: a value typed in psql that is not an object
+    must neither stop the instance from starting nor from following later changes."""
+    conn = await asyncpg.connect(db_dsn)
+
+    async def no_pool():
+        raise OSError("not used")
+
+    routes = NumberRoutes(lambda: db_dsn, tmp_path / "numbers.json", no_pool)
+    try:
+        await conn.execute(
+            """INSERT INTO numbers (number, assistant_id, previous_settings, split_percent)
+               VALUES ($1, 'old', NULL, 100), ('+15550003333', 'demo', '"https://api.vapi.ai/twilio/inbound_call"'::jsonb, 0),
+                      ('+15550004444', 'demo', '{"VoiceUrl": 7}'::jsonb, 0)""", NUMBER)
+        await routes.start()
+        assert routes.get(NUMBER).assistant_id == "old"
+        for odd in ("+15550003333", "+15550004444"):  # nowhere to redirect to: the shim keeps the callers
+            assert routes.get(odd).on_shim("+14155550123")
+        await conn.execute("UPDATE numbers SET assistant_id = 'new', updated_at = now() WHERE number = $1", NUMBER)
+        await wait_for(lambda: routes.get(NUMBER).assistant_id == "new")
+    finally:
+        await routes.stop()
+        await conn.close()
