@@ -153,6 +153,9 @@ async def _database(config: Config) -> AsyncIterator[Any]:
             dsn, embedded = await asyncio.to_thread(resolve_dsn, config.database_url, config.data_dir)
             await asyncio.wait_for(migrate(dsn), 30)
             conn = await asyncpg.connect(dsn, timeout=10)
+        except ValueError as exc:  # a malformed DATABASE_URL (asyncpg's ClientConfigurationError is one too)
+            raise usage(f"DATABASE_URL is not a usable PostgreSQL URL ({exc}); expected "
+                        "postgresql://USER:PASSWORD@HOST:PORT/DBNAME; nothing was changed") from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise failure(f"Postgres is unreachable ({type(exc).__name__}: {exc}); nothing was changed") from None
         try:
