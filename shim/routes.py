@@ -61,8 +61,9 @@ async def snapshot_from(conn: asyncpg.Connection, path: Path) -> bool:
 
 
 class RoutingUnavailable(RuntimeError):
-    """The table was never loaded (no database since start, no snapshot) and Postgres cannot
-    answer: the webhook cannot tell whether the number is configured."""
+    """Postgres cannot answer and the number is not in a table read from it (none read since
+    start, or only a snapshot that may be stale): the webhook cannot tell whether the number is
+    configured."""
 
 
 class NumberRoutes:
@@ -73,6 +74,9 @@ class NumberRoutes:
         self._routes: dict[str, Route] = {}
         self._version = 0  # bumped by every refresh: a lookup's answer is stale once it moved
         self.loaded = False  # from Postgres or the snapshot at least once
+        # A snapshot may be older than the table (a number moved from another host since): a
+        # number missing from it is "unknown", not "not configured", until Postgres has answered.
+        self._read_from_db = False
         self.db_ok = False  # the last read of Postgres worked
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -103,8 +107,10 @@ class NumberRoutes:
                 if self._version == version:  # else a refresh read the table after this row: it wins
                     self._routes = {**self._routes, number: route}
                 return self._routes.get(number, route)
-        if self.loaded:
+        if self._read_from_db:
             return None
+        if self.loaded:
+            raise RoutingUnavailable(f"{number} is not in the routing snapshot, which may be out of date, and Postgres is unreachable")
         raise RoutingUnavailable("the numbers table was never loaded and Postgres is unreachable")
 
     # --- keeping it fresh ------------------------------------------------------------------
@@ -171,7 +177,7 @@ class NumberRoutes:
         if not self.db_ok:
             log.info("numbers_loaded", routes=len(routes))
         self.db_ok = True
-        self.loaded = True
+        self.loaded = self._read_from_db = True
         if routes != self._routes:
             self._routes = routes
             await asyncio.to_thread(self._write_snapshot, routes)

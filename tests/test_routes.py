@@ -116,3 +116,27 @@ async def test_a_hand_edited_row_of_an_unexpected_shape_does_not_stop_the_routin
     finally:
         await routes.stop()
         await conn.close()
+
+
+async def test_a_number_missing_from_a_snapshot_is_unknown_not_unconfigured(tmp_path):
+    """Started during an outage from a snapshot written earlier on this host: a number moved to
+    the shim since (from another host) is not in it. Answering "not in service" would drop the
+    call; RoutingUnavailable makes the webhook fail so Twilio fetches the VoiceFallbackUrl (Vapi)."""
+    from shim.numbers import Route
+    from shim.routes import RoutingUnavailable, write_snapshot
+    from shim.testing._serve import free_port
+
+    snapshot = tmp_path / "numbers.json"
+    assert write_snapshot(snapshot, [Route(number=NUMBER, assistant_id="demo")])
+
+    async def no_pool():
+        raise OSError("Postgres is down")
+
+    routes = NumberRoutes(lambda: f"postgresql://shim@127.0.0.1:{free_port()}/shim", snapshot, no_pool)
+    try:
+        await routes.start(initial_timeout=1)
+        assert (await routes.lookup(NUMBER)).assistant_id == "demo"
+        with pytest.raises(RoutingUnavailable, match=r"\+15550003333"):
+            await routes.lookup("+15550003333")
+    finally:
+        await routes.stop()
