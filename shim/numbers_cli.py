@@ -241,9 +241,7 @@ async def _find_on_account(api, number: str):
 async def cmd_set(args, config: Config) -> int:
     number = check_e164(args.number)
     if args.assistant is not None:
-        path = config.assistants_dir / f"{args.assistant}.json"
-        if not path.is_file():
-            raise usage(f"--assistant {args.assistant!r}: no file {path}")
+        _check_assistant(config, args.assistant)  # as migrate: an id the voice webhook would refuse is refused here
     elif not re.match(r"^https?://[^\s]+$", args.server_url):
         raise usage(f"--server-url {args.server_url!r}: expected an http(s) URL")
     async with _database(config) as conn:

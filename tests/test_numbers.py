@@ -124,3 +124,24 @@ def test_route_without_a_redirect_target_keeps_every_caller():
                             "previous_settings": '{"VoiceUrl": "https://api.vapi.ai/twilio/inbound_call", "VoiceMethod": "post"}'})
     assert not route.on_shim("+14155550000") and route.redirect_method == "POST"
     assert Route.from_json(route.to_json()) == route
+
+
+@pytest.mark.parametrize("assistant, message", [
+    ("../assistants/demo", "expected an assistant id"),  # a file exists there, but the voice webhook refuses such an id
+    ("nobody", "nobody.json"),
+])
+def test_set_refuses_an_assistant_the_voice_webhook_would_not_answer_with(monkeypatch, capsys, tmp_path, assistant, message):
+    import shutil
+    from pathlib import Path
+
+    from shim.cli import main
+
+    assistants = tmp_path / "assistants"
+    assistants.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "assistants" / "demo.json", assistants / "demo.json")
+    monkeypatch.setenv("SHIM_ASSISTANTS_DIR", str(assistants))
+    monkeypatch.setenv("SHIM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DATABASE_URL", "postgresql://shim@127.0.0.1:9/shim")  # never reached: the check comes first
+    code = main(["numbers", "set", "+15550001111", "--assistant", assistant])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and repr(assistant) in err
