@@ -12,7 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
 # The Voice URL (POST) Vapi writes on a Twilio number it imports (POST /phone-number with
@@ -106,6 +106,31 @@ class VoiceSettings:
             if na != nb:
                 out[self.TWILIO_NAMES[f.name]] = (a, b)
         return out
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with the password of its user info as ***: Twilio takes HTTP Basic credentials in
+    webhook URLs (https://user:password@host/..., https://www.twilio.com/docs/usage/security#http-authentication),
+    and they are shown on terminals and kept in the audit trail only this way."""
+    if not url or "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def redact_urls(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A settings / state dict with every string value passed through redact_url."""
+    if data is None:
+        return None
+    return {k: redact_url(v) if isinstance(v, str) else v for k, v in data.items()}
 
 
 def shim_voice_url(public_url: str) -> str:
@@ -289,4 +314,4 @@ def describe_changes(changes: dict[str, tuple[str | None, str | None]], settings
 
 
 def _shown(value: str | None) -> str:
-    return value if value else "(empty)"
+    return redact_url(value) if value else "(empty)"

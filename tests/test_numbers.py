@@ -145,3 +145,12 @@ def test_set_refuses_an_assistant_the_voice_webhook_would_not_answer_with(monkey
     code = main(["numbers", "set", "+15550001111", "--assistant", assistant])
     err = capsys.readouterr().err
     assert code == 2 and message in err and repr(assistant) in err
+
+
+def test_redact_url_hides_only_the_password():
+    from shim.numbers import redact_url
+
+    assert redact_url("https://ivr:s3cret@ivr.example.com/answer?x=1") == "https://ivr:***@ivr.example.com/answer?x=1"
+    assert redact_url("https://ivr@ivr.example.com/answer") == "https://ivr@ivr.example.com/answer"
+    assert redact_url(VAPI_INBOUND_URL) == VAPI_INBOUND_URL
+    assert redact_url("") == "" and redact_url(None) is None
