@@ -112,6 +112,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
     except CommandError as exc:
         _err(command, str(exc))
         return exc.code
+    except BrokenPipeError:  # `shim numbers list --json | head`: the reader left, which is not an error
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
 
 
 def _run(coro):
