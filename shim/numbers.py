@@ -203,6 +203,11 @@ def plan_migrate(
         previous = current
         if recorded is not None and recorded.differences(current):
             notes.append("the number no longer pointed at the shim: its current settings are recorded anew")
+    if previous.status_callback and points_to(previous.status_callback, public_url) == "other":
+        notes.append(
+            f"its StatusCallback {redact_url(previous.status_callback)} stops getting this number's call status "
+            "events while it is on the shim (they come to the shim; rollback restores it)"
+        )
     target = shim_settings(previous, public_url)
     return MigratePlan(
         previous=previous,

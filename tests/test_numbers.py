@@ -154,3 +154,11 @@ def test_redact_url_hides_only_the_password():
     assert redact_url("https://ivr@ivr.example.com/answer") == "https://ivr@ivr.example.com/answer"
     assert redact_url(VAPI_INBOUND_URL) == VAPI_INBOUND_URL
     assert redact_url("") == "" and redact_url(None) is None
+
+
+def test_migrate_says_when_a_status_callback_of_the_customers_own_stops_getting_events():
+    crm = VoiceSettings(**{**VAPI.__dict__, "status_callback": "https://crm:pw@crm.example.com/twilio-status"})
+    plan = plan_migrate(current=crm, recorded=None, assistant_before=None, assistant_after="a", public_url=PUBLIC)
+    assert [n for n in plan.notes if "StatusCallback https://crm:***@crm.example.com/twilio-status" in n and "rollback" in n]
+    vapi_only = plan_migrate(current=VAPI, recorded=None, assistant_before=None, assistant_after="a", public_url=PUBLIC)
+    assert not vapi_only.notes
