@@ -3,7 +3,10 @@ where a Voice URL points, and the sticky split."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+import structlog
 
 from shim.numbers import (
     VAPI_INBOUND_URL,
@@ -142,7 +145,12 @@ def test_set_refuses_an_assistant_the_voice_webhook_would_not_answer_with(monkey
     monkeypatch.setenv("SHIM_ASSISTANTS_DIR", str(assistants))
     monkeypatch.setenv("SHIM_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("DATABASE_URL", "postgresql://shim@127.0.0.1:9/shim")  # never reached: the check comes first
-    code = main(["numbers", "set", "+15550001111", "--assistant", assistant])
+    handlers = list(logging.getLogger().handlers)
+    try:
+        code = main(["numbers", "set", "+15550001111", "--assistant", assistant])
+    finally:  # the CLI configures logging for its process: leave the test process as it was
+        structlog.reset_defaults()
+        logging.getLogger().handlers[:] = handlers
     err = capsys.readouterr().err
     assert code == 2 and message in err and repr(assistant) in err
 
