@@ -31,6 +31,7 @@ from .bridge import BridgeState, CallRunner, start_media_server
 from .config import Config
 from .db import redact_dsn, resolve_dsn
 from .metrics import ShimMetrics
+from .numbers import redact_url
 from .routes import SNAPSHOT_NAME, NumberRoutes, RoutingUnavailable
 from .store import Recorder, migrate
 from tools import envelope
@@ -326,7 +327,7 @@ async def twilio_voice(request: Request) -> Response:
         # previous Voice URL (Vapi's inbound_call accepts only ringing calls, so nothing may answer first).
         if call_sid:
             shim.recorder.upsert("calls", {**row, "stack": "vapi-redirect", "status": "redirected"})
-        bound.info("call_redirected", to=to, url=route.redirect_url, split_percent=route.split_percent)
+        bound.info("call_redirected", to=to, url=redact_url(route.redirect_url), split_percent=route.split_percent)
         vr = VoiceResponse()
         vr.redirect(route.redirect_url, method=route.redirect_method)
         return twiml(vr)

@@ -12,7 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
 # The Voice URL (POST) Vapi writes on a Twilio number it imports (POST /phone-number with
@@ -108,6 +108,31 @@ class VoiceSettings:
         return out
 
 
+def redact_url(url: str | None) -> str | None:
+    """The URL with the password of its user info as ***: Twilio takes HTTP Basic credentials in
+    webhook URLs (https://user:password@host/..., https://www.twilio.com/docs/usage/security#http-authentication),
+    and they are shown on terminals and kept in the audit trail only this way."""
+    if not url or "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def redact_urls(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A settings / state dict with every string value passed through redact_url."""
+    if data is None:
+        return None
+    return {k: redact_url(v) if isinstance(v, str) else v for k, v in data.items()}
+
+
 def shim_voice_url(public_url: str) -> str:
     return public_url.rstrip("/") + "/twilio/voice"
 
@@ -178,6 +203,11 @@ def plan_migrate(
         previous = current
         if recorded is not None and recorded.differences(current):
             notes.append("the number no longer pointed at the shim: its current settings are recorded anew")
+    if previous.status_callback and points_to(previous.status_callback, public_url) == "other":
+        notes.append(
+            f"its StatusCallback {redact_url(previous.status_callback)} stops getting this number's call status "
+            "events while it is on the shim (they come to the shim; rollback restores it)"
+        )
     target = shim_settings(previous, public_url)
     return MigratePlan(
         previous=previous,
@@ -251,11 +281,16 @@ class Route:
             import orjson
 
             previous = orjson.loads(previous)
+        # jsonb has no schema: a value edited by hand that is not Twilio's shape leaves the
+        # route with nowhere to redirect to (the shim keeps the callers) instead of failing.
+        if not isinstance(previous, dict):
+            previous = {}
+        url, method = previous.get("VoiceUrl"), previous.get("VoiceMethod")
         return cls(
             number=row["number"], assistant_id=row["assistant_id"], server_url=row["server_url"],
             split_percent=int(row["split_percent"] if row["split_percent"] is not None else 100),
-            redirect_url=previous.get("VoiceUrl") or None,
-            redirect_method=(previous.get("VoiceMethod") or "POST").upper(),
+            redirect_url=url if isinstance(url, str) and url else None,
+            redirect_method=method.upper() if isinstance(method, str) and method else "POST",
         )
 
 
@@ -284,4 +319,4 @@ def describe_changes(changes: dict[str, tuple[str | None, str | None]], settings
 
 
 def _shown(value: str | None) -> str:
-    return value if value else "(empty)"
+    return redact_url(value) if value else "(empty)"

@@ -32,6 +32,8 @@ from .numbers import (
     describe_changes,
     plan_migrate,
     points_to,
+    redact_url,
+    redact_urls,
 )
 
 OK, FAILED, USAGE = 0, 1, 2
@@ -109,6 +111,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
     except CommandError as exc:
         _err(command, str(exc))
         return exc.code
+    except BrokenPipeError:  # `shim numbers list --json | head`: the reader left, which is not an error
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
 
 
 def _run(coro):
@@ -166,7 +172,7 @@ async def _audit(conn, number: str, action: str, before: Any, after: Any, actor:
     return await conn.fetchval(
         """INSERT INTO number_changes (number, action, before, after, actor, outcome, error)
            VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, $6, $7) RETURNING id""",
-        number, action, orjson.dumps(before).decode(), orjson.dumps(after).decode(), actor, outcome, error,
+        number, action, orjson.dumps(redact_urls(before)).decode(), orjson.dumps(redact_urls(after)).decode(), actor, outcome, error,
     )
 
 
@@ -219,9 +225,7 @@ async def _find_on_account(api, number: str):
 async def cmd_set(args, config: Config) -> int:
     number = check_e164(args.number)
     if args.assistant is not None:
-        path = config.assistants_dir / f"{args.assistant}.json"
-        if not path.is_file():
-            raise usage(f"--assistant {args.assistant!r}: no file {path}")
+        _check_assistant(config, args.assistant)  # as migrate: an id the voice webhook would refuse is refused here
     elif not re.match(r"^https?://[^\s]+$", args.server_url):
         raise usage(f"--server-url {args.server_url!r}: expected an http(s) URL")
     async with _database(config) as conn:
@@ -236,7 +240,7 @@ async def cmd_set(args, config: Config) -> int:
             before = {"assistant_id": old["assistant_id"], "server_url": old["server_url"]} if old else None
             await _audit(conn, number, "set", before, {"assistant_id": args.assistant, "server_url": args.server_url}, _actor(args))
         await _refresh_snapshot(conn, config)
-    _out(f"{number} -> {args.assistant or 'assistant-request ' + args.server_url}")
+    _out(f"{number} -> {args.assistant or 'assistant-request ' + redact_url(args.server_url)}")
     return OK
 
 
@@ -257,7 +261,7 @@ async def cmd_list(args, config: Config) -> int:
         row = rows.pop(pn.phone_number, None)
         records.append({
             "number": pn.phone_number, "sid": pn.sid, "friendly_name": pn.friendly_name,
-            "points_to": points_to(pn.settings.voice_url, config.public_url), "voice_url": pn.settings.voice_url,
+            "points_to": points_to(pn.settings.voice_url, config.public_url), "voice_url": redact_url(pn.settings.voice_url),
             "assistant_id": row["assistant_id"] if row else None,
             "split_percent": row["split_percent"] if row else None,
             "migrated": bool(row and row["migrated_at"]), "on_account": True,
@@ -344,7 +348,7 @@ async def cmd_migrate(args, config: Config) -> int:
         lines = describe_changes(plan.twilio_changes, plan.target)
         lines.append(f"  {'assistant':<20}  {plan.assistant_before or '(none)'} -> {plan.assistant_after}"
                      if plan.assistant_before != plan.assistant_after else f"  {'assistant':<20}  {plan.assistant_after} (unchanged)")
-        lines.append("  recorded for rollback: " + ", ".join(f"{k}={v or '(empty)'}" for k, v in plan.previous.to_json().items()))
+        lines.append("  recorded for rollback: " + ", ".join(f"{k}={redact_url(v) or '(empty)'}" for k, v in plan.previous.to_json().items()))
         if args.dry_run:
             _out(f"{header}: dry run, nothing changed; migrate would set:")
             for line in lines:
@@ -431,7 +435,7 @@ async def cmd_rollback(args, config: Config) -> int:
         pn = await _find_on_account(api, number)
         changes = pn.settings.differences(recorded)
         if changes and points_to(pn.settings.voice_url, config.public_url) != "shim":
-            _err("rollback", f"warning: its Voice URL was {pn.settings.voice_url!r}, not this deployment; "
+            _err("rollback", f"warning: its Voice URL was {redact_url(pn.settings.voice_url)!r}, not this deployment; "
                              "restoring the recorded settings anyway")
         before = {**pn.settings.to_json(), "assistant_id": row["assistant_id"], "split_percent": row["split_percent"]}
         after = {**recorded.to_json(), "assistant_id": row["assistant_id"], "split_percent": 100}
@@ -484,7 +488,7 @@ async def cmd_split(args, config: Config) -> int:
         await _refresh_snapshot(conn, config)
     rest = 100 - percent
     _out(f"{number}: the shim answers {percent}% of callers" +
-         (f", {rest}% are sent to {route.redirect_url}" if rest else "") + " (live on every instance within seconds)")
+         (f", {rest}% are sent to {redact_url(route.redirect_url)}" if rest else "") + " (live on every instance within seconds)")
     return OK
 
 

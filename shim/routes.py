@@ -3,7 +3,7 @@ rings while Postgres is away is still answered as configured.
 
 One task per instance keeps it fresh: a dedicated connection LISTENs on `shim_numbers` (a trigger
 NOTIFYs on every change, so a CLI change is live in well under a second), and every POLL_S
-seconds reads the table's version (row count, newest updated_at), re-reading the rows when it
+seconds reads the table's version (a digest of its rows), re-reading the rows when it
 moved and every FULL_READ_S regardless (a lost notification or connection costs at most POLL_S).
 Each new version is written to a snapshot file, which a restart during an outage starts from.
 """
@@ -25,11 +25,15 @@ from .numbers import Route
 log = structlog.get_logger("shim.routes")
 
 POLL_S = 2.0
-FULL_READ_S = 30.0  # between polls only a version (row count, newest updated_at) is read
+FULL_READ_S = 30.0  # between polls only the version (a digest of the rows) is read
 QUERY_TIMEOUT_S = 3.0
 MISS_TIMEOUT_S = 1.0  # a number not in the table: how long the webhook may ask Postgres
 CHANNEL = "shim_numbers"
 _COLUMNS = "number, assistant_id, server_url, split_percent, previous_settings"
+# The table's version: a digest of every row, computed by Postgres (32 bytes on the wire). Not
+# (count, max(updated_at)): an edit in SQL that leaves updated_at alone, or a transaction that
+# commits after a later one (its now() is older), would not move that for FULL_READ_S.
+_VERSION_SQL = "SELECT md5(coalesce(string_agg(n::text, ',' ORDER BY n.number), '')) FROM numbers n"
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
@@ -57,8 +61,9 @@ async def snapshot_from(conn: asyncpg.Connection, path: Path) -> bool:
 
 
 class RoutingUnavailable(RuntimeError):
-    """The table was never loaded (no database since start, no snapshot) and Postgres cannot
-    answer: the webhook cannot tell whether the number is configured."""
+    """Postgres cannot answer and the number is not in a table read from it (none read since
+    start, or only a snapshot that may be stale): the webhook cannot tell whether the number is
+    configured."""
 
 
 class NumberRoutes:
@@ -67,7 +72,11 @@ class NumberRoutes:
         self.snapshot_path = snapshot_path
         self._pool = pool
         self._routes: dict[str, Route] = {}
+        self._version = 0  # bumped by every refresh: a lookup's answer is stale once it moved
         self.loaded = False  # from Postgres or the snapshot at least once
+        # A snapshot may be older than the table (a number moved from another host since): a
+        # number missing from it is "unknown", not "not configured", until Postgres has answered.
+        self._read_from_db = False
         self.db_ok = False  # the last read of Postgres worked
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -85,6 +94,7 @@ class NumberRoutes:
         if route is not None or not number:
             return route
         if self.db_ok:
+            version = self._version
             try:
                 pool = await asyncio.wait_for(self._pool(), MISS_TIMEOUT_S)
                 row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM numbers WHERE number = $1", number, timeout=MISS_TIMEOUT_S)
@@ -94,10 +104,13 @@ class NumberRoutes:
                 if row is None:
                     return None
                 route = Route.from_row(row)
-                self._routes = {**self._routes, number: route}
-                return route
-        if self.loaded:
+                if self._version == version:  # else a refresh read the table after this row: it wins
+                    self._routes = {**self._routes, number: route}
+                return self._routes.get(number, route)
+        if self._read_from_db:
             return None
+        if self.loaded:
+            raise RoutingUnavailable(f"{number} is not in the routing snapshot, which may be out of date, and Postgres is unreachable")
         raise RoutingUnavailable("the numbers table was never loaded and Postgres is unreachable")
 
     # --- keeping it fresh ------------------------------------------------------------------
@@ -134,7 +147,7 @@ class NumberRoutes:
                 version, full_read_at = None, 0.0
                 while True:
                     now = loop.time()
-                    seen = tuple(await conn.fetchrow("SELECT count(*), max(updated_at) FROM numbers", timeout=QUERY_TIMEOUT_S))
+                    seen = await conn.fetchval(_VERSION_SQL, timeout=QUERY_TIMEOUT_S)
                     if self._changed.is_set() or seen != version or now - full_read_at >= FULL_READ_S or not self.db_ok:
                         self._changed.clear()
                         await self._refresh(conn)
@@ -144,6 +157,9 @@ class NumberRoutes:
             except _DB_ERRORS as exc:
                 if self.db_ok:
                     log.error("numbers_refresh_failed", error=str(exc) or type(exc).__name__, routes=len(self._routes))
+                self.db_ok = False
+            except Exception:  # a bug must not end the refreshing for the life of the process
+                log.exception("numbers_refresh_crashed", routes=len(self._routes))
                 self.db_ok = False
             finally:
                 if conn is not None:
@@ -157,10 +173,11 @@ class NumberRoutes:
     async def _refresh(self, conn: asyncpg.Connection) -> None:
         rows = await conn.fetch(f"SELECT {_COLUMNS} FROM numbers", timeout=QUERY_TIMEOUT_S)
         routes = {row["number"]: Route.from_row(row) for row in rows}
+        self._version += 1
         if not self.db_ok:
             log.info("numbers_loaded", routes=len(routes))
         self.db_ok = True
-        self.loaded = True
+        self.loaded = self._read_from_db = True
         if routes != self._routes:
             self._routes = routes
             await asyncio.to_thread(self._write_snapshot, routes)

@@ -3,7 +3,10 @@ where a Voice URL points, and the sticky split."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+import structlog
 
 from shim.numbers import (
     VAPI_INBOUND_URL,
@@ -124,3 +127,46 @@ def test_route_without_a_redirect_target_keeps_every_caller():
                             "previous_settings": '{"VoiceUrl": "https://api.vapi.ai/twilio/inbound_call", "VoiceMethod": "post"}'})
     assert not route.on_shim("+14155550000") and route.redirect_method == "POST"
     assert Route.from_json(route.to_json()) == route
+
+
+@pytest.mark.parametrize("assistant, message", [
+    ("../assistants/demo", "expected an assistant id"),  # a file exists there, but the voice webhook refuses such an id
+    ("nobody", "nobody.json"),
+])
+def test_set_refuses_an_assistant_the_voice_webhook_would_not_answer_with(monkeypatch, capsys, tmp_path, assistant, message):
+    import shutil
+    from pathlib import Path
+
+    from shim.cli import main
+
+    assistants = tmp_path / "assistants"
+    assistants.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "assistants" / "demo.json", assistants / "demo.json")
+    monkeypatch.setenv("SHIM_ASSISTANTS_DIR", str(assistants))
+    monkeypatch.setenv("SHIM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DATABASE_URL", "postgresql://shim@127.0.0.1:9/shim")  # never reached: the check comes first
+    handlers = list(logging.getLogger().handlers)
+    try:
+        code = main(["numbers", "set", "+15550001111", "--assistant", assistant])
+    finally:  # the CLI configures logging for its process: leave the test process as it was
+        structlog.reset_defaults()
+        logging.getLogger().handlers[:] = handlers
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and repr(assistant) in err
+
+
+def test_redact_url_hides_only_the_password():
+    from shim.numbers import redact_url
+
+    assert redact_url("https://ivr:s3cret@ivr.example.com/answer?x=1") == "https://ivr:***@ivr.example.com/answer?x=1"
+    assert redact_url("https://ivr@ivr.example.com/answer") == "https://ivr@ivr.example.com/answer"
+    assert redact_url(VAPI_INBOUND_URL) == VAPI_INBOUND_URL
+    assert redact_url("") == "" and redact_url(None) is None
+
+
+def test_migrate_says_when_a_status_callback_of_the_customers_own_stops_getting_events():
+    crm = VoiceSettings(**{**VAPI.__dict__, "status_callback": "https://crm:pw@crm.example.com/twilio-status"})
+    plan = plan_migrate(current=crm, recorded=None, assistant_before=None, assistant_after="a", public_url=PUBLIC)
+    assert [n for n in plan.notes if "StatusCallback https://crm:***@crm.example.com/twilio-status" in n and "rollback" in n]
+    vapi_only = plan_migrate(current=VAPI, recorded=None, assistant_before=None, assistant_after="a", public_url=PUBLIC)
+    assert not vapi_only.notes

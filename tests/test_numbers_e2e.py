@@ -440,3 +440,50 @@ async def test_instances_follow_the_table_without_notifications_too(tmp_path, db
                 await asyncio.sleep(0.1)
         finally:
             await conn.close()
+
+
+async def test_credentials_in_a_voice_url_are_restored_but_never_shown_or_audited(tmp_path, db_dsn):
+    """Twilio takes HTTP Basic credentials in webhook URLs: rollback must restore them exactly,
+    and no output, audit row or log line may show the password."""
+    secret_url = "https://ivr:s3cret-pw@ivr.example.com/answer"
+    async with stack(tmp_path, db_dsn) as s:
+        sid = s.twilio.add_number("+15550003333", voice_url=secret_url, status_callback="https://ivr:s3cret-pw@ivr.example.com/status")
+        before = voice_settings(s.twilio.phone_numbers[sid])
+        results = [
+            await s.cli("migrate", "+15550003333", "--assistant", "demo", "--dry-run"),
+            await s.cli("migrate", "+15550003333", "--assistant", "demo"),
+            await s.cli("list"), await s.cli("list", "--json"),
+            await s.cli("split", "+15550003333", "--percent", "0"),
+        ]
+        twiml = await s.ring(to="+15550003333")
+        assert twiml.find("./Redirect").text == secret_url  # Twilio itself gets the credentials it needs
+        results += [await s.cli("rollback", "+15550003333"), await s.cli("history", "+15550003333"),
+                    await s.cli("history", "+15550003333", "--json")]
+        assert all(r.code == 0 for r in results), [r.err for r in results]
+        assert voice_settings(s.twilio.phone_numbers[sid]) == before  # restored exactly, password included
+        shown = "".join(r.out + r.err for r in results)
+        assert "ivr:***@ivr.example.com/answer" in shown and "s3cret-pw" not in shown
+        audit = await query(s.dsn, "SELECT before::text || after::text AS both FROM number_changes")
+        assert audit and not any("s3cret-pw" in a["both"] for a in audit)
+
+
+async def test_a_reader_that_leaves_early_is_not_an_error(tmp_path, db_dsn):
+    """`shim numbers history N --json | head -1`: the rest of the output has nowhere to go."""
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.executemany("INSERT INTO number_changes (number, action, before, after, actor) VALUES ($1, 'split', '{}', '{}', 'x')",
+                               [(SHIM_NUMBER,)] * 50)
+    finally:
+        await conn.close()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SHIM_", "DATABASE_URL"))}
+    env.update(DATABASE_URL=db_dsn, SHIM_DATA_DIR=str(tmp_path / "data"), SHIM_LOG_LEVEL="warning")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shim.cli", "numbers", "history", SHIM_NUMBER, "--json", env=env, cwd=REPO,
+            stdout=write_end, stderr=asyncio.subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()

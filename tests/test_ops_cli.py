@@ -111,6 +111,18 @@ async def test_database_unreachable_is_a_runtime_failure(env, capsys):
     assert "hunter2" not in err
 
 
+@pytest.mark.parametrize("url", ["postgresql://shim:hunter2@[db/shim", "postgresql://shim:hunter2@db:port/shim",
+                                 "mysql://shim:hunter2@db/shim"])
+@pytest.mark.parametrize("argv", [("calls",), ("numbers", "history", "+15550002222")])
+async def test_a_malformed_database_url_is_a_usage_error_not_a_traceback(env, capsys, url, argv):
+    env.setenv("DATABASE_URL", url)
+    code, out, err = await shim(capsys, *argv)
+    assert code == 2 and "DATABASE_URL" in err and "postgresql://USER" in err
+    assert "Traceback" not in err and "hunter2" not in err + out
+    if argv[0] == "calls":  # (`shim numbers` still logs its database line on stdout in this branch)
+        assert out == ""
+
+
 # --- recordings -----------------------------------------------------------------------------
 
 
