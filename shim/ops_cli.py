@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 from datetime import datetime, timezone
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -106,30 +105,12 @@ def _query(config: Config, work):
     from .cli import _run, _with_db
 
     try:
-        _check_database_url(config.database_url)
         return _run(_with_db(config, work))
     except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
         from .db import redact_dsn
 
         where = redact_dsn(config.database_url) if config.database_url else f"the embedded database under {config.data_dir}"
         raise DatabaseUnavailable(f"cannot reach {where}: {type(exc).__name__}: {exc}") from None
-
-
-def _check_database_url(url: str) -> None:
-    """A malformed DATABASE_URL is a configuration error (exit 2), not a traceback."""
-    if not url or "://" not in url:
-        return  # unset (embedded), or libpq's key=value form: asyncpg reports its own problems
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
-        ok = parts.scheme in ("postgres", "postgresql")
-    except ValueError as exc:
-        reason = str(exc)
-    else:
-        reason = None if ok else f"scheme {parts.scheme!r}"
-    if reason is not None:
-        raise ops.UsageError(f"DATABASE_URL is not a usable PostgreSQL URL ({reason}); "
-                             "expected postgresql://USER:PASSWORD@HOST:PORT/DBNAME")
 
 
 def calls_command(args, config: Config) -> int:

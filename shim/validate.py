@@ -123,7 +123,7 @@ def _database_problems(config: Config) -> list[str]:
         parts = urlsplit(url)
         parts.port  # noqa: B018
     except ValueError as exc:
-        return [f"DATABASE_URL: not a URL ({exc})"]
+        return [f"DATABASE_URL: not a URL ({exc}): expected postgresql://user:password@host:port/database"]
     if parts.scheme not in ("postgres", "postgresql"):
         return [f"DATABASE_URL: scheme {parts.scheme!r}: expected postgresql://user:password@host:port/database"]
     if not parts.hostname and "host=" not in parts.query:
