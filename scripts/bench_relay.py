@@ -3,8 +3,8 @@
 For each --calls value, runs N concurrent simulated calls (Twilio caller + Realtime stand-in,
 both lightweight and in this one uvloop process, see scripts/_bench_peers.py) through:
 
-* shim: `python -m shim.cli serve` as a subprocess, as scripts/demo.py starts it (picows media
-  listener, embedded PostgreSQL and its writer, the demo assistant with its defaults, e.g. the
+* shim: `python -m shim.cli serve` as a subprocess, as scripts/demo.py starts it (media on the
+  one port, routed to picows; `--media media-port` for picows on a port of its own; embedded PostgreSQL and its writer, the demo assistant with its defaults, e.g. the
   office ambience mixed under every assistant chunk; only the Twilio REST recording start is
   skipped, by leaving TWILIO_ACCOUNT_SID unset, so nothing leaves 127.0.0.1);
 * bare relay (--baseline): a ~60-line picows relay, also a subprocess of this script
@@ -240,7 +240,7 @@ class Server:
     pg: psutil.Process | None = None  # embedded Postgres, when it is not a child of the server
 
 
-async def start_shim(model: ModelServer, tag: str, source: Path) -> Server:
+async def start_shim(model: ModelServer, tag: str, source: Path, media: str = "one-port") -> Server:
     data_dir = REPO / ".shim" / "bench"
     data_dir.mkdir(parents=True, exist_ok=True)
     http_port, media_port = free_port(), free_port()
@@ -250,7 +250,6 @@ async def start_shim(model: ModelServer, tag: str, source: Path) -> Server:
         OPENAI_REALTIME_URL=model.url,
         TWILIO_AUTH_TOKEN=AUTH_TOKEN,
         PUBLIC_URL=f"http://127.0.0.1:{http_port}",
-        PUBLIC_MEDIA_URL=f"ws://127.0.0.1:{media_port}/twilio/media",
         SHIM_DATA_DIR=str(data_dir),
         SHIM_ASSISTANTS_DIR=str(source / "assistants"),
         SHIM_LOG_LEVEL="warning",
@@ -263,14 +262,17 @@ async def start_shim(model: ModelServer, tag: str, source: Path) -> Server:
         env.pop(name, None)
     if source != REPO:  # benchmark another checkout of the shim (python -m puts cwd first on sys.path)
         env["PYTHONPATH"] = str(source)
+    # one-port: as deployed (the front door routes /twilio/media to picows on the webhook port);
+    # media-port: picows on a port of its own (`--media-port`), for comparison.
+    command = [sys.executable, "-m", "shim.cli", "serve", "--host", "127.0.0.1", "--port", str(http_port)]
+    media_url = f"ws://127.0.0.1:{http_port}/twilio/media"
+    if media == "media-port":
+        media_url = env["PUBLIC_MEDIA_URL"] = f"ws://127.0.0.1:{media_port}/twilio/media"
+        command += ["--media-port", str(media_port)]
     log_path = data_dir / f"serve-{tag}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shim.cli", "serve", "--host", "127.0.0.1", "--port", str(http_port),
-             "--media-port", str(media_port)],
-            env=env, cwd=source, stdout=log, stderr=subprocess.STDOUT,
-        )
-    server = Server(proc, env["PUBLIC_MEDIA_URL"], log_path)
+        proc = subprocess.Popen(command, env=env, cwd=source, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(proc, media_url, log_path)
     deadline = perf() + 90
     while not await http_ok(http_port, "/healthz"):
         if proc.poll() is not None or perf() > deadline:
@@ -371,7 +373,7 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
     tag = f"{stack}-{n}"
     await wait_quiet(args.quiet_wait, tag)
     say(f"[{tag}] starting server")
-    server = await (start_shim(model, tag, args.shim_dir) if stack == "shim" else start_bare(model, tag))
+    server = await (start_shim(model, tag, args.shim_dir, args.media) if stack == "shim" else start_bare(model, tag))
     proc = psutil.Process(server.proc.pid)
     pacer = Pacer()
     pacer.start()
@@ -562,7 +564,7 @@ def report(results: list[Result], args) -> str:
     by = {(r.stack, r.calls): r for r in results}
     for n in args.calls:
         shim, bare = by.get(("shim", n)), by.get(("bare", n))
-        for r, name in ((shim, "shim"), (bare, "bare relay")):
+        for r, name in ((shim, f"shim ({args.media})"), (bare, "bare relay")):
             if r is None:
                 continue
             cpu = f"{r.cpu_per_call_min:.3f}"
@@ -659,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", default="50,100", type=_calls,
                         help="concurrent calls, a comma-separated list: one run per value (default 50,100)")
+    parser.add_argument("--media", choices=("one-port", "media-port"), default="one-port",
+                        help="one-port: media on the webhook port, as deployed (default); media-port: picows on its own port")
     parser.add_argument("--seconds", type=float, default=20, help="steady-state window per run (default 20)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the bare picows relay for comparison (default on)")

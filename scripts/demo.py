@@ -47,7 +47,7 @@ def summarize(body: dict) -> str:
 async def main() -> int:
     OUT.mkdir(exist_ok=True)
     data_dir = REPO / ".shim" / "demo"
-    http_port, media_port = free_port(), free_port()
+    http_port = free_port()
     model = FakeRealtime(
         Script(
             replies=[
@@ -76,18 +76,18 @@ async def main() -> int:
         OPENAI_BASE_URL=text_model.base_url,
         TWILIO_AUTH_TOKEN=AUTH_TOKEN,
         PUBLIC_URL=f"http://127.0.0.1:{http_port}",
-        PUBLIC_MEDIA_URL=f"ws://127.0.0.1:{media_port}/twilio/media",
         SHIM_DATA_DIR=str(data_dir),
         SHIM_ASSISTANTS_DIR=str(REPO / "assistants"),
         SHIM_LOG_FORMAT="console",
         SHIM_LOG_LEVEL=os.environ.get("SHIM_LOG_LEVEL", "warning"),
+        SHIM_TOOL_URL_ALLOW="127.0.0.1",  # the stand-ins listen on loopback, refused by default
     )
     env.pop("DATABASE_URL", None)
     shim = [sys.executable, "-m", "shim.cli"]
     subprocess.run([*shim, "numbers", "set", SHIM_NUMBER, "--assistant", "demo"], env=env, check=True)
-    print(f"== shim serve on :{http_port} (webhooks) and :{media_port} (media), model stand-in at {model.url}")
+    print(f"== shim serve on :{http_port} (webhooks, and the media stream on /twilio/media), model stand-in at {model.url}")
     server = subprocess.Popen(
-        [*shim, "serve", "--host", "127.0.0.1", "--port", str(http_port), "--media-port", str(media_port)], env=env
+        [*shim, "serve", "--host", "127.0.0.1", "--port", str(http_port)], env=env
     )
     try:
         async with httpx.AsyncClient(timeout=10) as http:

@@ -6,27 +6,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import os
 from datetime import datetime, timezone
 from collections import OrderedDict
 from typing import Any
+from urllib.parse import parse_qsl
 
 import asyncpg
+import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
+from . import admin
 from .assistant import ASSISTANT_ID_RE
 from .bridge import BridgeState, CallRunner, start_media_server
 from .config import Config
 from .db import redact_dsn, resolve_dsn
 from .metrics import ShimMetrics
 from . import store_queries
+from .numbers import redact_url
+from .routes import SNAPSHOT_NAME, NumberRoutes, RoutingUnavailable
 from .store import Recorder, migrate
 from tools import envelope
 from tools.delivery import WebhookSender
@@ -37,6 +44,9 @@ from .call import transfer_action
 log = structlog.get_logger("shim.app")
 SORRY_NO_ASSISTANT = "Sorry, this number is not in service. Goodbye."
 ASSISTANT_REQUEST_BUDGET_S = 7.5  # Vapi's fixed budget for assistant-request
+# Of SHIM_DRAIN_TIMEOUT, what live calls do NOT get: Twilio's callbacks after the apology (2/3)
+# and the last rows and end-of-call reports (1/3). At most a quarter of the drain time.
+DRAIN_RESERVE_S = 15.0
 
 # Twilio's final call statuses -> Vapi endedReason (only used when the stream did not already
 # record a more precise reason).
@@ -80,6 +90,15 @@ class Shim:
         self.endings: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.assistant_requests: dict[str, dict[str, Any]] = {}  # this instance's recent answers
         self.ticker: asyncio.Task | None = None
+        # The voice webhook routes from this in-memory copy of the numbers table (shim/routes.py).
+        self.routes = NumberRoutes(lambda: self.dsn, config.data_dir / SNAPSHOT_NAME, self.db)
+        self.started = False
+        self.db_ok_at_start = False
+        self.draining = False  # SIGTERM seen: /readyz 503
+        self.drain_started: float | None = None
+        self.stream_ended_answered: set[str] = set()  # during a drain: whose apology/<Dial> went out
+        self.status_answered: set[str] = set()  # during a drain: whose final status arrived
+        self.metrics_server: asyncio.Server | None = None
 
     async def startup(self) -> None:
         config = self.config
@@ -88,7 +107,8 @@ class Shim:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         # The writer migrates on every (re)connect and spools while Postgres is away, so calls
         # work even when the database is down at boot.
-        self.recorder = Recorder(self.dsn, spool_path=config.data_dir / "spool.jsonl")
+        self.recorder = Recorder(self.dsn, spool_path=config.data_dir / "spool.jsonl",
+                                 max_memory_rows=config.writer_max_memory_rows)
         await self.recorder.start()
         self.bridge.sender = WebhookSender(self.bridge.http(), self.recorder)
         self.bridge.drain = self.recorder.drain
@@ -97,31 +117,79 @@ class Shim:
         self.ticker = asyncio.get_running_loop().create_task(self.bridge.tick_forever(), name="call-timers")
         try:
             await asyncio.wait_for(migrate(self.dsn), 15)
+            self.db_ok_at_start = True
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             log.error("database_unavailable_at_start", error=str(exc))
+        await self.routes.start()
         if self.media_port:
             self.media_server = await start_media_server(self.bridge, self.media_host, self.media_port)
             log.info("media_listener", host=self.media_host, port=self.media_port, url=config.media_stream_url)
+        if config.metrics_port:
+            self.metrics_server = await start_metrics_server(self, self.media_host, config.metrics_port)
+            log.info("metrics_listener", host=self.media_host, port=config.metrics_port)
+        self.started = True
+
+    def drain_plan(self) -> tuple[float, float]:
+        """(seconds live calls may go on, seconds for Twilio's callbacks after the apology),
+        both inside SHIM_DRAIN_TIMEOUT; the rest is for rows and end-of-call reports."""
+        total = self.config.drain_timeout_s
+        reserve = min(DRAIN_RESERVE_S, total / 4)
+        return total - reserve, reserve * 2 / 3
+
+    async def drain_calls(self) -> None:
+        """SIGTERM: take no new calls (/readyz 503), let live calls finish, end the rest with
+        the apology. The HTTP port stays open all along: /twilio/stream-ended (which plays the
+        apology or the <Dial>) and /twilio/status of these calls are still answered."""
+        if self.drain_started is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self.draining = True
+        self.drain_started = loop.time()
+        calls_s, callbacks_s = self.drain_plan()
+        seen = {r.call.call_sid for r in self.bridge.runners}
+        log.info("drain_started", live_calls=len(seen), wait_s=calls_s)
+        while self.bridge.runners and loop.time() < self.drain_started + calls_s:
+            seen |= {r.call.call_sid for r in self.bridge.runners}
+            await asyncio.sleep(0.1)
+        aborted = 0
+        for runner in list(self.bridge.runners):
+            seen.add(runner.call.call_sid)
+            runner.call.abort("worker-shutdown")  # Twilio says the apology, then hangs up
+            runner.pump()
+            aborted += 1
+        seen.discard("")
+        until = self.drain_started + calls_s + callbacks_s
+        # Twilio asks /twilio/stream-ended right after the stream closes (its answer is the
+        # apology or the <Dial>), and /twilio/status once the call is over: answer both.
+        while (self.bridge.runners or not seen <= self.stream_ended_answered or not seen <= self.status_answered) \
+                and loop.time() < until:
+            await asyncio.sleep(0.05)
+        log.info("drain_done", calls=len(seen), ended_by_shutdown=aborted,
+                 unanswered_stream_ended=len(seen - self.stream_ended_answered),
+                 unanswered_status=len(seen - self.status_answered),
+                 seconds=round(loop.time() - self.drain_started, 2))
 
     async def shutdown(self) -> None:
+        await self.drain_calls()  # a no-op when `shim serve` drained already
         if self.media_server is not None:
-            self.media_server.close()  # no new calls; live ones drain below
-        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout_s
-        while self.bridge.runners and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.2)
-        for runner in list(self.bridge.runners):
-            runner.call.abort("worker-shutdown")  # apology, then hang-up
-            runner.pump()
-        while self.bridge.runners and asyncio.get_running_loop().time() < deadline + 5:
-            await asyncio.sleep(0.05)  # let the runners close their sockets and write their rows
+            self.media_server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        loop = asyncio.get_running_loop()
+        exit_by = (self.drain_started or loop.time()) + self.config.drain_timeout_s
+
+        def left(cap: float) -> float:
+            return max(0.5, min(cap, exit_by - loop.time()))
+
         if self.bridge.post_call:  # end-of-call reports of calls that just ended (bounded)
-            await asyncio.wait(list(self.bridge.post_call), timeout=10)
+            await asyncio.wait(list(self.bridge.post_call), timeout=left(10))
         if self.bridge.sender is not None:
-            await self.bridge.sender.close(timeout=10)
+            await self.bridge.sender.close(timeout=left(10))
         if self.ticker is not None:
             self.ticker.cancel()
+        await self.routes.stop()
         if self.recorder is not None:
-            await self.recorder.close(timeout=10)
+            await self.recorder.close(timeout=left(10))
         if self.pool is not None:
             await self.pool.close()
         if self.bridge._http is not None:
@@ -129,22 +197,46 @@ class Shim:
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this instance takes new calls, and why (GET /readyz). A database outage or
+        a failing model does not make it unready (every instance shares them, and calls still
+        run on the spool and the in-memory routes); they are reported as degraded."""
+        recorder = self.recorder
+        health = recorder.health() if recorder is not None else None
+        if health is None:
+            database = "starting"
+        elif health.connected or (health.state == "connecting" and self.db_ok_at_start):
+            database = "up"  # (the writer connects on its first row; the start-up migration reached it)
+        else:
+            database = str(health)  # "degraded: spooling N rows"
+        model = self.bridge.model_health
+        ready = self.started and not self.draining
+        body = {
+            "ready": ready,
+            "status": "draining" if self.draining else "starting" if not self.started else
+                      "ok" if database == "up" and model.get("ok", True) else "degraded",
+            "draining": self.draining,
+            "live_calls": len(self.bridge.runners),
+            "database": {"state": database, "pending_rows": recorder.pending if recorder else 0,
+                         "spooled_rows": recorder.spooled if recorder else 0},
+            "model": model or {"ok": None, "detail": "no call has connected yet"},
+        }
+        return ready, body
+
     async def db(self) -> asyncpg.Pool:
         if self.pool is None:
             self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=2)
         return self.pool
 
     async def lookup_number(self, number: str) -> dict[str, Any] | None:
-        """The numbers row for `number` ({assistant_id, server_url}); None when unknown or when
-        Postgres is unreachable (the call then runs on what the stream says)."""
-        if not number:
-            return None
+        """The numbers row for `number` ({assistant_id, server_url}) from the in-memory routing
+        table; None when unknown or when it cannot be known (the call then runs on what the
+        stream says)."""
         try:
-            pool = await asyncio.wait_for(self.db(), 2)
-            return await store_queries.number_route(pool, number)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            log.error("number_lookup_failed", error=str(exc))
+            route = await self.routes.lookup(number)
+        except RoutingUnavailable:
             return None
+        return route.as_number() if route else None
 
     def remember_end(self, call_sid: str, action: dict[str, Any]) -> None:
         self.endings[call_sid] = action
@@ -177,10 +269,34 @@ class _DeferredRecords:
 # --- routes -------------------------------------------------------------------------------
 
 
+# Twilio's webhook forms are a few KB; a body is capped before it is parsed (or its signature
+# checked), so an unsigned flood cannot stall the event loop that carries every call's audio.
+MAX_WEBHOOK_BODY = 64 * 1024
+
+
+async def _capped_body(request: Request) -> bytes:
+    """The body, or 413 as soon as it is known to exceed MAX_WEBHOOK_BODY (Content-Length, or
+    while a chunked body streams in)."""
+    too_large = HTTPException(413, f"webhook body over {MAX_WEBHOOK_BODY} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared and (not declared.isascii() or not declared.isdigit() or int(declared) > MAX_WEBHOOK_BODY):
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_WEBHOOK_BODY:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _signed_form(request: Request, path: str) -> dict[str, str] | None:
     shim: Shim = request.app.state.shim
-    form = await request.form()
-    params = {k: str(v) for k, v in form.multi_items()}
+    body = await _capped_body(request)
+    try:
+        params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=200))
+    except ValueError:
+        raise HTTPException(400, "webhook form has more than 200 fields") from None
     url = shim.config.http_url(path) + (f"?{request.url.query}" if request.url.query else "")
     signature = request.headers.get("x-twilio-signature", "")
     if not shim.bridge.signatures.valid(url, params, signature):
@@ -196,10 +312,28 @@ async def twilio_voice(request: Request) -> Response:
         return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
     call_sid, to, from_ = params.get("CallSid", ""), params.get("To", ""), params.get("From", "")
     bound = log.bind(call_sid=call_sid)
-    number = await shim.lookup_number(to) or {}
-    assistant_id = number.get("assistant_id") or ""
     row = {"call_sid": call_sid, "from_number": from_ or None, "to_number": to or None,
            "account_sid": params.get("AccountSid") or None, "status": "ringing", "stack": "shim"}
+    try:
+        route = await shim.routes.lookup(to)  # memory; Postgres only for a number not in the table
+    except RoutingUnavailable:
+        if not shim.config.default_assistant:
+            # Never "not in service" for a number we may well serve: an error makes Twilio fetch
+            # the number's VoiceFallbackUrl (Vapi, after `shim numbers migrate`).
+            bound.error("number_routing_unavailable", to=to)
+            return PlainTextResponse("routing table unavailable", status_code=503)
+        route = None
+    if route is not None and not route.on_shim(from_):
+        # A split number's caller on the Vapi side: hand the call, still ringing, to the recorded
+        # previous Voice URL (Vapi's inbound_call accepts only ringing calls, so nothing may answer first).
+        if call_sid:
+            shim.recorder.upsert("calls", {**row, "stack": "vapi-redirect", "status": "redirected"})
+        bound.info("call_redirected", to=to, url=redact_url(route.redirect_url), split_percent=route.split_percent)
+        vr = VoiceResponse()
+        vr.redirect(route.redirect_url, method=route.redirect_method)
+        return twiml(vr)
+    number = route.as_number() if route is not None else {}
+    assistant_id = number.get("assistant_id") or ""
     if not assistant_id and number.get("server_url"):
         # Vapi's assistant-request: the number's server picks the assistant (7.5 s budget).
         answer, reason = await assistant_request(shim, params, number["server_url"])
@@ -303,6 +437,8 @@ async def stream_ended(request: Request) -> Response:
         return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
     call_sid = params.get("CallSid", "")
     action = shim.endings.get(call_sid) or await _stored_action(shim, call_sid)
+    if shim.draining:
+        shim.stream_ended_answered.add(call_sid)
     if action and action.get("verb") == "dial":
         return twiml(dial_twiml(action, fallback_caller_id=params.get("To", "")))
     if action and action.get("verb") == "hangup":
@@ -350,6 +486,8 @@ async def twilio_status(request: Request) -> Response:
     if params is None:
         return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
     call_sid, status = params.get("CallSid", ""), params.get("CallStatus", "")
+    if shim.draining and status in STATUS_ENDED_REASON:
+        shim.status_answered.add(call_sid)
     if call_sid and status in STATUS_ENDED_REASON:
         from datetime import datetime, timezone
 
@@ -363,12 +501,48 @@ async def twilio_status(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
+    """Liveness: the process answers. Whether it takes calls is /readyz."""
     return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    ready, body = request.app.state.shim.readiness()
+    return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
 
 
 async def metrics(request: Request) -> Response:
     shim: Shim = request.app.state.shim
+    if shim.config.metrics_port:  # private port only
+        return PlainTextResponse("Not Found", status_code=404)
+    token = shim.config.metrics_token
+    if token:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return PlainTextResponse("unauthorized", status_code=401, headers={"WWW-Authenticate": "Bearer"})
     return Response(generate_latest(shim.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def start_metrics_server(shim: Shim, host: str, port: int) -> asyncio.Server:
+    """SHIM_METRICS_PORT: /metrics alone on a port the platform keeps private (Fly scrapes it
+    over its private network through fly.toml's [metrics]). One request per connection."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            path = line.split(b" ", 2)[1].split(b"?", 1)[0] if line.count(b" ") >= 2 else b""
+            if path == b"/metrics":
+                body, status, ctype = generate_latest(shim.metrics.registry), b"200 OK", CONTENT_TYPE_LATEST.encode()
+            else:
+                body, status, ctype = b"Not Found", b"404 Not Found", b"text/plain"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
 
 
 class QueueTwilioSink:
@@ -404,6 +578,11 @@ async def media_stream(websocket: WebSocket) -> None:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
+                if message.get("code") == 1012 and shim.draining:
+                    # Our own server closing this socket at shutdown (uvicorn sends 1012), not
+                    # Twilio hanging up: the call ends as any call the drain ends.
+                    runner.call.abort("worker-shutdown")
+                    runner.pump()
                 break
             data = message.get("text") or message.get("bytes")
             if data is not None:
@@ -436,8 +615,10 @@ def create_app(config: Config, *, media_host: str = "0.0.0.0", media_port: int |
             Route("/twilio/stream-ended", stream_ended, methods=["POST"]),
             Route("/twilio/status", twilio_status, methods=["POST"]),
             Route("/healthz", healthz),
+            Route("/readyz", readyz),
             Route("/metrics", metrics),
             WebSocketRoute("/twilio/media", media_stream),
+            *admin.routes(shim),  # the call browser under /admin (404 unless SHIM_ADMIN_TOKEN is set)
         ],
         lifespan=lifespan,
     )

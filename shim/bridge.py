@@ -40,6 +40,7 @@ from .background import BackgroundMixer, ambience_for, public_url
 from tools import envelope
 from tools.analysis import analyze
 from tools.delivery import WebhookSender
+from tools.egress import guarded_client, parse_allow_list
 from tools.results import delayed_messages, parse_tool_response
 from tools.secrets import SecretsBook, ServerTarget, resolve_server
 
@@ -47,6 +48,7 @@ from .translate import CallSetup, translate
 from .twilio_rest import REST_TIMEOUT_S, TwilioRestError, start_recording
 from .call import Call, RecordSink
 from .call_work import (
+    API_ANSWER_MAX_BYTES,
     analysis_row,
     api_answer,
     api_failure,
@@ -95,12 +97,15 @@ class BridgeState:
     post_call: set[asyncio.Task] = field(default_factory=set)  # end-of-call work still running
     drain: Callable[[float], Awaitable[bool]] | None = None  # wait (bounded) until rows are written
     request_lookup: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None  # assistant-request answers
+    model_health: dict[str, Any] = field(default_factory=dict)  # the last model connect, for /readyz
     _http: httpx.AsyncClient | None = None
 
     def http(self) -> httpx.AsyncClient:
-        """One HTTP client for the process (background sounds now, webhooks later)."""
+        """One HTTP client for the process (webhooks, apiRequest tools, background sounds, the
+        analysis): every request and redirect hop passes SHIM_TOOL_URL_ALLOW (tools/egress.py)."""
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=10, follow_redirects=True)
+            policy = parse_allow_list(self.config.tool_url_allow, trusted_urls=[self.config.openai_base_url])
+            self._http = guarded_client(policy, timeout=10, follow_redirects=True)
         return self._http
 
     def __post_init__(self) -> None:
@@ -120,9 +125,17 @@ class BridgeState:
         return self.signatures.stream_token(call_sid)
 
     def start_token_ok(self, start: tw.Start) -> bool:
-        """The start frame's token (the hook for checking it lives here and in CallRunner._resolve)."""
         assert self.signatures is not None
-        return self.signatures.start_token_ok(start.call_sid, start.custom_parameters.get("token", ""))
+        return self.signatures.start_token_ok(start.call_sid, start.token)
+
+    def admit_start(self, start: tw.Start) -> str | None:
+        """Why a stream's `start` is refused (the call checks it before it writes or replaces
+        anything), or None: a wrong token, or a second stream for a CallSid that is live."""
+        if not self.start_token_ok(start):
+            return "stream token does not match the CallSid"
+        if any(runner.call.call_sid == start.call_sid and runner.call.end is None for runner in self.runners):
+            return "a stream for this CallSid is already live"
+        return None
 
     def stream_signature_ok(self, signature: str | None) -> bool:
         """The upgrade is signed over the exact <Stream url> we rendered."""
@@ -178,7 +191,7 @@ class CallRunner:
         self.state = state
         self.twilio = twilio
         self.model: WSTransport | None = None
-        self.call = Call(state.records, log=log, metrics=state.metrics)
+        self.call = Call(state.records, log=log, metrics=state.metrics, admit_start=state.admit_start)
         self.task: asyncio.Task | None = None
         self.ended = asyncio.Event()
         self._twilio_closed = False
@@ -331,11 +344,6 @@ class CallRunner:
 
     async def _resolve(self, start: tw.Start) -> None:
         call = self.call
-        if not self.state.start_token_ok(start):
-            log.warning("stream_token_rejected", call_sid=call.call_sid)
-            call.on_setup_failed(AssistantError("start.customParameters.token", "(redacted)", "the token the voice webhook issued for this CallSid"))
-            self.pump()
-            return
         if self.state.number_lookup is not None:
             number = await self.state.number_lookup(start.custom_parameters.get("to", ""))
             self.number_server_url = (number or {}).get("server_url")
@@ -359,15 +367,20 @@ class CallRunner:
                     extra_headers=headers,
                     websocket_handshake_timeout=config.model_connect_timeout_s,
                     max_frame_size=16 * 1024 * 1024,
+                    # A socket that stays open but goes dead: picows pings after 5 s without a
+                    # frame and disconnects (-> on_model_closed) if no pong comes within 5 s.
+                    enable_auto_ping=True, auto_ping_idle_timeout=5, auto_ping_reply_timeout=5,
                 ),
                 config.model_connect_timeout_s,
             )
         except WSHandshakeError as exc:
             status = int(exc.response.status) if exc.response is not None else None
+            self.state.model_health = {"ok": False, "at": _now_ms(), "detail": f"HTTP {status}"}
             call.on_model_connect_failed(status, str(exc))
             self.pump()
             return
         except (OSError, TimeoutError) as exc:
+            self.state.model_health = {"ok": False, "at": _now_ms(), "detail": type(exc).__name__}
             call.on_model_connect_failed(None, f"{type(exc).__name__}: {exc}")
             self.pump()
             return
@@ -376,6 +389,7 @@ class CallRunner:
             transport.disconnect()
             return
         self.model = transport
+        self.state.model_health = {"ok": True, "at": _now_ms(), "detail": "connected"}
         call.on_model_connected()
         self.pump()
 
@@ -532,13 +546,20 @@ class CallRunner:
             return
         started = asyncio.get_running_loop().time()
         try:
-            # No redirects (headers may carry the customer's secrets); the answer is capped.
-            response = await self.state.http().request(
+            # No redirects (headers may carry the customer's secrets); the answer is capped, and
+            # the timeout is a total deadline (a server dripping bytes cannot hold the call).
+            async with asyncio.timeout(spec.timeout_s), self.state.http().stream(
                 spec.method, spec.url, json=spec.json, headers=spec.headers, timeout=spec.timeout_s,
                 follow_redirects=False,
-            )
-            outcome = api_answer(request.call_id, response.status_code, response.text)
-        except httpx.TimeoutException as exc:
+            ) as response:
+                raw = bytearray()
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) >= API_ANSWER_MAX_BYTES:
+                        break
+            text = bytes(raw[:API_ANSWER_MAX_BYTES]).decode(response.encoding or "utf-8", "replace")
+            outcome = api_answer(request.call_id, response.status_code, text)
+        except (httpx.TimeoutException, TimeoutError) as exc:
             outcome = api_failure(request.call_id, exc, timed_out=True)
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             outcome = api_failure(request.call_id, exc, timed_out=False)
@@ -623,14 +644,19 @@ class TwilioListener(WSListener):
                 self._fragments = []
             if self._fragments is not None:
                 self._fragments.append(frame.get_payload_as_bytes())
-                if frame.fin:
+                if sum(map(len, self._fragments)) > tw.MAX_FRAME_BYTES:  # memory stays bounded
+                    log.warning("twilio_message_too_large", call_sid=self.runner.call.call_sid)
+                    transport.send_close(WSCloseCode.MESSAGE_TOO_BIG)
+                    transport.disconnect()
+                    self._fragments = None
+                elif frame.fin:
                     data, self._fragments = b"".join(self._fragments), None
                     self.runner.on_twilio_text(data)
         elif kind == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()
         elif kind == WSMsgType.BINARY:
-            log.warning("twilio_binary_frame_ignored", call_sid=self.runner.call.call_sid)
+            self.runner.on_twilio_text(b"\x00binary frame")  # rejected and counted like any bad frame
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.runner is not None:
@@ -662,6 +688,7 @@ async def start_media_server(state: BridgeState, host: str, port: int) -> asynci
         port,
         websocket_handshake_timeout=10,
         enable_auto_pong=True,
+        max_frame_size=tw.MAX_FRAME_BYTES,  # per connection: a huge frame closes that stream only
     )
 
 

@@ -82,6 +82,9 @@ VOICE_RMS = 500
 NOISE_REPLY_WINDOW_S = 3.0
 SETUP_DEADLINE_S = 15.0  # from the stream's start to a configured model session
 HANG_AFTER_S = 5.0  # no reply this long after the caller stopped: Vapi's `hang` server message
+# A response in progress with no model event for this long: the socket is open but the model is
+# gone (Realtime streams deltas every few hundred ms); treated as a loss of the model.
+MODEL_STALL_S = 10.0
 SAY_EXACTLY = 'Say exactly the following words, word for word, and nothing else: "{text}"'
 
 
@@ -157,6 +160,7 @@ class Call:
         backend: me.ModelBackend | None = None,
         new_id: Callable[[], str] | None = None,
         rng: random.Random | None = None,
+        admit_start: Callable[[tw.Start], str | None] | None = None,
     ):
         self.records = records
         self._new_id = new_id or counter_ids()
@@ -191,6 +195,12 @@ class Call:
         self.account_sid = ""
         self.frames_in = 0
         self.frames_out = 0
+        # The shell's admission check of a `start` (stream token, live duplicate): why it is
+        # refused, or None; run before on_start writes or replaces anything.
+        self.admit_start = admit_start
+        self.model_events = 0  # counted per event; tick() notices when it stops moving
+        self._model_progress = (0, self._mono0)  # (model_events, clock()) when it last moved
+        self.frames_rejected = 0  # Twilio frames dropped as malformed (bad JSON, invalid base64...)
 
         self._early_audio: deque[tuple[str, int]] = deque(maxlen=MAX_EARLY_FRAMES)
         self._seq = 0
@@ -268,7 +278,10 @@ class Call:
         self.effects.append(CallEnded(self.end))
         if not self.call_sid:
             return
+        failed = action.get("say") == APOLOGY  # a failure, not a goodbye: the turn in progress was cut off
         for item in self._playback.items.values():
+            if failed and not item.dropped and (not item.done or item.played_bytes < item.sent_bytes):
+                item.interrupted = True
             self._record_item(item, final=True)
         self._server_message("status-update", lambda info, now_ms: envelope.status_update_message(
             info, "ended", self.artifact_messages(), now_ms, ended_reason=reason, ended_at=self._wall_at(now)))
@@ -285,7 +298,10 @@ class Call:
             # overwrite why the call really ended.
             keep_existing=("ended_at", "ended_reason", "next_action"),
         )
-        self.log.info("call_ended", ended_reason=reason, frames_in=self.frames_in, frames_out=self.frames_out)
+        if self.frames_rejected:
+            self.record_event("twilio_frames_rejected", count=self.frames_rejected)
+        self.log.info("call_ended", ended_reason=reason, frames_in=self.frames_in, frames_out=self.frames_out,
+                      frames_rejected=self.frames_rejected)
 
     # --- Twilio side ---------------------------------------------------------------------
 
@@ -293,8 +309,11 @@ class Call:
         try:
             event = tw.parse(text)
         except tw.ProtocolError as exc:
-            # Bad input loses nothing already accepted: log it, keep the call.
-            self.log.warning("twilio_frame_rejected", error=str(exc))
+            # Bad input loses nothing already accepted: dropped and counted, the call goes on;
+            # logged once per call (a flood of bad frames must not become a flood of lines).
+            self.frames_rejected += 1
+            if self.frames_rejected == 1:
+                self.log.warning("twilio_frame_rejected", error=str(exc), note="further rejections are only counted")
             return
         if event is None:
             return
@@ -311,7 +330,14 @@ class Call:
 
     def on_start(self, start: tw.Start) -> None:
         if self.phase is not Phase.AWAITING_START:
-            self.log.warning("duplicate_start_ignored")
+            self.frames_rejected += 1  # counted with the other rejected frames: a flood logs once
+            if self.frames_rejected == 1:
+                self.log.warning("duplicate_start_ignored")
+            return
+        refusal = self.admit_start(start) if self.admit_start is not None else None
+        if refusal is not None:  # before anything is written: a forged start must not touch a live call
+            self.log.warning("stream_start_refused", call_sid=start.call_sid, reason=refusal)
+            self._finish("stream-start-refused")  # call_sid is not set: nothing is written
             return
         self.call_sid, self.stream_sid, self.account_sid = start.call_sid, start.stream_sid, start.account_sid
         self._stream_t0 = self.clock()
@@ -328,7 +354,8 @@ class Call:
                 "stack": "shim",
                 "status": "in-progress",
                 "started_at": self._wall_at(self._mono0),
-                "custom_parameters": params,
+                # The per-call stream token authenticates this stream only: never stored.
+                "custom_parameters": {k: v for k, v in params.items() if k != "token"},
             },
         )
         self.start = start
@@ -456,7 +483,9 @@ class Call:
 
     def on_model_text(self, text: str | bytes) -> None:
         """One frame from the model socket: the backend decodes it and calls back
-        on_model_audio (the hot path) or on_model_event (everything else)."""
+        on_model_audio (the hot path) or on_model_event (everything else). A malformed frame is
+        rejected by the backend's typed parse (on_model_event_rejected): logged, the call goes on."""
+        self.model_events += 1  # the stall watchdog (tick) notices when this stops moving
         self.backend.feed(text, self)
 
     def on_model_event_rejected(self, error: me.ModelProtocolError) -> None:
@@ -731,6 +760,8 @@ class Call:
             "audio_ms": item.sent_bytes // tw.MULAW_BYTES_PER_MS,
             "heard_ms": item.played_bytes // tw.MULAW_BYTES_PER_MS,
         }
+        if item.played_bytes:  # Twilio plays an item's audio without gaps: the end is start + heard
+            row["ended_at"] = self._wall_at(item.started + item.played_bytes / (tw.MULAW_BYTES_PER_MS * 1000))
         if item.interrupted:
             said = heard_text(full, item.played_bytes, item.sent_bytes)
             row.update(interrupted=True, text=self._keep_text(said), full_text=self._keep_text(full))
@@ -765,6 +796,9 @@ class Call:
         self._responses.on_done(response_id)
         for item in self._playback.response_done(response_id):
             self._retire(item)
+        if event.usage and self.call_sid:  # billed tokens -> calls.cost_usd (0006)
+            self.records.upsert("model_usage", {"call_sid": self.call_sid, "response_id": response_id,
+                                                "at": self._wall_at(self.clock()), "usage": event.usage})
         status = event.status
         if status == "failed":
             self.metrics.model_error()
@@ -846,7 +880,7 @@ class Call:
         if self.end is not None or batch is None or not batch.answered(outcome.call_id):
             return
         self._tool_output(outcome.call_id, outcome.output, outcome.status, result=outcome.result,
-                          error=outcome.error, url=url)
+                          error=outcome.error, url=url, http_status=outcome.http_status)
         binding = self._binding_for(outcome.call_id)
         if binding is not None:
             kind = "request-complete" if outcome.status == "ok" else "request-failed"
@@ -889,7 +923,8 @@ class Call:
             self._request_response()
 
     def _tool_output(self, call_id: str, output: str, status: str, *, name: str | None = None,
-                     result: str | None = None, error: str | None = None, url: str | None = None) -> None:
+                     result: str | None = None, error: str | None = None, url: str | None = None,
+                     http_status: int | None = None) -> None:
         self.backend.send_tool_result(call_id, output)
         info = self._tool_calls.get(call_id)
         if info is not None:
@@ -898,7 +933,7 @@ class Call:
                                result=self._keep_text(output) or "", tool_call_id=call_id)
             self.records.upsert(
                 "tool_calls",
-                {"call_sid": self.call_sid, "seq": seq, "status": status, "url": url,
+                {"call_sid": self.call_sid, "seq": seq, "status": status, "url": url, "http_status": http_status,
                  "result": self._keep_text(result if result is not None else output), "error": error,
                  "latency_ms": int(round((self.clock() - started) * 1000)),
                  "completed_at": self._wall_at(self.clock())},
@@ -1030,6 +1065,15 @@ class Call:
             self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
             return
         if self.phase is not Phase.LIVE or self.setup is None:
+            return
+        active = self._responses.active_id
+        if self._model_progress[0] != self.model_events or active is None:
+            self._model_progress = (self.model_events, now)
+        elif now - self._model_progress[1] > MODEL_STALL_S:  # mid-answer, and the model went silent
+            self.metrics.model_error()
+            self.record_event("model_stalled", response_id=active, silent_s=round(now - self._model_progress[1], 1))
+            self.log.error("model_stalled", response_id=active)
+            self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
             return
         batch = self._batch
         if batch is not None:

@@ -60,6 +60,9 @@ def choose_assistant(start: tw.Start, requested: dict[str, Any] | None,
 # --- the apiRequest tool ------------------------------------------------------------------
 
 API_ANSWER_MAX_CHARS = 20_000
+# The shell reads at most this much of an answer (the rest is never downloaded), and the tool's
+# timeout is a total deadline: a server dripping bytes cannot hold the call.
+API_ANSWER_MAX_BYTES = 20_000
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,33 @@
-"""`shim` command line: serve, numbers."""
+"""shim: Twilio Media Streams <-> OpenAI Realtime, configured by exported Vapi assistants.
+
+Data goes to stdout, logs and errors to stderr. Exit codes: 0 ok, 1 runtime failure (a service
+unreachable, a request failed), 2 usage or configuration error (nothing was done)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import re
+import os
 import sys
 
 import orjson
 
+from . import numbers_cli, ops_cli
 from .config import Config, ConfigError
+from .parity import cli as parity_cli
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Failure, UserError  # noqa: F401 - the commands' convention
 
-E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+# Environment each command reads (shown in --help; the README's configuration table has them all).
+DB_ENV = "DATABASE_URL (unset: embedded PostgreSQL in SHIM_DATA_DIR), SHIM_DATA_DIR, SHIM_LOG_LEVEL, SHIM_LOG_FORMAT"
+SERVE_ENV = (
+    "TWILIO_AUTH_TOKEN, OPENAI_API_KEY, PUBLIC_URL (required); PUBLIC_MEDIA_URL, PORT, SHIM_MEDIA_PORT, "
+    "TWILIO_ACCOUNT_SID, DATABASE_URL, SHIM_DATA_DIR, SHIM_ASSISTANTS_DIR, SHIM_DEFAULT_ASSISTANT, "
+    "SHIM_DRAIN_TIMEOUT, SHIM_METRICS_TOKEN, SHIM_METRICS_PORT, SHIM_ADMIN_TOKEN, SHIM_SECRETS_FILE, SHIM_VAPI_SECRET, "
+    "SHIM_TOOL_URL_ALLOW, SHIM_PRICES_FILE, "
+    "SHIM_VOICE_MAP, SHIM_TRANSCRIPTION_MODEL, SHIM_ANALYSIS_MODEL, OPENAI_REALTIME_URL, "
+    "OPENAI_REALTIME_MODEL, OPENAI_BASE_URL, TWILIO_API_BASE, SHIM_LOG_LEVEL, SHIM_LOG_FORMAT"
+)
 
 
 def _run(coro):
@@ -22,141 +38,167 @@ def _run(coro):
     return uvloop.run(coro)
 
 
-async def _serve(config: Config, host: str, port: int, media_port: int | None) -> None:
-    import uvicorn
-
-    from .app import create_app
-
-    app = create_app(config, media_host=host, media_port=media_port)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            lifespan="on",
-            log_config=None,
-            access_log=False,
-            ws="websockets-sansio",
-            proxy_headers=False,  # signatures use PUBLIC_URL, never forwarded headers
-            timeout_graceful_shutdown=int(config.drain_timeout_s) + 5,
-        )
-    )
-    await server.serve()
+def _require(config: Config, *, serving: bool, media_port: int | None = None) -> None:
+    problems = config.problems(serving=serving, media_port=media_port)
+    if problems:
+        raise ConfigError.of(problems)
 
 
 async def _with_db(config: Config, work):
-    from .db import resolve_dsn
-    from .store import migrate
+    from .db import cli_connection
 
-    import asyncpg
+    async with cli_connection(config) as conn:
+        return await work(conn)
 
-    dsn, embedded = resolve_dsn(config.database_url, config.data_dir)
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        await migrate(dsn)
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await work(conn)
-        finally:
-            await conn.close()
-    finally:
-        if embedded is not None:
-            embedded.stop()
+        return version("shim")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        from . import __version__
+
+        return __version__
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shim", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each command's --help lists the environment it reads. Configuration: README.md#configuration-environment",
+    )
+    parser.add_argument("--version", action="version", version=f"shim {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the service (HTTP webhooks + media streams)")
+    def command(name: str, help: str, env: str, parent=sub) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help, description=help, epilog=f"environment: {env}")
+
+    serve = command("serve", "run the service (Twilio webhooks, media streams, /healthz, /readyz, /metrics)", SERVE_ENV)
     serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8080),
+                       help="the one public port: webhooks, health, and the media stream on /twilio/media (default: $PORT or 8080)")
     serve.add_argument("--media-port", type=int, default=None,
-                       help="serve /twilio/media on this port with picows (set PUBLIC_MEDIA_URL to match)")
+                       help="also serve /twilio/media on its own port (set PUBLIC_MEDIA_URL to match); default: SHIM_MEDIA_PORT or none")
 
-    tr = sub.add_parser("translate", help="print the Realtime session an exported Vapi assistant becomes; findings on stderr")
+    check = command("check", "validate the configuration and reach Postgres, the OpenAI endpoint and every assistant, without serving", SERVE_ENV)
+    check.add_argument("--media-port", type=int, default=None, help="check as for `shim serve --media-port`")
+    check.add_argument("--offline", action="store_true", help="skip the network probes (configuration and assistants only)")
+    check.add_argument("--json", action="store_true", help="one JSON object per check on stdout")
+
+    tr = command("translate", "print the Realtime session an exported Vapi assistant becomes; findings on stderr",
+                 "OPENAI_REALTIME_MODEL, SHIM_TRANSCRIPTION_MODEL, SHIM_VOICE_MAP")
     tr.add_argument("file", help="exported assistant JSON (GET /assistant/{id})")
     tr.add_argument("--tools", help="saved tools JSON (a list, or one tool) that model.toolIds name")
     tr.add_argument("--var", action="append", default=[], metavar="K=V", help="template variable (repeatable)")
     tr.add_argument("--from", dest="from_number", default="+15550001111", help="caller number for {{customer.number}}")
     tr.add_argument("--to", dest="to_number", default="+15550002222", help="called number for {{phoneNumber.number}}")
 
-    assistants = sub.add_parser("assistants", help="exported Vapi assistants")
-    asub = assistants.add_subparsers(dest="assistants_command", required=True)
-    pull = asub.add_parser("pull", help="fetch assistants and their saved tools from the Vapi API (VAPI_API_KEY) into SHIM_ASSISTANTS_DIR")
+    assistants = command("assistants", "exported Vapi assistants", "see the subcommands")
+    asub = assistants.add_subparsers(dest="assistants_command", required=True, metavar="SUBCOMMAND")
+    pull = command("pull", "fetch assistants and their saved tools from the Vapi API into SHIM_ASSISTANTS_DIR",
+                   "VAPI_API_KEY (required), VAPI_BASE_URL, SHIM_ASSISTANTS_DIR; exit 3: the key was rejected", asub)
     pull.add_argument("ids", nargs="+", metavar="ID")
 
-    numbers = sub.add_parser("numbers", help="which assistant answers which number (local table)")
-    nsub = numbers.add_subparsers(dest="numbers_command", required=True)
-    nset = nsub.add_parser("set", help="route NUMBER to an assistant, or to a server that picks one")
-    nset.add_argument("number")
-    who = nset.add_mutually_exclusive_group(required=True)
-    who.add_argument("--assistant", help="assistant id (SHIM_ASSISTANTS_DIR/<id>.json)")
-    who.add_argument("--server-url", help="ask this server with Vapi's assistant-request on every call")
-    nsub.add_parser("list", help="print the numbers table as JSON lines")
+    numbers_cli.register(sub)  # shim numbers set | list | migrate | rollback | split | history
+    ops_cli.register(sub)  # calls, transcript, recording, db
+    parity_cli.add_parser(sub)  # shim parity run | import-vapi | replay | report
+    _describe_environment(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+TWILIO_ENV = "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_API_BASE"
+# Environment of the commands registered by their own modules, shown in their --help.
+COMMAND_ENV = {
+    "numbers set": DB_ENV + ", SHIM_ASSISTANTS_DIR",
+    "numbers list": TWILIO_ENV + ", PUBLIC_URL, " + DB_ENV,
+    "numbers migrate": TWILIO_ENV + ", PUBLIC_URL, SHIM_ASSISTANTS_DIR, " + DB_ENV,
+    "numbers rollback": TWILIO_ENV + ", " + DB_ENV,
+    "numbers split": DB_ENV,
+    "numbers history": DB_ENV,
+    "calls": DB_ENV, "transcript": DB_ENV, "db": DB_ENV,
+    "recording": TWILIO_ENV + ", " + DB_ENV,
+    "parity": ("TWILIO_AUTH_TOKEN, PUBLIC_URL (the shim stack); VAPI_API_KEY, VAPI_BASE_URL (the Vapi stack, import); "
+               "OPENAI_API_KEY, OPENAI_BASE_URL (speech for say: turns); SHIM_PRICES_FILE, SHIM_PARITY_AGENT_SILENCE_S, "
+               "SHIM_PARITY_MAX_WAIT_S, " + DB_ENV),
+}
+
+
+def _describe_environment(sub: argparse._SubParsersAction, prefix: str = "") -> None:
+    """Give every command without an `environment:` epilog the one COMMAND_ENV names."""
+    for name, parser in sub.choices.items():
+        path = f"{prefix}{name}"
+        env = COMMAND_ENV.get(path) or COMMAND_ENV.get(path.split()[0])
+        if env and not parser.epilog:
+            parser.epilog = f"environment: {env}"
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _describe_environment(action, path + " ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2
+    where = "shim " + " ".join(a for a in (args.command, getattr(args, f"{args.command}_command", None)) if a)
     try:
-        config = Config.from_env()
+        return dispatch(args)
     except ConfigError as exc:
-        print(f"shim: {exc}", file=sys.stderr)
-        return 2
+        print(f"{where}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (UserError, Failure) as exc:
+        print(f"{where}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug or an unforeseen failure: one line; the traceback on request
+        if os.environ.get("SHIM_LOG_LEVEL", "").strip().lower() == "debug":
+            raise
+        print(f"{where}: {type(exc).__name__}: {exc} (SHIM_LOG_LEVEL=debug shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def dispatch(args) -> int:
+    config = Config.from_env(strict=args.command not in ("serve", "check"))  # those two report all problems together
+    from . import logs
+
+    # Before anything logs: structlog's default would print to stdout, which is for data.
+    logs.configure(config.log_format, config.log_level)
     if args.command == "translate":
         return translate_command(args, config)
     if args.command == "assistants":
         return pull_command(args, config)
-
-    from . import logs
-
-    logs.configure(config.log_format, config.log_level)
+    if args.command in ops_cli.COMMANDS:
+        return ops_cli.run(args, config)
 
     if args.command == "serve":
-        _run(_serve(config, args.host, args.port, args.media_port))
-        return 0
+        from .serve import serve
 
-    if args.command == "numbers" and args.numbers_command == "set":
-        if not E164.match(args.number):
-            print(f"shim: number {args.number!r}: expected E.164, e.g. +15551234567", file=sys.stderr)
-            return 2
-        if args.assistant is not None:
-            path = config.assistants_dir / f"{args.assistant}.json"
-            if not path.is_file():
-                print(f"shim: --assistant {args.assistant!r}: no file {path}", file=sys.stderr)
-                return 2
-        elif not re.match(r"^https?://[^\s]+$", args.server_url):
-            print(f"shim: --server-url {args.server_url!r}: expected an http(s) URL", file=sys.stderr)
-            return 2
+        media_port = args.media_port if args.media_port is not None else config.media_port
+        _require(config, serving=True, media_port=media_port)
+        _run(serve(config, args.host, args.port, media_port))
+        return EXIT_OK
 
-        async def set_number(conn):
-            from . import store_queries
+    if args.command == "check":
+        from .check import run_check
 
-            await store_queries.set_number(conn, args.number, args.assistant, args.server_url)
+        media_port = args.media_port if args.media_port is not None else config.media_port
+        return _run(run_check(config, media_port=media_port, offline=args.offline, as_json=args.json))
 
-        _run(_with_db(config, set_number))
-        print(f"{args.number} -> {args.assistant or 'assistant-request ' + args.server_url}")
-        return 0
-
-    if args.command == "numbers" and args.numbers_command == "list":
-
-        async def list_numbers(conn):
-            from . import store_queries
-
-            return await store_queries.list_numbers(conn)
-
-        for row in _run(_with_db(config, list_numbers)):
-            print(orjson.dumps(row).decode())
-        return 0
-    return 2
+    if args.command == "numbers":
+        return numbers_cli.run(args, config)
+    if args.command == "parity":
+        return parity_cli.main(args, config, _run)
+    return EXIT_USAGE
 
 
 def _read_json(path: str, what: str):
     try:
         raw = open(path, "rb").read()
     except OSError as exc:
-        raise SystemExit(f"shim translate: {what} {path}: {exc.strerror}") from None
+        raise UserError(f"{what} {path}: {exc.strerror}") from None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise SystemExit(f"shim translate: {what} {path}: not JSON ({exc})") from None
+        raise UserError(f"{what} {path}: not JSON ({exc})") from None
 
 
 def pull_command(args, config: Config) -> int:

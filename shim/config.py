@@ -9,8 +9,23 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("json", "console")
+
+
 class ConfigError(ValueError):
-    """A configuration value is missing or malformed; the message names the variable."""
+    """A configuration value is missing or malformed; the message names the variable. Several
+    problems are reported together, one per line (`problems` keeps them as a list)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        if len(problems) == 1:
+            return cls(problems[0], problems)
+        return cls(f"{len(problems)} configuration problems:\n" + "\n".join(f"  - {p}" for p in problems), problems)
 
 
 def _ws_form(http_url: str, path: str) -> str:
@@ -22,11 +37,26 @@ def _ws_form(http_url: str, path: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, "", ""))
 
 
-def _float(raw: str, name: str) -> float:
+def _seconds(raw: str, name: str) -> float:
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise ConfigError(f"{name}={raw!r}: expected a number of seconds between 0 and 3600")
+    return value
+
+
+def _port(raw: str, name: str) -> int | None:
+    if not raw:
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise ConfigError(f"{name}={raw!r}: expected a port number (1-65535)")
+    return port
 
 
 def _voice_map(raw: str) -> tuple[tuple[str, str], ...]:
@@ -45,6 +75,16 @@ def _voice_map(raw: str) -> tuple[tuple[str, str], ...]:
         if value not in REALTIME_VOICES:
             raise ConfigError(f"SHIM_VOICE_MAP[{key!r}]={value!r}: expected one of {', '.join(REALTIME_VOICES)}")
     return tuple((str(k), str(v)) for k, v in data.items())
+
+
+def _allow_list(raw: str, name: str) -> str:
+    from tools.egress import parse_allow_list
+
+    try:
+        parse_allow_list(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return raw
 
 
 @dataclass(frozen=True)
@@ -67,13 +107,20 @@ class Config:
     log_level: str = "info"
     model_connect_timeout_s: float = 10.0
     writer_max_memory_rows: int = 50_000
-    drain_timeout_s: float = 25.0
+    # SIGTERM to exit, in seconds: set it to the platform's kill timeout (fly.toml kill_timeout).
+    # Live calls get all of it but DRAIN_RESERVE_S, kept for the apology, the rows and the reports.
+    drain_timeout_s: float = 120.0
     transcription_model: str = "gpt-4o-mini-transcribe"
     voice_map: tuple[tuple[str, str], ...] = ()  # Vapi voiceId -> Realtime voice overrides
     twilio_api_base: str = "https://api.twilio.com"
     openai_base_url: str = "https://api.openai.com/v1"  # post-call analysis (chat completions)
     analysis_model: str = "gpt-4.1-mini"
     secrets_file: str = ""  # SHIM_SECRETS_FILE: X-Vapi-Secret / headers per assistant and tool
+    tool_url_allow: str = ""  # SHIM_TOOL_URL_ALLOW: where customer URLs may point (tools/egress.py)
+    metrics_token: str = ""  # SHIM_METRICS_TOKEN: /metrics wants `Authorization: Bearer <it>`
+    metrics_port: int | None = None  # SHIM_METRICS_PORT: /metrics only there (a private port)
+    public_url_set: bool = True  # False when PUBLIC_URL was left to its loopback default
+    parse_problems: tuple[str, ...] = ()  # malformed values, when read with strict=False
 
     @property
     def public_base(self) -> str:
@@ -91,42 +138,73 @@ class Config:
         return _ws_form(self.public_url, "/twilio/media")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+    def from_env(cls, env: dict[str, str] | None = None, *, strict: bool = True) -> Config:
+        """Parse the environment. Every malformed value is collected and reported in ONE
+        ConfigError (one problem per line); with strict=False they are kept on the config
+        (`parse_problems`) and reported by `problems()` together with the rest. Values that are
+        merely missing are checked by `problems()`, because only some commands need them."""
         env = dict(os.environ if env is None else env)
+        problems: list[str] = []
 
         def get(name: str, default: str = "") -> str:
             return env.get(name, default).strip()
 
+        def parsed(name: str, default: str, parse, fallback):
+            try:
+                return parse(get(name, default), name)
+            except ConfigError as exc:
+                problems.append(str(exc))
+                return fallback
+
         public_url = get("PUBLIC_URL", cls.public_url)
-        _ws_form(public_url, "")  # validates the scheme early, naming the variable
-        media_port_raw = get("SHIM_MEDIA_PORT")
         try:
-            media_port = int(media_port_raw) if media_port_raw else None
-        except ValueError:
-            raise ConfigError(f"SHIM_MEDIA_PORT={media_port_raw!r}: expected a port number") from None
+            _ws_form(public_url, "")  # the scheme, named by its variable
+        except ConfigError as exc:
+            problems.append(str(exc))
         public_media_url = get("PUBLIC_MEDIA_URL")
         if public_media_url and urlsplit(public_media_url).scheme not in ("ws", "wss"):
-            raise ConfigError(f"PUBLIC_MEDIA_URL={public_media_url!r}: expected a ws:// or wss:// URL")
-        return cls(
+            problems.append(f"PUBLIC_MEDIA_URL={public_media_url!r}: expected a ws:// or wss:// URL")
+        log_level = get("SHIM_LOG_LEVEL", "info").lower()
+        if log_level not in LOG_LEVELS:
+            problems.append(f"SHIM_LOG_LEVEL={log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+        log_format = get("SHIM_LOG_FORMAT", "json").lower()
+        if log_format not in LOG_FORMATS:
+            problems.append(f"SHIM_LOG_FORMAT={log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
+        config = cls(
             openai_api_key=get("OPENAI_API_KEY"),
             openai_realtime_url=get("OPENAI_REALTIME_URL", cls.openai_realtime_url),
             openai_realtime_model=get("OPENAI_REALTIME_MODEL", cls.openai_realtime_model),
             twilio_account_sid=get("TWILIO_ACCOUNT_SID"),
             twilio_auth_token=get("TWILIO_AUTH_TOKEN"),
             public_url=public_url,
+            public_url_set=bool(get("PUBLIC_URL")),
             public_media_url=public_media_url,
-            media_port=media_port,
+            media_port=parsed("SHIM_MEDIA_PORT", "", _port, None),
             database_url=get("DATABASE_URL"),
             data_dir=Path(get("SHIM_DATA_DIR", "./.shim")),
             assistants_dir=Path(get("SHIM_ASSISTANTS_DIR", "./assistants")),
             default_assistant=get("SHIM_DEFAULT_ASSISTANT"),
-            log_format=get("SHIM_LOG_FORMAT", "json"),
-            log_level=get("SHIM_LOG_LEVEL", "info"),
-            drain_timeout_s=_float(get("SHIM_DRAIN_TIMEOUT", "25"), "SHIM_DRAIN_TIMEOUT"),
+            log_format=log_format if log_format in LOG_FORMATS else "json",
+            log_level=log_level if log_level in LOG_LEVELS else "info",
+            drain_timeout_s=parsed("SHIM_DRAIN_TIMEOUT", str(cls.drain_timeout_s), _seconds, cls.drain_timeout_s),
             transcription_model=get("SHIM_TRANSCRIPTION_MODEL", cls.transcription_model),
-            voice_map=_voice_map(get("SHIM_VOICE_MAP")),
+            voice_map=parsed("SHIM_VOICE_MAP", "", lambda raw, _name: _voice_map(raw), ()),
             twilio_api_base=get("TWILIO_API_BASE", cls.twilio_api_base).rstrip("/"),
             openai_base_url=get("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/"),
             analysis_model=get("SHIM_ANALYSIS_MODEL", cls.analysis_model),
             secrets_file=get("SHIM_SECRETS_FILE"),
+            tool_url_allow=parsed("SHIM_TOOL_URL_ALLOW", "", _allow_list, ""),
+            metrics_token=get("SHIM_METRICS_TOKEN"),
+            metrics_port=parsed("SHIM_METRICS_PORT", "", _port, None),
+            parse_problems=tuple(problems),
         )
+        if problems and strict:
+            raise ConfigError.of(problems)
+        return config
+
+    def problems(self, *, serving: bool = True, media_port: int | None = None) -> list[str]:
+        """Everything wrong with this configuration for `shim serve` (serving=True) or for the
+        commands that only touch the database (serving=False), as one line per problem."""
+        from .validate import config_problems
+
+        return [*self.parse_problems, *config_problems(self, serving=serving, media_port=media_port)]

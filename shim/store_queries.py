@@ -1,7 +1,8 @@
-"""The store's direct reads and writes: the few statements that cannot wait for the batching
-writer (`store.Recorder`), because an answer to Twilio or the CLI depends on them. Every SQL
-statement outside the writer lives here, named, with the columns checked against the store's
-table specs (`store.TABLES`), so a schema change has one place to look.
+"""The webhooks' direct reads and writes: the few statements of shim/app.py that cannot wait
+for the batching writer (`store.Recorder`), because an answer to Twilio depends on them. Named,
+with the columns checked against the store's table specs (`store.TABLES`). Routing reads the
+numbers table in shim/routes.py (in memory, kept fresh); the operator CLIs own their queries
+(shim/numbers_cli.py, shim/ops.py, shim/parity/).
 """
 
 from __future__ import annotations
@@ -12,34 +13,12 @@ import orjson
 
 from .store import TABLES
 
-_NUMBER_COLUMNS = ("number", "assistant_id", "server_url", "stack")
 _ASSISTANT_REQUEST_COLUMNS = ("call_sid", "from_number", "to_number", "account_sid", "status", "stack", "assistant_request")
-assert set(_NUMBER_COLUMNS) <= set(TABLES["numbers"].columns), "numbers columns drifted from store.TABLES"
 assert set(_ASSISTANT_REQUEST_COLUMNS) | {"next_action"} <= set(TABLES["calls"].columns), "calls columns drifted"
 
 
 def _json(raw: Any) -> Any:
     return orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
-
-
-async def number_route(conn: Any, number: str, *, timeout: float = 2) -> dict[str, Any] | None:
-    """The numbers row for `number` ({assistant_id, server_url}), or None."""
-    row = await conn.fetchrow("SELECT assistant_id, server_url FROM numbers WHERE number = $1", number, timeout=timeout)
-    return dict(row) if row else None
-
-
-async def set_number(conn: Any, number: str, assistant_id: str | None, server_url: str | None) -> None:
-    await conn.execute(
-        """INSERT INTO numbers (number, assistant_id, server_url, updated_at) VALUES ($1, $2, $3, now())
-           ON CONFLICT (number) DO UPDATE SET assistant_id = EXCLUDED.assistant_id,
-               server_url = EXCLUDED.server_url, updated_at = now()""",
-        number, assistant_id, server_url,
-    )
-
-
-async def list_numbers(conn: Any) -> list[dict[str, Any]]:
-    rows = await conn.fetch("SELECT number, assistant_id, server_url, stack, updated_at FROM numbers ORDER BY number")
-    return [dict(row) for row in rows]
 
 
 async def save_assistant_request(conn: Any, row: dict[str, Any], *, timeout: float = 2) -> None:

@@ -37,4 +37,6 @@ class TwilioSignatures:
         return hmac.new(self._auth_token.encode(), call_sid.encode(), hashlib.sha256).hexdigest()[:32]
 
     def start_token_ok(self, call_sid: str, given: str) -> bool:
-        return bool(self._auth_token) and hmac.compare_digest(given, self.stream_token(call_sid))
+        # Compared as bytes: compare_digest refuses non-ASCII str, and the token is caller input.
+        expected = self.stream_token(call_sid).encode()
+        return bool(self._auth_token) and hmac.compare_digest(given.encode("utf-8", "replace"), expected)

@@ -19,6 +19,7 @@ from shim.config import Config
 from shim.testing.fake_realtime import FakeRealtime, Script
 from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, post_twilio_webhook
 from shim.testing._serve import free_port
+from shim.twilio_media import MAX_FRAME_BYTES
 
 AUTH_TOKEN = "test-twilio-auth-token"
 API_KEY = "sk-test-0123456789"
@@ -96,11 +97,14 @@ async def running_shim(
         # No test reaches the internet: post-call analysis goes to a closed local port unless a
         # test brings the chat-model stand-in (tests/test_tools_e2e.py).
         openai_base_url="http://127.0.0.1:9/v1",
+        # The stand-in tool servers listen on loopback, which the egress guard refuses by default.
+        tool_url_allow="127.0.0.1",
     )
     config = replace(config, **overrides)
     app = create_app(config, media_host="127.0.0.1", media_port=media_port if media == "picows" else None)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=http_port, log_config=None, lifespan="on", ws="websockets-sansio")
+        uvicorn.Config(app, host="127.0.0.1", port=http_port, log_config=None, lifespan="on", ws="websockets-sansio",
+                       ws_max_size=MAX_FRAME_BYTES)  # as `shim serve`
     )
     task = asyncio.create_task(server.serve())
     try:

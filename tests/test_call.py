@@ -737,3 +737,32 @@ def test_hot_path_frames_are_exactly_twilio_media_and_mark():
     media_out, mark_out = call.take_twilio_out()
     assert media_out == tw.media_frame("MZ1", b64(b"\x10" * 160))
     assert mark_out == tw.mark_frame("MZ1", orjson.loads(mark_out)["mark"]["name"])
+
+
+def test_billed_usage_heard_end_and_http_status_are_stored():
+    """response.done's usage becomes a model_usage row (calls.cost_usd); an assistant turn heard
+    to the end gets ended_at = its start + the audio heard; a tool call keeps the HTTP status."""
+    from datetime import timedelta
+
+    from tools.results import parse_tool_response
+
+    assistant = dict(MINIMAL, firstMessageMode="assistant-waits-for-user",
+                     model=dict(MINIMAL["model"], tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]))
+    call, rows, clock = live_call(assistant)
+    names = _speak(call, chunks=2, size=800)  # 200 ms of voice
+    for name in names:
+        twilio(call, mark(name))
+    usage = {"total_tokens": 40, "input_tokens": 30, "output_tokens": 10}
+    call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed", "usage": usage}))
+    (row,) = [r for t, r, _ in rows.upserts if t == "model_usage"]
+    assert (row["call_sid"], row["response_id"], row["usage"]) == ("CA1", "resp_1", usage)
+    turn = next(r for r in rows.merged("utterances", ("call_sid", "seq")).values() if r.get("role") == "assistant")
+    assert turn["heard_ms"] == 200 and turn["ended_at"] - turn["started_at"] == timedelta(milliseconds=200)
+    call.on_model_text(ev("response.created", response={"id": "resp_2"}))
+    call.on_model_text(ev("response.output_item.done", response_id="resp_2", output_index=0, item={
+        "id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1", "name": "lookup", "arguments": "{}"}))
+    call.on_model_text(ev("response.done", response={"id": "resp_2", "status": "completed"}))
+    take(call, ToolRequest)
+    call.on_tool_outcome(parse_tool_response(["call_1"], http_status=502, body=b"bad gateway")["call_1"])
+    (tool,) = rows.merged("tool_calls", ["call_sid", "seq"]).values()
+    assert tool["http_status"] == 502 and [r for t, r, _ in rows.upserts if t == "model_usage"] == [row]

@@ -124,3 +124,5 @@ def test_one_signature_check_for_webhooks_and_the_stream_upgrade():
     assert not signatures.valid(stream, {}, None) and not TwilioSignatures("").valid(url, params, sign(url, params))
     token = signatures.stream_token("CA1")
     assert signatures.start_token_ok("CA1", token) and not signatures.start_token_ok("CA2", token)
+    assert not signatures.start_token_ok("CA1", "ünïcode-token")  # caller input: refused, never an exception
+    assert not TwilioSignatures("").start_token_ok("CA1", TwilioSignatures("").stream_token("CA1"))

@@ -49,6 +49,15 @@ def test_parse_gives_typed_events():
         == me.ResponseDone("r1", "failed", {"code": "x"})
 
 
+def test_response_done_carries_the_billed_usage():
+    usage = {"total_tokens": 30, "input_tokens": 20, "output_tokens": 10,
+             "input_token_details": {"text_tokens": 5, "audio_tokens": 15}}
+    assert rt.parse(ev("response.done", response={"id": "r1", "status": "completed", "usage": usage})) \
+        == me.ResponseDone("r1", "completed", None, usage)
+    for odd in (None, "lots", [], {}):  # absent or not an object: no usage, the event still counts
+        assert rt.parse(ev("response.done", response={"id": "r1", "status": "completed", "usage": odd})).usage is None
+
+
 def test_a_cancelled_function_call_item_is_not_a_function_call():
     event = rt.parse(ev("response.output_item.done", item={"type": "function_call", "status": "incomplete",
                                                            "call_id": "c1", "name": "x", "arguments": "{}"}))

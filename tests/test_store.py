@@ -380,8 +380,9 @@ async def test_server_side_disconnects_are_retried(db_dsn, recorders):
 @pytest.mark.parametrize("max_memory_rows", [10, 10_000], ids=["spilling", "in-memory"])
 async def test_partition_mid_batch_keeps_order_through_spool_and_close(max_memory_rows, db_dsn, proxy, recorders):
     """A write that hangs (network partition) times out and is retried; while it is stuck, newer
-    rows spill to the spool behind it (or wait in memory); close() spools it all, the stuck batch
-    included, in acceptance order; a new Recorder replays it so the last update of each key wins."""
+    rows spill to the spool behind it, whatever the memory limit (an outage spools at once);
+    close() spools it all, the stuck batch included (in front), in acceptance order; a new
+    Recorder replays it so the last update of each key wins."""
     rec = await recorders(proxy.dsn_for(db_dsn), spool="part.jsonl", batch_max=5, max_memory_rows=max_memory_rows,
                           command_timeout=0.2, connect_timeout=0.2)
     rec.upsert("calls", {"call_sid": "CA11", "status": "s-first"})
@@ -390,7 +391,7 @@ async def test_partition_mid_batch_keeps_order_through_spool_and_close(max_memor
     for i in range(40):
         rec.upsert("calls", {"call_sid": "CA11", "status": f"s{i}"})
         rec.upsert("utterances", {"call_sid": "CA11", "seq": i, "role": "user", "text": f"w{i}"})
-    await wait_until(lambda: rec.failed_batches >= 1 and (rec.spooled > 0) == (max_memory_rows == 10),
+    await wait_until(lambda: rec.failed_batches >= 1 and rec.spooled > 0,
                      what="timed-out batch (and spill)")
     await rec.close(timeout=0.05)
     assert rec.spooled == 80 and rec.pending == 0  # the stuck batch too
@@ -508,3 +509,96 @@ def test_stale_state_guard(tmp_path):
     finally:
         decoy.kill()
         decoy.wait()
+
+
+async def test_outage_spools_every_row_at_once_and_health_says_so(db_dsn, proxy, recorders):
+    """As soon as Postgres is unreachable, rows go to the spool (a kill -9 must not lose them),
+    whatever max_memory_rows allows; health() reports it; all are written once it returns."""
+    rec = await recorders(proxy.dsn_for(db_dsn), spool="outage.jsonl", max_memory_rows=50_000, batch_max=5,
+                          connect_timeout=0.2, command_timeout=0.2, retry_max=0.2)
+    rec.upsert("calls", {"call_sid": "CA20", "status": "ringing"})
+    assert await rec.drain(5)
+    assert rec.health().connected and str(rec.health()) == "connected"
+    await proxy.pause()
+    for i in range(30):
+        rec.upsert("utterances", {"call_sid": "CA20", "seq": i, "role": "user", "text": f"t{i}"})
+    await wait_until(lambda: rec.spooled == 30 and rec.pending == 0, what="every row spooled")
+    health = rec.health()
+    assert (health.state, health.spooled, str(health)) == ("degraded", 30, "degraded: spooling 30 rows")
+    assert len(rec.spool_path.read_bytes().splitlines()) == 30  # on disk, fsync'd
+    for i in range(30, 40):  # rows of a call still going on during the outage
+        rec.upsert("utterances", {"call_sid": "CA20", "seq": i, "role": "user", "text": f"t{i}"})
+    await wait_until(lambda: rec.spooled == 40 and rec.pending == 0, what="later rows spooled too")
+    await proxy.resume()
+    assert await rec.drain(10)
+    assert rec.health().connected and rec.spooled == 0
+    assert await fetchval(db_dsn, "SELECT count(*) FROM utterances WHERE call_sid = 'CA20'") == 40
+
+
+_KILLED_WRITER = """
+import asyncio, sys
+from pathlib import Path
+from shim.store import Recorder
+
+async def main():
+    rec = Recorder(sys.argv[1], spool_path=Path(sys.argv[2]), connect_timeout=0.2, retry_max=0.2)
+    await rec.start()
+    for i in range(25):
+        rec.insert("call_events", {"call_sid": "CA21", "kind": "k", "detail": {"i": i}})
+        rec.upsert("utterances", {"call_sid": "CA21", "seq": i, "role": "user", "text": f"t{i}"})
+    spool = Path(sys.argv[2])
+    # on disk, not merely counted: `spooled` includes rows whose append is still under way
+    while not spool.exists() or len(spool.read_bytes().splitlines()) < 50:
+        await asyncio.sleep(0.01)
+    print("SPOOLED", flush=True)
+    await asyncio.sleep(3600)  # killed here with SIGKILL: no close(), no drain
+
+asyncio.run(main())
+"""
+
+
+async def test_kill_9_during_an_outage_loses_nothing(db_dsn, proxy, recorders, tmp_path):
+    """A writer process killed with SIGKILL while Postgres is down: its rows are in the spool,
+    replayed by the next Recorder, each written once (call_events keep their ids)."""
+    await proxy.pause()
+    spool = tmp_path / "killed.jsonl"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_WRITER, proxy.dsn_for(db_dsn), str(spool), stdout=subprocess.PIPE)
+    try:
+        async with asyncio.timeout(30):
+            while (line := await child.stdout.readline()) not in (b"SPOOLED\n", b""):
+                pass  # log lines
+        assert line == b"SPOOLED\n"
+    finally:
+        child.kill()
+        await child.wait()
+    await proxy.resume()
+    shutil.copyfile(spool, tmp_path / "again.jsonl")
+    rec = await recorders(db_dsn, spool="killed.jsonl")
+    assert await rec.drain(10)
+    assert await fetchval(db_dsn, "SELECT count(*) FROM utterances WHERE call_sid = 'CA21'") == 25
+    assert await fetchval(db_dsn, "SELECT count(*) FROM call_events WHERE call_sid = 'CA21'") == 25
+    # the same rows replayed again (a crash after writing, before the spool was removed): no duplicates
+    again = await recorders(db_dsn, spool="again.jsonl")
+    assert again.spooled == 50 and await again.drain(10)
+    assert await fetchval(db_dsn, "SELECT count(*) FROM call_events WHERE call_sid = 'CA21'") == 25
+    assert await fetchval(db_dsn, "SELECT count(*) FROM utterances WHERE call_sid = 'CA21'") == 25
+
+
+async def test_a_write_that_hangs_counts_as_an_outage_after_stall_seconds(db_dsn, proxy, recorders):
+    """A network partition: the write neither fails nor finishes (a long command timeout). After
+    stall_seconds the rows behind the hung batch go to disk anyway; the hung batch is the only
+    thing in memory, and everything is written once, in order, when the network heals."""
+    rec = await recorders(proxy.dsn_for(db_dsn), spool="hang.jsonl", batch_max=5, stall_seconds=0.3,
+                          command_timeout=30, connect_timeout=0.5, retry_max=0.2)
+    rec.upsert("calls", {"call_sid": "CA30", "status": "first"})
+    assert await rec.drain(5)
+    await proxy.stall()
+    for i in range(20):
+        rec.upsert("utterances", {"call_sid": "CA30", "seq": i, "role": "user", "text": f"t{i}"})
+    await wait_until(lambda: rec.spooled >= 15 and rec.failed_batches == 0, what="spooled while the write hangs")
+    assert rec.pending <= 5 and rec.health().state == "degraded"
+    await proxy.resume()
+    assert await rec.drain(15)
+    texts = [r["text"] for r in await fetch(db_dsn, "SELECT text FROM utterances WHERE call_sid = 'CA30' ORDER BY seq")]
+    assert texts == [f"t{i}" for i in range(20)]

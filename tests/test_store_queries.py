@@ -7,21 +7,6 @@ import asyncpg
 from shim import store_queries
 
 
-async def test_numbers_set_route_and_list(db_dsn):
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        await store_queries.set_number(conn, "+14155550100", "acme", None)
-        await store_queries.set_number(conn, "+14155550101", None, "https://example.com/assistant")
-        await store_queries.set_number(conn, "+14155550100", "acme-2", None)  # moved to another assistant
-        assert await store_queries.number_route(conn, "+14155550100") == {"assistant_id": "acme-2", "server_url": None}
-        assert await store_queries.number_route(conn, "+19999999999") is None
-        listed = await store_queries.list_numbers(conn)
-        assert [(r["number"], r["assistant_id"], r["server_url"]) for r in listed] == [
-            ("+14155550100", "acme-2", None), ("+14155550101", None, "https://example.com/assistant")]
-    finally:
-        await conn.close()
-
-
 async def test_assistant_request_and_next_action_round_trip(db_dsn):
     conn = await asyncpg.connect(db_dsn)
     try:

@@ -549,3 +549,33 @@ async def test_connection_error_outcome():
             await client.post(f"http://127.0.0.1:{port}/t", json={})
     o = parse_tool_response(["c1"], http_status=None, body=None, transport_error=repr(exc.value))["c1"]
     assert (o.status, o.output) == ("error", NO_RESULT)
+
+
+def test_no_credential_of_any_tool_or_server_leaves_in_a_webhook_body():
+    """A body sent to one tool's server carries no other tool's Authorization, no server.headers
+    credential, no query token and no user:password, anywhere (assistant, toolWithToolCallList)."""
+    leaky = copy.deepcopy(ASSISTANT)
+    leaky["server"]["headers"] = {"X-Clinic-Id": "bfd-austin-01", "Authorization": "Bearer ASSISTANT-BEARER",
+                                  "X-Api-Key": "ASSISTANT-APIKEY"}
+    leaky["server"]["url"] = "https://hooks.example.com/vapi?token=URL-QUERY-TOKEN#frag"
+    leaky["serverUrl"] = "https://user:URL-PASSWORD@hooks.example.com/legacy"
+    other = leaky["model"]["tools"][1]
+    other.setdefault("server", {})["headers"] = {"Authorization": "Bearer OTHER-TOOL-BEARER", "Cookie": "OTHER-COOKIE"}
+    other["server"]["url"] = "https://book.example.com/hook?api_key=OTHER-QUERY-KEY"
+    leaky["model"]["tools"][0].setdefault("server", {})["headers"] = {"X-Auth-Token": "THIS-TOOL-TOKEN"}
+    leaky["metadata"] = {"token": "META-TOKEN", "openaiApiKey": "META-APIKEY", "password": "META-PASSWORD"}
+    info = CallInfo(INFO.call_sid, INFO.account_sid, INFO.assistant_id, leaky, INFO.from_number, INFO.to_number, STARTED)
+    bodies = [
+        tool_calls_message(info, [ToolCallRequest("c1", "check_availability", {}, leaky["model"]["tools"][0])], [], 1),
+        status_update_message(info, "in-progress", [], 1),
+        end_of_call_report(info, ended_reason="customer-ended-call", ended_at=ENDED, messages=[], now_ms=2),
+    ]
+    for body in bodies:
+        text = json.dumps(body)
+        for secret in ("ASSISTANT-BEARER", "ASSISTANT-APIKEY", "URL-QUERY-TOKEN", "URL-PASSWORD", "OTHER-TOOL-BEARER",
+                       "OTHER-COOKIE", "OTHER-QUERY-KEY", "THIS-TOOL-TOKEN", "META-TOKEN", "META-APIKEY", "META-PASSWORD"):
+            assert secret not in text, (secret, body["message"]["type"])
+        assert validate_server_message(body) == []
+    assistant = bodies[0]["message"]["assistant"]
+    assert assistant["server"]["headers"] == {"X-Clinic-Id": "bfd-austin-01"}  # harmless headers still echoed
+    assert assistant["server"]["url"] == "https://hooks.example.com/vapi"

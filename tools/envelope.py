@@ -15,18 +15,23 @@ and ``end_of_call_report.dental.json`` key for key, except for what only Vapi ca
 What the ``assistant`` field carries: the exported assistant as loaded, minus the export metadata
 Vapi does not echo (``id``, ``orgId``, ``createdAt``, ``updatedAt``, ``isServerUrlSecretSet``,
 ``latestVersion``) and minus every secret: ``secret`` inside any ``server`` object,
-``serverUrlSecret``, ``credentials`` and ``twilioAuthToken`` / ``twilioApiSecret`` keys, at any
-depth. The same scrubbing applies to the tool DTOs in ``toolWithToolCallList``. Liquid templates
+``serverUrlSecret``, ``credentials``, ``twilioAuthToken`` / ``twilioApiSecret`` and any key naming a
+credential (``…secret``, ``…password``, ``apiKey``, ``authorization``, ``token``…), every header
+whose name suggests a credential (``Authorization``, ``X-Api-Key``, ``Cookie``, ``…Token``…: a tool's
+``Authorization`` must not reach another tool's server; ``X-Clinic-Id`` is echoed as Vapi does),
+and the query string, fragment and user:password of every http(s) URL, at any depth. The same scrubbing applies to the tool DTOs in ``toolWithToolCallList``. Liquid templates
 are left as written (the fixture shows them unrendered).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "CallInfo", "Message", "ToolCallRequest",
@@ -50,6 +55,13 @@ _NS_ORG = uuid.uuid5(_NS, "vapi-org")
 _EXPORT_ONLY_KEYS = ("id", "orgId", "createdAt", "updatedAt", "isServerUrlSecretSet", "latestVersion")
 # Secret-bearing keys, dropped at any depth.
 _SECRET_KEYS = frozenset({"serverUrlSecret", "credentials", "twilioAuthToken", "twilioApiSecret"})
+# ...and any key that names a credential (maxTokens, credentialIds are not credentials).
+_SECRET_KEY_RE = re.compile(
+    r"(secret|password|passwd|api[-_]?key|authorization|credentials?|private[-_]?key|access[-_]?token|auth[-_]?token|"
+    r"bearer|cookie)$|^token$", re.IGNORECASE)
+# Header names that may carry a credential (Authorization, X-Api-Key, X-Auth-Token, Cookie...):
+# dropped from every echoed `headers` object; others (X-Clinic-Id) are echoed as Vapi does.
+_CREDENTIAL_HEADER_RE = re.compile(r"auth|token|secret|key|cookie|pass|signature|credential|session|bearer", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -130,17 +142,35 @@ def json_compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _strip_url_credentials(text: str) -> str:
+    """An http(s) URL without its query, fragment and user:password (where tokens ride)."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if parts.scheme.lower() not in ("http", "https") or not (parts.query or parts.fragment or "@" in parts.netloc):
+        return text
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
 def _scrub(node: Any, *, under_server: bool = False) -> Any:
-    """A deep copy of `node` without secret-bearing keys."""
+    """A deep copy of `node` without credentials: secret-bearing keys, credential-like headers
+    (one tool's Authorization must not reach another tool's server), and URL query strings."""
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
-            if key in _SECRET_KEYS or (under_server and key == "secret"):
+            if (key in _SECRET_KEYS or (under_server and key == "secret")
+                    or (isinstance(key, str) and _SECRET_KEY_RE.search(key))):
+                continue
+            if key == "headers" and isinstance(value, dict):  # Vapi echoes headers: keep the harmless ones
+                out[key] = {k: v for k, v in value.items() if not (isinstance(k, str) and _CREDENTIAL_HEADER_RE.search(k))}
                 continue
             out[key] = _scrub(value, under_server=key == "server")
         return out
     if isinstance(node, list):
         return [_scrub(item) for item in node]
+    if isinstance(node, str) and "://" in node[:10]:
+        return _strip_url_credentials(node)
     return node
 
 

@@ -108,6 +108,9 @@ class Script:
     """Unused: script function calls as `replies` entries made with `calls(...)`."""
     drop_after_responses: int | None = None
     """Close the socket with 1011 right after this many responses completed (model socket loss)."""
+    stall_after_responses: int | None = None
+    """The response after this many completed ones sends two chunks, then nothing: the socket stays
+    open and answers pings (a model that went silent mid-answer)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -998,6 +1001,10 @@ class FakeSession:
             for i in range(n_chunks):
                 if r.cancel.is_set():
                     break
+                stall = self._script.stall_after_responses
+                if stall is not None and i == 2 and self._responses_completed >= stall:
+                    await r.cancel.wait()  # silent until the response is cancelled or the socket closes
+                    break
                 piece = r.text[round(i * len(r.text) / n_chunks) : round((i + 1) * len(r.text) / n_chunks)]
                 if audio_mode:
                     if piece:
@@ -1051,6 +1058,10 @@ class FakeSession:
         text_tokens = math.ceil(len(said) / 4)
         audio_tokens = math.ceil(audio_ms / 50)
         input_tokens = 120 + self._tokens_in_context
+        # As the real API: the prompt cache serves the earlier context in 64-token blocks once a
+        # prompt reaches 1024 tokens (cached tokens are a subset of the input tokens).
+        cached = (input_tokens - 120) // 64 * 64 if input_tokens >= 1024 else 0
+        cached_text = min(120, cached)
         self._tokens_in_context += text_tokens + audio_tokens
         final = self._response_object(r, "cancelled" if cancelled else "completed", output)
         if cancelled:
@@ -1063,8 +1074,8 @@ class FakeSession:
                 "text_tokens": 120,
                 "audio_tokens": input_tokens - 120,
                 "image_tokens": 0,
-                "cached_tokens": 0,
-                "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0},
+                "cached_tokens": cached,
+                "cached_tokens_details": {"text_tokens": cached_text, "audio_tokens": cached - cached_text, "image_tokens": 0},
             },
             "output_token_details": {"text_tokens": text_tokens, "audio_tokens": audio_tokens},
         }

@@ -49,11 +49,12 @@ import pydantic
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 from vapi.core.pydantic_utilities import parse_obj_as
 from vapi.core.serialization import convert_and_respect_annotation_metadata
 from vapi.tools.types.get_tools_response import GetToolsResponse
-from vapi.types import Assistant
+from vapi.types import Assistant, Call
 from shim.testing.vapi_sdk_quirks import sdk_view, summarize
 from shim.testing._serve import LocalServer, ServedStandIn
 
@@ -138,6 +139,16 @@ def validate_tool(body: Any) -> None:
     _VALID.add(key)
 
 
+def validate_call(body: Any) -> None:
+    """Raise FakeVapiValidationError unless `body` is a valid `GET /call/{id}` answer."""
+    if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+        raise FakeVapiValidationError("a call must be a JSON object with a string id")
+    try:
+        parse_obj_as(Call, sdk_view(body))
+    except pydantic.ValidationError as exc:
+        raise FakeVapiValidationError(f"call {body['id']}: not a valid Vapi Call: {summarize(exc)}") from None
+
+
 # --- the server ----------------------------------------------------------------------------------
 
 
@@ -163,7 +174,15 @@ class FakeVapi(ServedStandIn):
             Route("/assistant/{id}", self._get_assistant, methods=["GET"]),
             Route("/tool", self._list_tools, methods=["GET"]),
             Route("/tool/{id}", self._get_tool, methods=["GET"]),
+            Route("/call", self._list_calls, methods=["GET"]),
+            Route("/call", self._create_call, methods=["POST"]),
+            Route("/call/{id}", self._get_call, methods=["GET"]),
+            Route("/recording/{id}.wav", self._get_recording, methods=["GET"]),
+            WebSocketRoute("/{id}/transport", self._transport),
         ])
+        self.calls: dict[str, dict] = {}
+        self.recordings: dict[str, bytes] = {}
+        self.agent = None  # a shim.testing.fake_vapi_agent.ScriptedAgent answers websocket calls
 
     # -- content --
 
@@ -178,6 +197,11 @@ class FakeVapi(ServedStandIn):
         if tool_id is not None and tool_id != body["id"]:
             raise FakeVapiValidationError(f"tool key {tool_id!r} != its id {body['id']!r}")
         self.tools[body["id"]] = json.dumps(body, ensure_ascii=False).encode()
+
+    def add_call(self, body: dict) -> None:
+        """Serve a call object (GET /call, GET /call/{id}); validated against the SDK's Call."""
+        validate_call(body)
+        self.calls[body["id"]] = body
 
     # -- fault injection --
 
@@ -252,6 +276,112 @@ class FakeVapi(ServedStandIn):
 
     async def _list_tools(self, request: Request) -> Response:
         return await self._handle(request, lambda: _json_array(self.tools.values()))
+
+
+    # -- calls --
+
+    async def _list_calls(self, request: Request) -> Response:
+        q = request.query_params
+
+        def answer() -> Response:
+            try:
+                limit = int(q.get("limit", "100"))
+            except ValueError:
+                return _error(400, "Bad Request", "limit must be a number")
+            calls = sorted(self.calls.values(), key=lambda c: c["createdAt"], reverse=True)
+            bounds = {"createdAtGe": lambda a, b: a >= b, "createdAtGt": lambda a, b: a > b,
+                      "createdAtLe": lambda a, b: a <= b, "createdAtLt": lambda a, b: a < b}
+            for name, keep in bounds.items():
+                if name in q:
+                    edge = _iso(q[name])
+                    calls = [c for c in calls if keep(_iso(c["createdAt"]), edge)]
+            if "assistantId" in q:
+                calls = [c for c in calls if c.get("assistantId") == q["assistantId"]]
+            return Response(json.dumps(calls[:limit]).encode(), media_type="application/json")
+
+        return await self._handle(request, answer)
+
+    async def _get_call(self, request: Request) -> Response:
+        cid = request.path_params["id"]
+        return await self._handle(request, lambda: _json_or_404(
+            json.dumps(self.calls[cid]).encode() if cid in self.calls else None, "Call"))
+
+    async def _get_recording(self, request: Request) -> Response:
+        data = self.recordings.get(request.path_params["id"])
+        if data is None:
+            return _error(404, "Not Found", "no such recording")
+        return Response(data, media_type="audio/wav")
+
+    async def _create_call(self, request: Request) -> Response:
+        body = await request.json()
+
+        def answer() -> Response:
+            transport = (body or {}).get("transport") or {}
+            if transport.get("provider") != "vapi.websocket" or self.agent is None:
+                return _error(400, "Bad Request", "this stand-in only starts vapi.websocket calls")
+            if body.get("phoneNumberId") or body.get("phoneNumber"):
+                return _error(400, "Bad Request", "phoneNumber is not allowed with the vapi.websocket transport")
+            problem = _create_call_problem(body)
+            if problem:
+                return _error(400, "Bad Request", problem)
+            call = self.agent.new_call(self, body)
+            validate_call(call)
+            self.calls[call["id"]] = call
+            return Response(json.dumps(call).encode(), status_code=201, media_type="application/json")
+
+        return await self._handle(request, answer)
+
+    async def _transport(self, ws: WebSocket) -> None:
+        cid = ws.path_params["id"]
+        if ws.headers.get("authorization") != f"Bearer {self.api_key}" or cid not in self.calls or self.agent is None:
+            await ws.close(code=4001)
+            return
+        await ws.accept()
+        try:
+            await self.agent.serve(self, cid, ws)
+        except WebSocketDisconnect:
+            pass
+
+
+_CREATE_CALL_KEYS = frozenset({
+    "assistantVersion", "squadVersion", "transport", "customers", "name", "schedulePlan", "assistantId", "assistant",
+    "assistantOverrides", "squadId", "squad", "squadOverrides", "workflowId", "workflow", "workflowOverrides",
+    "phoneNumberId", "phoneNumber", "customerId", "customer"})  # CallsClient.create's body (vapi-server-sdk 3.0.0)
+
+
+def _create_call_problem(body: Any) -> str | None:
+    """Why Vapi would refuse this POST /call body (checked with the SDK's transport model), or None."""
+    from vapi.calls.types.create_call_dto_transport import CreateCallDtoTransport_VapiWebsocket
+    from vapi.types import AudioFormat
+
+    if not isinstance(body, dict):
+        return "body must be a JSON object"
+    unknown = set(body) - _CREATE_CALL_KEYS
+    if unknown:
+        return f"property {sorted(unknown)[0]} should not exist"
+    if not (body.get("assistantId") or body.get("assistant") or body.get("squadId") or body.get("squad")):
+        return "assistantId, assistant, squadId or squad is required"
+    transport = body.get("transport")
+    try:
+        parse_obj_as(CreateCallDtoTransport_VapiWebsocket, transport)
+        if not isinstance(transport, dict) or set(transport) - {"provider", "conversationType", "audioFormat"}:
+            raise ValueError(f"transport has unknown keys: {sorted(set(transport or {}) - {'provider', 'conversationType', 'audioFormat'})}")
+        audio = transport.get("audioFormat")
+        if audio is not None:
+            parse_obj_as(AudioFormat, audio)
+            if audio.get("format") not in ("pcm_s16le", "mulaw") or set(audio) - {"format", "container", "sampleRate"}:
+                raise ValueError(f"audioFormat {audio!r} is not a valid format")
+            if not isinstance(audio.get("sampleRate"), (int, float)):
+                raise ValueError("audioFormat.sampleRate is required")
+    except (pydantic.ValidationError, ValueError) as exc:
+        return f"transport: {str(exc)[:300]}"
+    return None
+
+
+def _iso(value: str):
+    import datetime as _dt
+
+    return _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 _REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
