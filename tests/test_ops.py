@@ -203,14 +203,14 @@ async def test_transcript_json_carries_columns_added_later(db_dsn, tmp_path):
     s = await seed(db_dsn, tmp_path)
 
     async def add_column(conn):
-        await conn.execute("ALTER TABLE tool_calls ADD COLUMN http_status integer")
-        await conn.execute("UPDATE tool_calls SET http_status = 200 WHERE call_sid = $1 AND seq = 1", s.dental)
+        await conn.execute("ALTER TABLE tool_calls ADD COLUMN attempts integer")
+        await conn.execute("UPDATE tool_calls SET attempts = 2, http_status = 200 WHERE call_sid = $1 AND seq = 1", s.dental)
         return await ops.fetch_transcript(conn, s.dental)
 
     t = await _with(db_dsn, add_column)
     tools = [e for e in orjson.loads(ops.transcript_json(t))["timeline"] if e["type"] == "tool_call"]
-    assert tools[0]["http_status"] == 200 and tools[1]["http_status"] is None
-    assert "ok in 312 ms (HTTP 200)" in ops.format_transcript(t)
+    assert tools[0]["attempts"] == 2 and tools[1]["attempts"] is None
+    assert "ok in 312 ms (HTTP 200)" in ops.format_transcript(t)  # tool_calls.http_status (0005)
 
 
 async def test_untrusted_text_stays_data(db_dsn, tmp_path):
