@@ -276,3 +276,42 @@ def test_cli_usage_errors_exit_2_naming_every_problem(tmp_path, monkeypatch, cap
     assert "turns: got []" in capsys.readouterr().err
     assert main(["parity", "replay", "--vapi-call", "abc"]) == 2
     assert "VAPI_API_KEY is not set" in capsys.readouterr().err
+
+
+def _riff(fmt: bytes, data: bytes) -> bytes:
+    import struct
+
+    chunks = b"".join(cid + struct.pack("<I", len(body)) + body + b"\0" * (len(body) & 1)
+                      for cid, body in ((b"fmt ", fmt), (b"data", data)))
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+def test_malformed_wavs_are_scenario_errors_naming_each_turn(tmp_path):
+    import struct
+
+    pcm8k = struct.pack("<HHIIHH", 1, 1, 8000, 16000, 2, 16)
+    (tmp_path / "short-fmt.wav").write_bytes(_riff(b"\x01\x00\x01\x00", b"\0\0"))
+    (tmp_path / "empty.wav").write_bytes(_riff(pcm8k, b""))
+    (tmp_path / "cut.wav").write_bytes(_riff(pcm8k, b"\0\0" * 80 + b"\0"))  # cut mid-sample: still usable
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("name: x\nturns:\n  - audio: short-fmt.wav\n  - audio: empty.wav\n  - audio: cut.wav\n")
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(scenario)
+    message = str(err.value)
+    assert "turns[0].audio" in message and "fmt chunk of 4 bytes; expected at least 16" in message
+    assert "turns[1].audio" in message and "no audio" in message  # every bad file named, not just the first
+    assert "turns[2]" not in message
+    assert read_wav_ulaw8k(tmp_path / "cut.wav") == b"\xff" * 80
+
+
+def test_yaml_dtmf_digits_are_taken_as_written(tmp_path):
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("name: x\nturns:\n  - dtmf: 0123\n  - dtmf: 42\n  - wait: 2\n")
+    assert [t.value for t in load_scenario(scenario).turns] == ["0123", "42", 2.0]  # not the octal 83
+
+
+def test_expect_must_be_a_mapping(tmp_path):
+    scenario = tmp_path / "s.json"
+    scenario.write_text(json.dumps({"name": "x", "turns": [{"wait": 1}], "expect": []}))
+    with pytest.raises(ScenarioError, match=r"expect: got \[\], expected \{tools"):
+        load_scenario(scenario)
