@@ -271,20 +271,27 @@ RETURNS TABLE (scenario text, stack text, runs bigint, partial bigint, failed bi
                duration_p50_s float8, cost_per_minute_usd numeric, ended_reasons jsonb)
 LANGUAGE sql STABLE AS $$
 WITH obs AS (
-    SELECT * FROM parity_observations o
+    -- cohort: real calls are compared with the other stack's calls of the same assistant only
+    SELECT o.*, CASE WHEN o.scenario = 'traffic' THEN COALESCE(o.assistant_id, '') ELSE '' END AS cohort
+      FROM parity_observations o
      WHERE (p_assistant IS NULL OR o.assistant_id = p_assistant)
        AND (p_since IS NULL OR o.started_at >= p_since)
 ), ok AS (
     SELECT * FROM obs WHERE obs.status = 'ok'
 ), seqs AS (
-    SELECT ok.scenario, ok.stack, ok.tools, count(*) AS n FROM ok GROUP BY 1, 2, 3
+    SELECT ok.scenario, ok.cohort, ok.stack, ok.tools, count(*) AS n FROM ok GROUP BY 1, 2, 3, 4
 ), modal AS (
-    -- the most common sequence; ties go to the alphabetically first, so the report is stable
-    SELECT DISTINCT ON (seqs.scenario, seqs.stack) seqs.scenario, seqs.stack, seqs.tools
-      FROM seqs ORDER BY seqs.scenario, seqs.stack, seqs.n DESC, seqs.tools::text
+    -- the most common sequence; ties go to the sequence that sorts first (element by element, in
+    -- byte order, a prefix before its extensions: no tools first), whatever the database's collation
+    SELECT DISTINCT ON (s.scenario, s.stack) s.scenario, s.stack, s.tools
+      FROM (SELECT seqs.scenario, seqs.stack, seqs.tools, sum(seqs.n) AS n FROM seqs GROUP BY 1, 2, 3) s
+     ORDER BY s.scenario, s.stack, s.n DESC, s.tools COLLATE "C"
+), cohort_modal AS (
+    SELECT DISTINCT ON (seqs.scenario, seqs.cohort, seqs.stack) seqs.scenario, seqs.cohort, seqs.stack, seqs.tools
+      FROM seqs ORDER BY seqs.scenario, seqs.cohort, seqs.stack, seqs.n DESC, seqs.tools COLLATE "C"
 ), agree AS (
     SELECT ok.scenario, ok.stack, avg((ok.tools = m.tools)::int)::float8 AS agreement
-      FROM ok JOIN modal m ON m.scenario = ok.scenario AND m.stack <> ok.stack
+      FROM ok JOIN cohort_modal m ON m.scenario = ok.scenario AND m.cohort = ok.cohort AND m.stack <> ok.stack
      GROUP BY 1, 2
 ), lat AS (
     SELECT ok.scenario, ok.stack,
@@ -318,7 +325,7 @@ SELECT f.scenario, f.stack, f.runs, f.partial, f.failed, m.tools, a.agreement,
  ORDER BY f.scenario = 'traffic', f.scenario, f.stack
 $$;
 
-COMMENT ON FUNCTION parity_report(text, timestamptz) IS 'The parity report (shim parity report): per scenario (or ''traffic'') and stack, runs, the modal tool sequence, agreement with the other stack''s modal sequence (null without runs on the other stack), drift (agreement < 0.95), turn latency p50/p95, median duration, cost per minute, ended reasons. Arguments filter by assistant and start time.';
+COMMENT ON FUNCTION parity_report(text, timestamptz) IS 'The parity report (shim parity report): per scenario (or ''traffic'') and stack, runs, the modal tool sequence (ties: the first in byte order), agreement with the other stack''s modal sequence (null without runs on the other stack; traffic: of the same assistant), drift (agreement < 0.95), turn latency p50/p95, median duration, cost per minute, ended reasons. Arguments filter by assistant and start time.';
 
 CREATE VIEW parity_report AS SELECT * FROM parity_report(NULL, NULL);
 
@@ -366,8 +373,8 @@ COMMENT ON COLUMN parity_report.stack IS '''shim'' or ''vapi''.';
 COMMENT ON COLUMN parity_report.runs IS 'Runs (or calls) with status ok: the ones every figure is computed from.';
 COMMENT ON COLUMN parity_report.partial IS 'Runs interrupted part-way (not in the figures).';
 COMMENT ON COLUMN parity_report.failed IS 'Runs that placed no call (not in the figures).';
-COMMENT ON COLUMN parity_report.modal_tools IS 'The most common tool sequence of this stack''s runs.';
-COMMENT ON COLUMN parity_report.agreement IS 'Share (0..1) of this stack''s runs whose tool sequence equals the other stack''s modal_tools; null when the other stack has no runs.';
+COMMENT ON COLUMN parity_report.modal_tools IS 'The most common tool sequence of this stack''s runs; on a tie, the one first in byte order, element by element (no tools first).';
+COMMENT ON COLUMN parity_report.agreement IS 'Share (0..1) of this stack''s ok runs whose tool sequence equals the other stack''s modal_tools; null when the other stack has no ok runs. Traffic: each call against the other stack''s most common sequence for the same assistant (calls of an assistant without traffic on the other stack are left out).';
 COMMENT ON COLUMN parity_report.drift IS 'agreement < 0.95.';
 COMMENT ON COLUMN parity_report.latency_p50_ms IS 'Median turn latency over all turns of the runs, ms.';
 COMMENT ON COLUMN parity_report.latency_p95_ms IS '95th percentile turn latency, ms.';
