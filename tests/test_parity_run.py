@@ -125,7 +125,7 @@ async def test_twenty_runs_on_both_stacks_report_agreement_and_drift(tmp_path, d
     assert "DRIFT" in as_table(rows) and "| book-cleaning | vapi |" in as_markdown(rows)
 
 
-async def test_a_run_cut_short_is_partial_and_a_stopped_batch_leaves_partial_rows(tmp_path, db_dsn):
+async def test_a_run_cut_short_is_partial_and_a_stopped_batch_leaves_partial_rows(tmp_path, db_dsn, monkeypatch):
     scenario = tmp_path / "s.json"
     scenario.write_text(json.dumps({"name": "three-turns", "assistant": "asst-1", "turns": [{"audio": "a.wav"}, {"wait": 0.2}, {"audio": "a.wav"}]}))
     with wave.open(str(tmp_path / "a.wav"), "wb") as w:  # 16 kHz PCM: resampled to 8 kHz mu-law
@@ -137,7 +137,8 @@ async def test_a_run_cut_short_is_partial_and_a_stopped_batch_leaves_partial_row
     loaded = load_scenario(scenario)
     audio = {0: read_wav_ulaw8k(loaded.turns[0].value), 2: read_wav_ulaw8k(loaded.turns[2].value)}
     assert 3000 <= len(audio[0]) <= 3300  # 400 ms at 8 kHz
-    runner.SILENCE_S, runner.MAX_WAIT_S = 0.4, 5
+    monkeypatch.setattr(runner, "SILENCE_S", 0.4)
+    monkeypatch.setattr(runner, "MAX_WAIT_S", 5)
     async with FakeVapi(api_key=VAPI_KEY) as vapi:
         vapi.agent = ScriptedAgent(greeting_ms=100, reply_ms=100, hang_up_after_turns=1)
         settings = runner.Settings(target="", auth_token="", number="+15550002222", from_number="+15550001111",
@@ -315,3 +316,28 @@ def test_expect_must_be_a_mapping(tmp_path):
     scenario.write_text(json.dumps({"name": "x", "turns": [{"wait": 1}], "expect": []}))
     with pytest.raises(ScenarioError, match=r"expect: got \[\], expected \{tools"):
         load_scenario(scenario)
+
+
+async def test_a_last_turn_cut_mid_audio_is_partial_not_ok():
+    """The line drops while the caller's last turn is still playing: the turn was not played."""
+
+    class DroppingLine(runner.Line):
+        def __init__(self, frames_before_drop: int):
+            self.left = frames_before_drop
+
+        async def send_frame(self, frame: bytes) -> None:
+            await asyncio.sleep(0)
+            self.left -= 1  # like VapiLine: a send on the dropped line raises nothing
+
+        def arrivals(self) -> list:
+            return []
+
+        @property
+        def closed(self) -> bool:
+            return self.left <= 0
+
+    scenario = runner.Scenario("one-turn", (runner.Turn("say", "hello"),))
+    result = runner.RunResult()
+    with pytest.raises(runner.LineDropped, match="during turn 1 of 1"):
+        await runner.play(scenario, {0: b"\xff" * 160 * 50}, DroppingLine(10), result)  # 1 s of audio, drops at 200 ms
+    assert result.turns_played == 0 and result.latencies == []

@@ -185,6 +185,8 @@ async def play(scenario: Scenario, audio: dict[int, bytes], line: Line, result: 
         if turn.kind in ("say", "audio"):
             ulaw = audio[i]
             for off in range(0, len(ulaw), FRAME_BYTES):
+                if line.closed:  # the Vapi line swallows sends on a closed socket: a cut turn is not played
+                    raise LineDropped(f"the line closed during turn {i + 1} of {len(scenario.turns)}")
                 frame = ulaw[off:off + FRAME_BYTES]
                 await line.send_frame(frame + bytes([SILENCE]) * (FRAME_BYTES - len(frame)))
             ended = loop.time()
