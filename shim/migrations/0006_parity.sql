@@ -61,7 +61,7 @@ CREATE TABLE model_prices (
     updated_at         timestamptz NOT NULL DEFAULT now()
 );
 
-COMMENT ON TABLE model_prices IS 'Price table of Realtime models, USD per 1M tokens, written at start by shim/costs.py (defaults, overridden by SHIM_PRICES_FILE). A call''s model matches the longest model name it starts with (snapshots such as gpt-realtime-2025-08-28 match gpt-realtime).';
+COMMENT ON TABLE model_prices IS 'Price table of Realtime models, USD per 1M tokens, written at start by shim/costs.py (defaults, overridden by SHIM_PRICES_FILE). A call''s model matches its exact name or, for a dated snapshot NAME-YYYY-MM-DD, NAME (gpt-realtime-2025-08-28 is priced as gpt-realtime; gpt-realtime-2 is not); any other model has no price.';
 COMMENT ON COLUMN model_prices.model IS 'Model name or name prefix, e.g. gpt-realtime-2.1.';
 COMMENT ON COLUMN model_prices.input_text IS 'USD per 1M uncached input text tokens.';
 COMMENT ON COLUMN model_prices.cached_input_text IS 'USD per 1M cached input text tokens.';
@@ -121,7 +121,9 @@ BEGIN
            COALESCE(sum(output_audio_tokens), 0) AS audio_out
       INTO u FROM model_usage WHERE call_sid = p_call_sid;
     SELECT * INTO p FROM model_prices
-     WHERE p_model IS NOT NULL AND starts_with(p_model, model)
+     WHERE p_model = model
+        -- a dated snapshot of a priced model; a bare prefix would price gpt-realtime-2 as gpt-realtime
+        OR (starts_with(p_model, model || '-') AND substr(p_model, length(model) + 2) ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}$')
      ORDER BY length(model) DESC LIMIT 1;
     IF FOUND THEN
         model_cost := ((u.text_in * p.input_text + u.text_cached * p.cached_input_text
