@@ -30,12 +30,13 @@ async def run(conn, scenario: str, stack: str, tools: list[str], *, n: int = 1, 
             uuid.uuid4(), uuid.uuid4(), scenario, stack, status, tools, T0, T0 + dt.timedelta(seconds=30))
 
 
-async def real_call(conn, stack: str, assistant: str, tools: list[str]) -> None:
+async def real_call(conn, stack: str, assistant: str, tools: list[str]) -> str:
     sid = ("CA" if stack == "shim" else "vapi-") + uuid.uuid4().hex
     await conn.execute("INSERT INTO calls (call_sid, stack, assistant_id, started_at, ended_at) VALUES ($1, $2, $3, $4, $5)",
                        sid, stack, assistant, T0, T0 + dt.timedelta(seconds=60))
     for seq, name in enumerate(tools):
         await conn.execute("INSERT INTO tool_calls (call_sid, seq, name) VALUES ($1, $2, $3)", sid, seq, name)
+    return sid
 
 
 async def report(conn, **filters) -> dict[tuple[str, str], dict]:
@@ -96,6 +97,22 @@ async def test_traffic_compares_calls_of_the_same_assistant(conn):
     assert rows["traffic", "shim"]["agreement"] == 1.0 and rows["traffic", "vapi"]["agreement"] == 1.0
     only = await report(conn, assistant="asst-2")
     assert only["traffic", "shim"]["runs"] == 1 and only["traffic", "shim"]["agreement"] == 1.0
+
+
+async def test_replayed_real_calls_stay_in_traffic_and_calls_made_by_runs_do_not(conn):
+    original = await real_call(conn, "vapi", "asst-1", ["A"])
+    by_vapi_run = await real_call(conn, "vapi", "asst-1", ["A"])  # a parity run's Vapi call, imported
+    by_replay = await real_call(conn, "shim", "asst-1", ["A"])  # the shim call the replay placed
+    for stack, scenario, call_sid, vapi_call_id in (("vapi", f"replay:{original}", None, original),
+                                                    ("shim", f"replay:{original}", by_replay, None),
+                                                    ("vapi", "s", None, by_vapi_run)):
+        await conn.execute(
+            """INSERT INTO parity_runs (run_id, batch_id, scenario, stack, call_sid, vapi_call_id, status, tools, started_at)
+               VALUES ($1, $2, $3, $4, $5, $6, 'ok', '{A}', $7)""",
+            uuid.uuid4(), uuid.uuid4(), scenario, stack, call_sid, vapi_call_id, T0)
+    rows = await report(conn)
+    assert rows["traffic", "vapi"]["runs"] == 1  # the real call, though replayed
+    assert ("traffic", "shim") not in rows
 
 
 async def test_an_empty_database_reports_nothing(conn):

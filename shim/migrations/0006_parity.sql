@@ -263,7 +263,10 @@ SELECT 'traffic', c.stack, c.assistant_id, 'ok', c.started_at,
        c.call_sid
   FROM calls c
  WHERE c.ended_at IS NOT NULL
-   AND NOT EXISTS (SELECT 1 FROM parity_runs r WHERE r.call_sid = c.call_sid OR r.vapi_call_id = c.call_sid);
+   -- made by a run; a replay's row for the real Vapi call it replays (scenario replay:<id>) is no run of it
+   AND NOT EXISTS (SELECT 1 FROM parity_runs r
+                    WHERE r.call_sid = c.call_sid
+                       OR (r.vapi_call_id = c.call_sid AND r.scenario IS DISTINCT FROM 'replay:' || r.vapi_call_id));
 
 COMMENT ON VIEW parity_observations IS 'One row per parity run, and per real call (scenario ''traffic'') not made by a run: tool sequence, turn latencies, ended reason, cost, duration.';
 
