@@ -119,3 +119,20 @@ async def test_an_empty_database_reports_nothing(conn):
     rows = await fetch_report(conn, assistant=None, since=None)
     assert rows == [] and as_json(rows) == "[]\n"
     assert as_table(rows).splitlines()[0].startswith("scenario")
+
+
+def test_an_unreachable_database_is_one_clear_line_without_the_password(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DATABASE_URL": f"postgresql://u:hunter2secret@127.0.0.1:{port}/x", "SHIM_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "shim.cli", "parity", "report", "--format", "json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert "cannot use postgresql://u:***@127.0.0.1" in done.stderr and "Traceback" not in done.stderr
+    assert "hunter2secret" not in done.stderr
