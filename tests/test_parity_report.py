@@ -136,3 +136,16 @@ def test_an_unreachable_database_is_one_clear_line_without_the_password(tmp_path
     assert done.returncode == 1 and done.stdout == ""
     assert "cannot use postgresql://u:***@127.0.0.1" in done.stderr and "Traceback" not in done.stderr
     assert "hunter2secret" not in done.stderr
+
+
+async def test_duration_and_cost_per_minute_are_the_calls_not_the_runs_bookkeeping(conn):
+    # the run spans 90 s (placing the call, then polling for its outcome); the call itself 60 s
+    await conn.execute("INSERT INTO calls (call_sid, stack, started_at, ended_at, cost_usd) VALUES "
+                       "('vapi-call-1', 'vapi', $1, $2, 0.12)", T0 + dt.timedelta(seconds=10), T0 + dt.timedelta(seconds=70))
+    await conn.execute(
+        """INSERT INTO parity_runs (run_id, batch_id, scenario, stack, vapi_call_id, status, tools, cost_usd, started_at, ended_at)
+           VALUES ($1, $2, 'timed', 'vapi', 'vapi-call-1', 'ok', '{}', 0.10, $3, $4)""",
+        uuid.uuid4(), uuid.uuid4(), T0, T0 + dt.timedelta(seconds=90))
+    row = (await report(conn))["timed", "vapi"]
+    assert row["duration_p50_s"] == 60.0
+    assert row["cost_per_minute_usd"] == 0.12  # the call's current cost over its 1 minute

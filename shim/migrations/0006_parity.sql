@@ -247,11 +247,14 @@ CREATE INDEX parity_runs_batch_idx ON parity_runs (batch_id);
 
 -- Per run or real call: what the report aggregates. Traffic = calls that no parity run made.
 CREATE VIEW parity_observations AS
+-- Duration and cost of a run are its call's, once the call row is there: the run's own span also
+-- covers placing the call and reading its outcome afterwards (seconds of polling, not of talk).
 SELECT r.scenario, r.stack, r.assistant_id, r.status, r.started_at,
-       r.tools, r.turn_latency_ms AS latencies_ms, r.ended_reason, r.cost_usd,
-       extract(epoch FROM r.ended_at - r.started_at)::float8 AS seconds,
+       r.tools, r.turn_latency_ms AS latencies_ms, r.ended_reason, COALESCE(c.cost_usd, r.cost_usd) AS cost_usd,
+       COALESCE(extract(epoch FROM c.ended_at - c.started_at), extract(epoch FROM r.ended_at - r.started_at))::float8 AS seconds,
        COALESCE(r.call_sid, r.vapi_call_id) AS call_id
   FROM parity_runs r
+  LEFT JOIN calls c ON c.call_sid = COALESCE(r.call_sid, r.vapi_call_id)
 UNION ALL
 SELECT 'traffic', c.stack, c.assistant_id, 'ok', c.started_at,
        ARRAY(SELECT t.name FROM tool_calls t WHERE t.call_sid = c.call_sid ORDER BY t.seq),
@@ -369,8 +372,8 @@ COMMENT ON COLUMN parity_observations.started_at IS 'When the run or call starte
 COMMENT ON COLUMN parity_observations.tools IS 'Tool names in call order.';
 COMMENT ON COLUMN parity_observations.latencies_ms IS 'Turn latencies, ms.';
 COMMENT ON COLUMN parity_observations.ended_reason IS 'How the call ended.';
-COMMENT ON COLUMN parity_observations.cost_usd IS 'What the call cost, USD.';
-COMMENT ON COLUMN parity_observations.seconds IS 'Duration in seconds.';
+COMMENT ON COLUMN parity_observations.cost_usd IS 'What the call cost, USD (runs: their call''s current calls.cost_usd when the call row exists).';
+COMMENT ON COLUMN parity_observations.seconds IS 'Call duration in seconds (runs: their call''s, when the call row exists; else the run''s span).';
 COMMENT ON COLUMN parity_observations.call_id IS 'The shim''s CallSid or Vapi''s call id.';
 
 COMMENT ON COLUMN parity_report.scenario IS 'Scenario name, or ''traffic'' (real calls: imported Vapi calls vs the shim''s calls).';
