@@ -268,9 +268,11 @@ def test_cli_usage_errors_exit_2_naming_every_problem(tmp_path, monkeypatch, cap
     scenario.write_text("name: x\nturns:\n  - say: hello\n")
     for var in ("TWILIO_AUTH_TOKEN", "VAPI_API_KEY", "OPENAI_API_KEY"):
         monkeypatch.delenv(var, raising=False)
-    assert main(["parity", "run", "--scenario", str(scenario), "--runs", "0", "--stack", "both", "--number", "555"]) == 2
+    assert main(["parity", "run", "--scenario", str(scenario), "--runs", "0", "--stack", "both", "--number", "555",
+                 "--from", "me", "--target", "shim.example.com"]) == 2
     err = capsys.readouterr().err
-    for part in ("--runs 0", "TWILIO_AUTH_TOKEN", "VAPI_API_KEY", "OPENAI_API_KEY", "no assistant", "--number '555'"):
+    for part in ("--runs 0", "TWILIO_AUTH_TOKEN", "VAPI_API_KEY", "OPENAI_API_KEY", "no assistant", "--number '555'",
+                 "--from 'me'", "--target 'shim.example.com': expected the deployment's base URL"):
         assert part in err, part
     scenario.write_text("name: x\nturns: []\n")
     assert main(["parity", "run", "--scenario", str(scenario)]) == 2
