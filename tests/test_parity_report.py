@@ -149,3 +149,12 @@ async def test_duration_and_cost_per_minute_are_the_calls_not_the_runs_bookkeepi
     row = (await report(conn))["timed", "vapi"]
     assert row["duration_p50_s"] == 60.0
     assert row["cost_per_minute_usd"] == 0.12  # the call's current cost over its 1 minute
+
+
+async def test_scenario_names_are_kept_as_written(conn):
+    await run(conn, "{}", "shim", ["A"])
+    await run(conn, '{"a": 1}', "shim", ["A"])
+    rows = await fetch_report(conn, assistant=None, since=None)
+    assert sorted(r["scenario"] for r in rows) == sorted(["{}", '{"a": 1}'])  # not parsed as JSON
+    assert rows[0]["ended_reasons"] == {"unknown": 1}
+    as_table(rows)
