@@ -185,6 +185,8 @@ async def play(scenario: Scenario, audio: dict[int, bytes], line: Line, result: 
         if turn.kind in ("say", "audio"):
             ulaw = audio[i]
             for off in range(0, len(ulaw), FRAME_BYTES):
+                if line.closed:  # the Vapi line swallows sends on a closed socket: a cut turn is not played
+                    raise LineDropped(f"the line closed during turn {i + 1} of {len(scenario.turns)}")
                 frame = ulaw[off:off + FRAME_BYTES]
                 await line.send_frame(frame + bytes([SILENCE]) * (FRAME_BYTES - len(frame)))
             ended = loop.time()
@@ -430,6 +432,10 @@ def run_command(args: Any, config: Any, run_coro, with_db) -> int:
 
     if not re.match(r"^\+[1-9][0-9]{6,14}$", args.number):
         problems.append(f"--number {args.number!r}: expected E.164, e.g. +15551234567")
+    if not re.match(r"^\+[1-9][0-9]{6,14}$", args.from_number):
+        problems.append(f"--from {args.from_number!r}: expected E.164, e.g. +15557654321")
+    if args.target is not None and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", args.target):
+        problems.append(f"--target {args.target!r}: expected the deployment's base URL, e.g. https://shim.example.com")
     if problems:
         return err("; ".join(problems))
     from ..vapi_api import VAPI_BASE_URL
