@@ -667,6 +667,11 @@ class Call:
             self._noise_items.append(item_id)
             self._ignored_turns.add(item_id)
             self.record_event("interruption_ignored", item_id=item_id)
+        elif self._response_id is not None and self._response_id not in self._cancelled and self._pending_end is None:
+            # A real turn ended under a response nobody cancelled (e.g. a tool answer that started
+            # mid-turn): with interrupt_response off the server's own reply to it fails (openai SDK,
+            # turn_detection.create_response), so it is asked for once that response is done.
+            self._request_response()
 
     def _on_transcription_completed(self, event: dict) -> None:
         item_id = str(event.get("item_id") or "")

@@ -169,17 +169,21 @@ async def idle_until(line: Line, done, timeout: float) -> bool:
     return True
 
 
-async def wait_agent_silent(line: Line) -> None:
+async def wait_agent_silent(line: Line, opened: float) -> None:
+    """Until no agent audio has played for SILENCE_S, counted from `opened` (when the line opened) at
+    the earliest: "nothing heard yet" is not silence, so a greeting still on its way is waited for
+    instead of being talked over and then taken for the answer to the first turn."""
     loop = asyncio.get_running_loop()
-    await idle_until(line, lambda: loop.time() - max(playback_end(line.arrivals()), 0.0) >= SILENCE_S, MAX_WAIT_S)
+    await idle_until(line, lambda: loop.time() - max(playback_end(line.arrivals()), opened) >= SILENCE_S, MAX_WAIT_S)
 
 
 async def play(scenario: Scenario, audio: dict[int, bytes], line: Line, result: RunResult) -> None:
     loop = asyncio.get_running_loop()
+    opened = loop.time()
     for i, turn in enumerate(scenario.turns):
         if line.closed:
             raise LineDropped(f"the line closed before turn {i + 1} of {len(scenario.turns)}")
-        await wait_agent_silent(line)
+        await wait_agent_silent(line, opened)
         if line.closed:
             raise LineDropped(f"the line closed before turn {i + 1} of {len(scenario.turns)}")
         if turn.kind in ("say", "audio"):
@@ -204,7 +208,7 @@ async def play(scenario: Scenario, audio: dict[int, bytes], line: Line, result: 
         else:
             await idle_until(line, lambda: False, turn.value)
         result.turns_played = i + 1
-    await wait_agent_silent(line)
+    await wait_agent_silent(line, opened)
 
 
 class LineDropped(RuntimeError):
