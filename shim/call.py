@@ -633,6 +633,11 @@ class Call:
             self._noise_items.append(item_id)
             self._ignored_turns.add(item_id)
             self.record_event("interruption_ignored", item_id=item_id)
+        elif (active := self._responses.active_id) is not None and active not in self._cancelled and self._ending.pending is None:
+            # A real turn ended under a response nobody cancelled (e.g. a tool answer that started
+            # mid-turn): with interrupt_response off the server's own reply to it fails (openai SDK,
+            # turn_detection.create_response), so it is asked for once that response is done.
+            self._request_response()
 
     def _on_user_transcript(self, event: me.UserTranscript) -> None:
         item_id = event.item_id

@@ -62,23 +62,22 @@ class MinutePrice:
 
 
 _OPENAI = "https://platform.openai.com/docs/pricing"
-# Text and image prices of gpt-realtime-2.1(-mini) were not published beside the audio prices
-# we found; they are taken to be those of gpt-realtime(-mini), the models they replace.
+_MODELS = "https://developers.openai.com/api/docs/models/"
 DEFAULT_MODEL_PRICES: dict[str, ModelPrice] = {
     p.model: p
     for p in (
-        ModelPrice("gpt-realtime-2.1", 4.0, 0.40, 32.0, 0.40, 5.0, 0.50, 16.0, 64.0,
-                   "https://developers.openai.com/api/docs/models/gpt-realtime-2.1 (audio); text/image as gpt-realtime"),
-        ModelPrice("gpt-realtime-2.1-mini", 0.60, 0.06, 10.0, 0.30, 0.80, 0.08, 2.40, 20.0,
-                   "https://developers.openai.com/api/docs/models/gpt-realtime-2.1-mini (audio); text/image as gpt-realtime-mini"),
-        ModelPrice("gpt-realtime", 4.0, 0.40, 32.0, 0.40, 5.0, 0.50, 16.0, 64.0,
-                   "https://developers.openai.com/api/docs/models/gpt-realtime ; " + _OPENAI),
+        # The reasoning models (2, 2.1) bill text output at $24, the others at $16.
+        ModelPrice("gpt-realtime-2.1", 4.0, 0.40, 32.0, 0.40, 5.0, 0.50, 24.0, 64.0, _MODELS + "gpt-realtime-2.1"),
+        ModelPrice("gpt-realtime-2.1-mini", 0.60, 0.06, 10.0, 0.30, 0.80, 0.08, 2.40, 20.0, _MODELS + "gpt-realtime-2.1-mini"),
+        ModelPrice("gpt-realtime-2", 4.0, 0.40, 32.0, 0.40, 5.0, 0.50, 24.0, 64.0, _MODELS + "gpt-realtime-2"),
+        ModelPrice("gpt-realtime-1.5", 4.0, 0.40, 32.0, 0.40, 5.0, 0.50, 16.0, 64.0, _MODELS + "gpt-realtime-1.5"),
+        ModelPrice("gpt-realtime", 4.0, 0.40, 32.0, 0.40, 5.0, 0.50, 16.0, 64.0, _MODELS + "gpt-realtime ; " + _OPENAI),
         ModelPrice("gpt-realtime-mini", 0.60, 0.06, 10.0, 0.30, 0.80, 0.08, 2.40, 20.0,
-                   "https://developers.openai.com/api/docs/models/gpt-realtime-mini ; " + _OPENAI),
+                   _MODELS + "gpt-realtime-mini ; " + _OPENAI),
         ModelPrice("gpt-4o-realtime-preview", 5.0, 2.50, 40.0, 2.50, 0.0, 0.0, 20.0, 80.0,
-                   "https://developers.openai.com/api/docs/models/gpt-4o-realtime-preview ; " + _OPENAI),
+                   _MODELS + "gpt-4o-realtime-preview ; " + _OPENAI),
         ModelPrice("gpt-4o-mini-realtime-preview", 0.60, 0.30, 10.0, 0.30, 0.0, 0.0, 2.40, 20.0,
-                   "https://developers.openai.com/api/docs/models/gpt-4o-mini-realtime-preview ; " + _OPENAI),
+                   _MODELS + "gpt-4o-mini-realtime-preview ; " + _OPENAI),
     )
 }
 

@@ -237,6 +237,7 @@ async def test_recording_errors(site, twilio):
 
 async def test_parity_section_appears_with_its_table(site, db_dsn):
     browser, _ = site
+    # migration 0006 creates parity_runs; the section appears once a run is stored
     assert "Parity report" not in (await browser.get("/admin/", headers=BEARER)).text
     assert (await browser.get("/admin/parity", headers=BEARER)).status_code == 404
 

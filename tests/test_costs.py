@@ -56,24 +56,24 @@ async def test_cost_matches_hand_computed_figures_whatever_the_row_order(conn):
     await add_usage(conn, "CA1", "resp_2", usage(300, 1700, 100, 400, cached_text=256, cached_audio=768))
     # Not ended yet: tokens only, no transport entry.
     # uncached text in 200+44=244 x $4; cached text 256 x $0.40; uncached audio 800+932=1732 x $32;
-    # cached audio 768 x $0.40; text out 150 x $16; audio out 650 x $64   (per 1M tokens)
-    model_cost = Decimal("976") + Decimal("102.4") + Decimal("55424") + Decimal("307.2") + Decimal("2400") + Decimal("41600")
-    assert model_cost / 1_000_000 == Decimal("0.1008096")
+    # cached audio 768 x $0.40; text out 150 x $24; audio out 650 x $64   (per 1M tokens)
+    model_cost = Decimal("976") + Decimal("102.4") + Decimal("55424") + Decimal("307.2") + Decimal("3600") + Decimal("41600")
+    assert model_cost / 1_000_000 == Decimal("0.1020096")
     cost, costs = await call_row(conn, "CA1")
-    assert cost == Decimal("0.1008096")
+    assert cost == Decimal("0.1020096")
     # 61 s is billed as 2 Twilio minutes at $0.0085.
     await conn.execute("UPDATE calls SET ended_at = $1 WHERE call_sid = 'CA1'", T0 + dt.timedelta(seconds=61))
     cost, costs = await call_row(conn, "CA1")
-    assert cost == Decimal("0.1178096")
+    assert cost == Decimal("0.1190096")
     COSTS_ADAPTER.validate_python(costs)  # Vapi's costs[] shape
     assert costs == [
         {"type": "transport", "provider": "twilio", "minutes": 2, "cost": 0.017},
         {"type": "model", "model": {"provider": "openai", "model": "gpt-realtime-2.1"},
-         "promptTokens": 3000, "completionTokens": 800, "cachedPromptTokens": 1024, "cost": 0.1008096},
+         "promptTokens": 3000, "completionTokens": 800, "cachedPromptTokens": 1024, "cost": 0.1020096},
     ]
     rollup = await conn.fetchrow("SELECT duration_s, cost_usd, cost_per_minute_usd FROM call_rollup WHERE call_sid = 'CA1'")
     assert rollup["duration_s"] == Decimal("61.000")
-    assert rollup["cost_per_minute_usd"] == (Decimal("0.1178096") / (Decimal(61) / 60)).quantize(Decimal("0.000001"))
+    assert rollup["cost_per_minute_usd"] == (Decimal("0.1190096") / (Decimal(61) / 60)).quantize(Decimal("0.000001"))
 
 
 async def test_snapshot_names_use_the_longest_matching_price_and_unknown_models_cost_null(conn):
@@ -87,6 +87,18 @@ async def test_snapshot_names_use_the_longest_matching_price_and_unknown_models_
     cost, costs = await call_row(conn, "CAx")
     assert cost is None  # unknown, not guessed
     assert [c["type"] for c in costs] == ["transport", "model"]
+
+
+async def test_only_exact_names_and_dated_snapshots_are_priced(conn):
+    models = {"CAga": "gpt-realtime-2025-08-28", "CA2": "gpt-realtime-2", "CA25": "gpt-realtime-2.5",
+              "CA21x": "gpt-realtime-2.1-experimental"}
+    for sid, model in models.items():
+        await conn.execute("INSERT INTO calls (call_sid, model, started_at) VALUES ($1, $2, $3)", sid, model, T0)
+        await add_usage(conn, sid, "resp_1", usage(0, 0, 1_000_000, 0))
+    assert (await call_row(conn, "CAga"))[0] == Decimal("16")  # gpt-realtime's snapshot, not gpt-realtime-2's $24
+    assert (await call_row(conn, "CA2"))[0] == Decimal("24")  # the reasoning model's text output price
+    assert (await call_row(conn, "CA25"))[0] is None  # not guessed from the gpt-realtime prefix
+    assert (await call_row(conn, "CA21x"))[0] is None
 
 
 async def test_vapi_calls_keep_vapi_figures(conn):

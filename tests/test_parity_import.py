@@ -84,19 +84,13 @@ async def test_import_pages_retries_429_and_is_idempotent(db_dsn, fake):
 
 
 async def _import(conn, client, limit):
-    from shim.parity import vapi_client
-
-    old = vapi_client.PAGE_LIMIT
     orig = client.list_calls
 
     def list_calls(**kw):
         return orig(limit=limit, **kw)
 
     client.list_calls = list_calls
-    try:
-        return await import_calls(conn, client, since=T0, assistant_id="asst-1")
-    finally:
-        vapi_client.PAGE_LIMIT = old
+    return await import_calls(conn, client, since=T0, assistant_id="asst-1")
 
 
 async def _counts(conn):
@@ -126,5 +120,5 @@ async def test_cli_import_then_traffic_report(db_dsn, fake):
     [traffic] = json.loads(report.stdout)
     assert {k: traffic[k] for k in ("scenario", "stack", "runs", "agreement", "drift")} == {
         "scenario": "traffic", "stack": "vapi", "runs": 4, "agreement": None, "drift": False}
-    assert traffic["modal_tools"] == ["check_availability"] or traffic["modal_tools"] == []
+    assert traffic["modal_tools"] == []  # 2 calls with check_availability, 2 without: a tie, no tools sorts first
     assert traffic["latency_p50_ms"] is not None and traffic["cost_per_minute_usd"] > 0

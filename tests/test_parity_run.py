@@ -125,7 +125,7 @@ async def test_twenty_runs_on_both_stacks_report_agreement_and_drift(tmp_path, d
     assert "DRIFT" in as_table(rows) and "| book-cleaning | vapi |" in as_markdown(rows)
 
 
-async def test_a_run_cut_short_is_partial_and_a_stopped_batch_leaves_partial_rows(tmp_path, db_dsn):
+async def test_a_run_cut_short_is_partial_and_a_stopped_batch_leaves_partial_rows(tmp_path, db_dsn, monkeypatch):
     scenario = tmp_path / "s.json"
     scenario.write_text(json.dumps({"name": "three-turns", "assistant": "asst-1", "turns": [{"audio": "a.wav"}, {"wait": 0.2}, {"audio": "a.wav"}]}))
     with wave.open(str(tmp_path / "a.wav"), "wb") as w:  # 16 kHz PCM: resampled to 8 kHz mu-law
@@ -137,7 +137,8 @@ async def test_a_run_cut_short_is_partial_and_a_stopped_batch_leaves_partial_row
     loaded = load_scenario(scenario)
     audio = {0: read_wav_ulaw8k(loaded.turns[0].value), 2: read_wav_ulaw8k(loaded.turns[2].value)}
     assert 3000 <= len(audio[0]) <= 3300  # 400 ms at 8 kHz
-    runner.SILENCE_S, runner.MAX_WAIT_S = 0.4, 5
+    monkeypatch.setattr(runner, "SILENCE_S", 0.4)
+    monkeypatch.setattr(runner, "MAX_WAIT_S", 5)
     async with FakeVapi(api_key=VAPI_KEY) as vapi:
         vapi.agent = ScriptedAgent(greeting_ms=100, reply_ms=100, hang_up_after_turns=1)
         settings = runner.Settings(target="", auth_token="", number="+15550002222", from_number="+15550001111",
@@ -267,12 +268,79 @@ def test_cli_usage_errors_exit_2_naming_every_problem(tmp_path, monkeypatch, cap
     scenario.write_text("name: x\nturns:\n  - say: hello\n")
     for var in ("TWILIO_AUTH_TOKEN", "VAPI_API_KEY", "OPENAI_API_KEY"):
         monkeypatch.delenv(var, raising=False)
-    assert main(["parity", "run", "--scenario", str(scenario), "--runs", "0", "--stack", "both", "--number", "555"]) == 2
+    assert main(["parity", "run", "--scenario", str(scenario), "--runs", "0", "--stack", "both", "--number", "555",
+                 "--from", "me", "--target", "shim.example.com"]) == 2
     err = capsys.readouterr().err
-    for part in ("--runs 0", "TWILIO_AUTH_TOKEN", "VAPI_API_KEY", "OPENAI_API_KEY", "no assistant", "--number '555'"):
+    for part in ("--runs 0", "TWILIO_AUTH_TOKEN", "VAPI_API_KEY", "OPENAI_API_KEY", "no assistant", "--number '555'",
+                 "--from 'me'", "--target 'shim.example.com': expected the deployment's base URL"):
         assert part in err, part
     scenario.write_text("name: x\nturns: []\n")
     assert main(["parity", "run", "--scenario", str(scenario)]) == 2
     assert "turns: got []" in capsys.readouterr().err
     assert main(["parity", "replay", "--vapi-call", "abc"]) == 2
     assert "VAPI_API_KEY is not set" in capsys.readouterr().err
+
+
+def _riff(fmt: bytes, data: bytes) -> bytes:
+    import struct
+
+    chunks = b"".join(cid + struct.pack("<I", len(body)) + body + b"\0" * (len(body) & 1)
+                      for cid, body in ((b"fmt ", fmt), (b"data", data)))
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+def test_malformed_wavs_are_scenario_errors_naming_each_turn(tmp_path):
+    import struct
+
+    pcm8k = struct.pack("<HHIIHH", 1, 1, 8000, 16000, 2, 16)
+    (tmp_path / "short-fmt.wav").write_bytes(_riff(b"\x01\x00\x01\x00", b"\0\0"))
+    (tmp_path / "empty.wav").write_bytes(_riff(pcm8k, b""))
+    (tmp_path / "cut.wav").write_bytes(_riff(pcm8k, b"\0\0" * 80 + b"\0"))  # cut mid-sample: still usable
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("name: x\nturns:\n  - audio: short-fmt.wav\n  - audio: empty.wav\n  - audio: cut.wav\n")
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(scenario)
+    message = str(err.value)
+    assert "turns[0].audio" in message and "fmt chunk of 4 bytes; expected at least 16" in message
+    assert "turns[1].audio" in message and "no audio" in message  # every bad file named, not just the first
+    assert "turns[2]" not in message
+    assert read_wav_ulaw8k(tmp_path / "cut.wav") == b"\xff" * 80
+
+
+def test_yaml_dtmf_digits_are_taken_as_written(tmp_path):
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("name: x\nturns:\n  - dtmf: 0123\n  - dtmf: 42\n  - wait: 2\n")
+    assert [t.value for t in load_scenario(scenario).turns] == ["0123", "42", 2.0]  # not the octal 83
+
+
+def test_expect_must_be_a_mapping(tmp_path):
+    scenario = tmp_path / "s.json"
+    scenario.write_text(json.dumps({"name": "x", "turns": [{"wait": 1}], "expect": []}))
+    with pytest.raises(ScenarioError, match=r"expect: got \[\], expected \{tools"):
+        load_scenario(scenario)
+
+
+async def test_a_last_turn_cut_mid_audio_is_partial_not_ok():
+    """The line drops while the caller's last turn is still playing: the turn was not played."""
+
+    class DroppingLine(runner.Line):
+        def __init__(self, frames_before_drop: int):
+            self.left = frames_before_drop
+
+        async def send_frame(self, frame: bytes) -> None:
+            await asyncio.sleep(0)
+            if frame != bytes([runner.SILENCE]) * len(frame):  # the line silence while waiting for a greeting
+                self.left -= 1  # like VapiLine: a send on the dropped line raises nothing
+
+        def arrivals(self) -> list:
+            return []
+
+        @property
+        def closed(self) -> bool:
+            return self.left <= 0
+
+    scenario = runner.Scenario("one-turn", (runner.Turn("say", "hello"),))
+    result = runner.RunResult()
+    with pytest.raises(runner.LineDropped, match="during turn 1 of 1"):
+        await runner.play(scenario, {0: b"\x00" * 160 * 50}, DroppingLine(10), result)  # 1 s of audio, drops at 200 ms
+    assert result.turns_played == 0 and result.latencies == []

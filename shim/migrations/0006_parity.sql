@@ -61,7 +61,7 @@ CREATE TABLE model_prices (
     updated_at         timestamptz NOT NULL DEFAULT now()
 );
 
-COMMENT ON TABLE model_prices IS 'Price table of Realtime models, USD per 1M tokens, written at start by shim/costs.py (defaults, overridden by SHIM_PRICES_FILE). A call''s model matches the longest model name it starts with (snapshots such as gpt-realtime-2025-08-28 match gpt-realtime).';
+COMMENT ON TABLE model_prices IS 'Price table of Realtime models, USD per 1M tokens, written at start by shim/costs.py (defaults, overridden by SHIM_PRICES_FILE). A call''s model matches its exact name or, for a dated snapshot NAME-YYYY-MM-DD, NAME (gpt-realtime-2025-08-28 is priced as gpt-realtime; gpt-realtime-2 is not); any other model has no price.';
 COMMENT ON COLUMN model_prices.model IS 'Model name or name prefix, e.g. gpt-realtime-2.1.';
 COMMENT ON COLUMN model_prices.input_text IS 'USD per 1M uncached input text tokens.';
 COMMENT ON COLUMN model_prices.cached_input_text IS 'USD per 1M cached input text tokens.';
@@ -121,7 +121,9 @@ BEGIN
            COALESCE(sum(output_audio_tokens), 0) AS audio_out
       INTO u FROM model_usage WHERE call_sid = p_call_sid;
     SELECT * INTO p FROM model_prices
-     WHERE p_model IS NOT NULL AND starts_with(p_model, model)
+     WHERE p_model = model
+        -- a dated snapshot of a priced model; a bare prefix would price gpt-realtime-2 as gpt-realtime
+        OR (starts_with(p_model, model || '-') AND substr(p_model, length(model) + 2) ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}$')
      ORDER BY length(model) DESC LIMIT 1;
     IF FOUND THEN
         model_cost := ((u.text_in * p.input_text + u.text_cached * p.cached_input_text
@@ -245,11 +247,14 @@ CREATE INDEX parity_runs_batch_idx ON parity_runs (batch_id);
 
 -- Per run or real call: what the report aggregates. Traffic = calls that no parity run made.
 CREATE VIEW parity_observations AS
+-- Duration and cost of a run are its call's, once the call row is there: the run's own span also
+-- covers placing the call and reading its outcome afterwards (seconds of polling, not of talk).
 SELECT r.scenario, r.stack, r.assistant_id, r.status, r.started_at,
-       r.tools, r.turn_latency_ms AS latencies_ms, r.ended_reason, r.cost_usd,
-       extract(epoch FROM r.ended_at - r.started_at)::float8 AS seconds,
+       r.tools, r.turn_latency_ms AS latencies_ms, r.ended_reason, COALESCE(c.cost_usd, r.cost_usd) AS cost_usd,
+       COALESCE(extract(epoch FROM c.ended_at - c.started_at), extract(epoch FROM r.ended_at - r.started_at))::float8 AS seconds,
        COALESCE(r.call_sid, r.vapi_call_id) AS call_id
   FROM parity_runs r
+  LEFT JOIN calls c ON c.call_sid = COALESCE(r.call_sid, r.vapi_call_id)
 UNION ALL
 SELECT 'traffic', c.stack, c.assistant_id, 'ok', c.started_at,
        ARRAY(SELECT t.name FROM tool_calls t WHERE t.call_sid = c.call_sid ORDER BY t.seq),
@@ -261,7 +266,10 @@ SELECT 'traffic', c.stack, c.assistant_id, 'ok', c.started_at,
        c.call_sid
   FROM calls c
  WHERE c.ended_at IS NOT NULL
-   AND NOT EXISTS (SELECT 1 FROM parity_runs r WHERE r.call_sid = c.call_sid OR r.vapi_call_id = c.call_sid);
+   -- made by a run; a replay's row for the real Vapi call it replays (scenario replay:<id>) is no run of it
+   AND NOT EXISTS (SELECT 1 FROM parity_runs r
+                    WHERE r.call_sid = c.call_sid
+                       OR (r.vapi_call_id = c.call_sid AND r.scenario IS DISTINCT FROM 'replay:' || r.vapi_call_id));
 
 COMMENT ON VIEW parity_observations IS 'One row per parity run, and per real call (scenario ''traffic'') not made by a run: tool sequence, turn latencies, ended reason, cost, duration.';
 
@@ -271,20 +279,27 @@ RETURNS TABLE (scenario text, stack text, runs bigint, partial bigint, failed bi
                duration_p50_s float8, cost_per_minute_usd numeric, ended_reasons jsonb)
 LANGUAGE sql STABLE AS $$
 WITH obs AS (
-    SELECT * FROM parity_observations o
+    -- cohort: real calls are compared with the other stack's calls of the same assistant only
+    SELECT o.*, CASE WHEN o.scenario = 'traffic' THEN COALESCE(o.assistant_id, '') ELSE '' END AS cohort
+      FROM parity_observations o
      WHERE (p_assistant IS NULL OR o.assistant_id = p_assistant)
        AND (p_since IS NULL OR o.started_at >= p_since)
 ), ok AS (
     SELECT * FROM obs WHERE obs.status = 'ok'
 ), seqs AS (
-    SELECT ok.scenario, ok.stack, ok.tools, count(*) AS n FROM ok GROUP BY 1, 2, 3
+    SELECT ok.scenario, ok.cohort, ok.stack, ok.tools, count(*) AS n FROM ok GROUP BY 1, 2, 3, 4
 ), modal AS (
-    -- the most common sequence; ties go to the alphabetically first, so the report is stable
-    SELECT DISTINCT ON (seqs.scenario, seqs.stack) seqs.scenario, seqs.stack, seqs.tools
-      FROM seqs ORDER BY seqs.scenario, seqs.stack, seqs.n DESC, seqs.tools::text
+    -- the most common sequence; ties go to the sequence that sorts first (element by element, in
+    -- byte order, a prefix before its extensions: no tools first), whatever the database's collation
+    SELECT DISTINCT ON (s.scenario, s.stack) s.scenario, s.stack, s.tools
+      FROM (SELECT seqs.scenario, seqs.stack, seqs.tools, sum(seqs.n) AS n FROM seqs GROUP BY 1, 2, 3) s
+     ORDER BY s.scenario, s.stack, s.n DESC, s.tools COLLATE "C"
+), cohort_modal AS (
+    SELECT DISTINCT ON (seqs.scenario, seqs.cohort, seqs.stack) seqs.scenario, seqs.cohort, seqs.stack, seqs.tools
+      FROM seqs ORDER BY seqs.scenario, seqs.cohort, seqs.stack, seqs.n DESC, seqs.tools COLLATE "C"
 ), agree AS (
     SELECT ok.scenario, ok.stack, avg((ok.tools = m.tools)::int)::float8 AS agreement
-      FROM ok JOIN modal m ON m.scenario = ok.scenario AND m.stack <> ok.stack
+      FROM ok JOIN cohort_modal m ON m.scenario = ok.scenario AND m.cohort = ok.cohort AND m.stack <> ok.stack
      GROUP BY 1, 2
 ), lat AS (
     SELECT ok.scenario, ok.stack,
@@ -318,7 +333,7 @@ SELECT f.scenario, f.stack, f.runs, f.partial, f.failed, m.tools, a.agreement,
  ORDER BY f.scenario = 'traffic', f.scenario, f.stack
 $$;
 
-COMMENT ON FUNCTION parity_report(text, timestamptz) IS 'The parity report (shim parity report): per scenario (or ''traffic'') and stack, runs, the modal tool sequence, agreement with the other stack''s modal sequence (null without runs on the other stack), drift (agreement < 0.95), turn latency p50/p95, median duration, cost per minute, ended reasons. Arguments filter by assistant and start time.';
+COMMENT ON FUNCTION parity_report(text, timestamptz) IS 'The parity report (shim parity report): per scenario (or ''traffic'') and stack, runs, the modal tool sequence (ties: the first in byte order), agreement with the other stack''s modal sequence (null without runs on the other stack; traffic: of the same assistant), drift (agreement < 0.95), turn latency p50/p95, median duration, cost per minute, ended reasons. Arguments filter by assistant and start time.';
 
 CREATE VIEW parity_report AS SELECT * FROM parity_report(NULL, NULL);
 
@@ -357,8 +372,8 @@ COMMENT ON COLUMN parity_observations.started_at IS 'When the run or call starte
 COMMENT ON COLUMN parity_observations.tools IS 'Tool names in call order.';
 COMMENT ON COLUMN parity_observations.latencies_ms IS 'Turn latencies, ms.';
 COMMENT ON COLUMN parity_observations.ended_reason IS 'How the call ended.';
-COMMENT ON COLUMN parity_observations.cost_usd IS 'What the call cost, USD.';
-COMMENT ON COLUMN parity_observations.seconds IS 'Duration in seconds.';
+COMMENT ON COLUMN parity_observations.cost_usd IS 'What the call cost, USD (runs: their call''s current calls.cost_usd when the call row exists).';
+COMMENT ON COLUMN parity_observations.seconds IS 'Call duration in seconds (runs: their call''s, when the call row exists; else the run''s span).';
 COMMENT ON COLUMN parity_observations.call_id IS 'The shim''s CallSid or Vapi''s call id.';
 
 COMMENT ON COLUMN parity_report.scenario IS 'Scenario name, or ''traffic'' (real calls: imported Vapi calls vs the shim''s calls).';
@@ -366,8 +381,8 @@ COMMENT ON COLUMN parity_report.stack IS '''shim'' or ''vapi''.';
 COMMENT ON COLUMN parity_report.runs IS 'Runs (or calls) with status ok: the ones every figure is computed from.';
 COMMENT ON COLUMN parity_report.partial IS 'Runs interrupted part-way (not in the figures).';
 COMMENT ON COLUMN parity_report.failed IS 'Runs that placed no call (not in the figures).';
-COMMENT ON COLUMN parity_report.modal_tools IS 'The most common tool sequence of this stack''s runs.';
-COMMENT ON COLUMN parity_report.agreement IS 'Share (0..1) of this stack''s runs whose tool sequence equals the other stack''s modal_tools; null when the other stack has no runs.';
+COMMENT ON COLUMN parity_report.modal_tools IS 'The most common tool sequence of this stack''s runs; on a tie, the one first in byte order, element by element (no tools first).';
+COMMENT ON COLUMN parity_report.agreement IS 'Share (0..1) of this stack''s ok runs whose tool sequence equals the other stack''s modal_tools; null when the other stack has no ok runs. Traffic: each call against the other stack''s most common sequence for the same assistant (calls of an assistant without traffic on the other stack are left out).';
 COMMENT ON COLUMN parity_report.drift IS 'agreement < 0.95.';
 COMMENT ON COLUMN parity_report.latency_p50_ms IS 'Median turn latency over all turns of the runs, ms.';
 COMMENT ON COLUMN parity_report.latency_p95_ms IS '95th percentile turn latency, ms.';

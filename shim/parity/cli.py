@@ -103,15 +103,22 @@ def main(args: argparse.Namespace, config: Config, run_coro) -> int:
 
 
 async def _with_db(config: Config, work):
-    from ..db import resolve_dsn
+    from ..db import redact_dsn, resolve_dsn
     from ..store import migrate
 
     import asyncpg
 
-    dsn, embedded = resolve_dsn(config.database_url, config.data_dir)
+    unreachable = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+    where = redact_dsn(config.database_url) if config.database_url else f"the embedded database under {config.data_dir}"
+    embedded = None
     try:
-        await migrate(dsn)
-        conn = await asyncpg.connect(dsn)
+        try:
+            dsn, embedded = resolve_dsn(config.database_url, config.data_dir)
+            await migrate(dsn)
+            conn = await asyncpg.connect(dsn)
+        except unreachable as exc:
+            _err(f"cannot use {where}: {type(exc).__name__}: {exc}")
+            return 1
         try:
             return await work(conn)
         finally:

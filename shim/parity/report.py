@@ -18,14 +18,11 @@ KEYS = ("scenario", "stack", "runs", "modal_tools", "agreement", "drift", "laten
 EXTRA = ("partial", "failed", "duration_p50_s", "ended_reasons")
 
 
-def _plain(value: Any) -> Any:
+def _plain(key: str, value: Any) -> Any:
     if isinstance(value, Decimal):
         return float(value)
-    if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
+    if key == "ended_reasons" and isinstance(value, str):  # jsonb arrives as text
+        return json.loads(value)
     return value
 
 
@@ -33,7 +30,7 @@ async def fetch_report(conn: Any, *, assistant: str | None, since: dt.datetime |
     rows = await conn.fetch("SELECT * FROM parity_report($1, $2)", assistant, since)
     out = []
     for r in rows:
-        item = {k: _plain(r[k]) for k in KEYS + EXTRA}
+        item = {k: _plain(k, r[k]) for k in KEYS + EXTRA}
         item["modal_tools"] = list(item["modal_tools"]) if item["modal_tools"] is not None else None
         out.append(item)
     return out

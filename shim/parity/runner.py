@@ -169,22 +169,28 @@ async def idle_until(line: Line, done, timeout: float) -> bool:
     return True
 
 
-async def wait_agent_silent(line: Line) -> None:
+async def wait_agent_silent(line: Line, opened: float) -> None:
+    """Until no agent audio has played for SILENCE_S, counted from `opened` (when the line opened) at
+    the earliest: "nothing heard yet" is not silence, so a greeting still on its way is waited for
+    instead of being talked over and then taken for the answer to the first turn."""
     loop = asyncio.get_running_loop()
-    await idle_until(line, lambda: loop.time() - max(playback_end(line.arrivals()), 0.0) >= SILENCE_S, MAX_WAIT_S)
+    await idle_until(line, lambda: loop.time() - max(playback_end(line.arrivals()), opened) >= SILENCE_S, MAX_WAIT_S)
 
 
 async def play(scenario: Scenario, audio: dict[int, bytes], line: Line, result: RunResult) -> None:
     loop = asyncio.get_running_loop()
+    opened = loop.time()
     for i, turn in enumerate(scenario.turns):
         if line.closed:
             raise LineDropped(f"the line closed before turn {i + 1} of {len(scenario.turns)}")
-        await wait_agent_silent(line)
+        await wait_agent_silent(line, opened)
         if line.closed:
             raise LineDropped(f"the line closed before turn {i + 1} of {len(scenario.turns)}")
         if turn.kind in ("say", "audio"):
             ulaw = audio[i]
             for off in range(0, len(ulaw), FRAME_BYTES):
+                if line.closed:  # the Vapi line swallows sends on a closed socket: a cut turn is not played
+                    raise LineDropped(f"the line closed during turn {i + 1} of {len(scenario.turns)}")
                 frame = ulaw[off:off + FRAME_BYTES]
                 await line.send_frame(frame + bytes([SILENCE]) * (FRAME_BYTES - len(frame)))
             ended = loop.time()
@@ -202,7 +208,7 @@ async def play(scenario: Scenario, audio: dict[int, bytes], line: Line, result: 
         else:
             await idle_until(line, lambda: False, turn.value)
         result.turns_played = i + 1
-    await wait_agent_silent(line)
+    await wait_agent_silent(line, opened)
 
 
 class LineDropped(RuntimeError):
@@ -430,6 +436,10 @@ def run_command(args: Any, config: Any, run_coro, with_db) -> int:
 
     if not re.match(r"^\+[1-9][0-9]{6,14}$", args.number):
         problems.append(f"--number {args.number!r}: expected E.164, e.g. +15551234567")
+    if not re.match(r"^\+[1-9][0-9]{6,14}$", args.from_number):
+        problems.append(f"--from {args.from_number!r}: expected E.164, e.g. +15557654321")
+    if args.target is not None and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", args.target):
+        problems.append(f"--target {args.target!r}: expected the deployment's base URL, e.g. https://shim.example.com")
     if problems:
         return err("; ".join(problems))
     from ..vapi_api import VAPI_BASE_URL

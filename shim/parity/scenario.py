@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
@@ -91,7 +93,8 @@ def parse_scenario(data: Any, base_dir: Path, origin: str = "scenario") -> Scena
                 problems.append(f"{where}.audio: no file {value}")
                 continue
         elif kind == "dtmf":
-            value = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+            # YAML reads `dtmf: 0123` as the octal int 83: the digits as written come with the int.
+            value = getattr(value, "yaml_text", str(value)) if isinstance(value, int) and not isinstance(value, bool) else value
             if not isinstance(value, str) or not value or any(c not in "0123456789*#ABCDw" for c in value):
                 problems.append(f"{where}.dtmf: got {value!r}, expected digits 0-9 * # (w = 0.5 s pause)")
                 continue
@@ -101,7 +104,8 @@ def parse_scenario(data: Any, base_dir: Path, origin: str = "scenario") -> Scena
                 continue
             value = float(value)
         turns.append(Turn(kind, value))
-    expect = data.get("expect") or {}
+    expect = data.get("expect")
+    expect = {} if expect is None else expect
     tools = None
     ended_reason = None
     if not isinstance(expect, dict) or set(expect) - {"tools", "ended_reason"}:
@@ -132,21 +136,36 @@ def load_scenario(path: str | Path) -> Scenario:
         except json.JSONDecodeError as exc:
             raise ScenarioError(f"{path}: not JSON ({exc})") from None
     else:
-        import yaml
-
         try:
-            data = yaml.safe_load(raw)
+            data = yaml.load(raw, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise ScenarioError(f"{path}: not YAML ({exc})") from None
     scenario = parse_scenario(data, path.parent, str(path))
+    problems = []
     for i, turn in enumerate(scenario.turns):
         if turn.kind == "audio":
             try:
                 read_wav_ulaw8k(turn.value)
             except ScenarioError as exc:
-                raise ScenarioError(f"{path}: turns[{i}].audio: {exc}") from None
+                problems.append(f"turns[{i}].audio: {exc}")
+    if problems:
+        raise ScenarioError(f"{path}: " + "; ".join(problems))
     return Scenario(scenario.name, scenario.turns, scenario.assistant, scenario.expect_tools,
                     scenario.expect_ended_reason, path)
+
+
+class _YamlInt(int):
+    yaml_text: str
+
+
+class _YamlLoader(yaml.SafeLoader):
+    def construct_yaml_int(self, node):  # keeps the text as written: `dtmf: 0123` means the digits 0123
+        value = _YamlInt(super().construct_yaml_int(node))
+        value.yaml_text = node.value
+        return value
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:int", _YamlLoader.construct_yaml_int)
 
 
 def read_wav_ulaw8k(path: Path) -> bytes:
@@ -160,6 +179,8 @@ def read_wav_ulaw8k(path: Path) -> bytes:
         cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
         body = data[pos + 8:pos + 8 + size]
         if cid == b"fmt ":
+            if len(body) < 16:
+                raise ScenarioError(f"{path}: fmt chunk of {len(body)} bytes; expected at least 16")
             fmt = struct.unpack("<HHIIHH", body[:16])
         elif cid == b"data":
             audio = body
@@ -170,6 +191,10 @@ def read_wav_ulaw8k(path: Path) -> bytes:
     if channels != 1 or rate not in (8000, 16000) or (code, bits) not in ((1, 16), (7, 8)):
         raise ScenarioError(f"{path}: {channels} channel(s), {rate} Hz, format {code}/{bits}-bit; "
                             "expected mono 8 or 16 kHz, PCM 16-bit or mu-law")
+    if code == 1:
+        audio = audio[: len(audio) - len(audio) % 2]  # a file cut mid-sample: drop the half sample
+    if not audio:
+        raise ScenarioError(f"{path}: the data chunk holds no audio; expected at least one sample")
     pcm = audioop.ulaw2lin(audio, 2) if code == 7 else audio
     if rate != 8000:
         pcm, _ = audioop.ratecv(pcm, 2, 1, rate, 8000, None)
