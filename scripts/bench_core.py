@@ -38,7 +38,7 @@ def live_call(background: str) -> Call:
     if background != "off":
         from shim.background import BackgroundMixer, load_office_ambience
 
-        call.mixer = BackgroundMixer(load_office_ambience())
+        call.on_background_ready(BackgroundMixer(load_office_ambience()))
     call.take_model_out()
     return call
 
@@ -63,14 +63,14 @@ def main() -> None:
 
         def caller_frame():
             call.on_twilio_text(frame)
-            call.model_out.clear()
+            call.backend.out.clear()
 
         call.on_model_text(b'{"type":"response.created","response":{"id":"r1"}}')
 
         def model_delta():
             call.on_model_text(delta)
             call.twilio_out.clear()
-            call._marks.clear()  # Twilio would echo them
+            call._playback.clear(0.0)  # Twilio would echo the marks
 
         t_in = per_op(caller_frame, 100_000)
         t_out = per_op(model_delta, 50_000)

@@ -31,6 +31,7 @@ from .bridge import BridgeState, CallRunner, start_media_server
 from .config import Config
 from .db import redact_dsn, resolve_dsn
 from .metrics import ShimMetrics
+from . import store_queries
 from .numbers import redact_url
 from .routes import SNAPSHOT_NAME, NumberRoutes, RoutingUnavailable
 from .store import Recorder, migrate
@@ -298,7 +299,7 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | None:
         raise HTTPException(400, "webhook form has more than 200 fields") from None
     url = shim.config.http_url(path) + (f"?{request.url.query}" if request.url.query else "")
     signature = request.headers.get("x-twilio-signature", "")
-    if not shim.config.twilio_auth_token or not shim.bridge.validator.validate(url, params, signature):
+    if not shim.bridge.signatures.valid(url, params, signature):
         log.warning("twilio_signature_rejected", path=path)
         return None
     return params
@@ -411,13 +412,7 @@ async def store_assistant_request(shim: Shim, row: dict[str, Any]) -> None:
         shim.assistant_requests.pop(next(iter(shim.assistant_requests)))
     try:
         pool = await asyncio.wait_for(shim.db(), 2)
-        await pool.execute(
-            """INSERT INTO calls (call_sid, from_number, to_number, account_sid, status, stack, assistant_request)
-               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
-               ON CONFLICT (call_sid) DO UPDATE SET assistant_request = EXCLUDED.assistant_request, updated_at = now()""",
-            row["call_sid"], row["from_number"], row["to_number"], row["account_sid"], row["status"], row["stack"],
-            orjson.dumps(row["assistant_request"]).decode(), timeout=2,
-        )
+        await store_queries.save_assistant_request(pool, row)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         log.error("assistant_request_not_stored", call_sid=row["call_sid"], error=str(exc))
 
@@ -427,11 +422,10 @@ async def load_assistant_request(shim: Shim, call_sid: str) -> dict[str, Any] | 
         return shim.assistant_requests[call_sid]
     try:
         pool = await asyncio.wait_for(shim.db(), 2)
-        raw = await pool.fetchval("SELECT assistant_request FROM calls WHERE call_sid = $1", call_sid, timeout=2)
+        return await store_queries.assistant_request(pool, call_sid)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         log.error("assistant_request_lookup_failed", call_sid=call_sid, error=str(exc))
         return None
-    return orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
 
 
 async def stream_ended(request: Request) -> Response:
@@ -477,11 +471,11 @@ async def _stored_action(shim: Shim, call_sid: str) -> dict[str, Any] | None:
     for _ in range(10):
         try:
             pool = await asyncio.wait_for(shim.db(), 2)
-            raw = await pool.fetchval("SELECT next_action FROM calls WHERE call_sid = $1", call_sid, timeout=2)
+            action = await store_queries.next_action(pool, call_sid)
         except (OSError, asyncpg.PostgresError, TimeoutError):
             return None
-        if raw:
-            return orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
+        if action:
+            return action
         await asyncio.sleep(0.2)
     return None
 

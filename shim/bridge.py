@@ -12,13 +12,10 @@ timers, and on the way out closes both sockets). Every task a call starts ends w
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Protocol
-from urllib.parse import quote
 
 import httpx
 import structlog
@@ -35,22 +32,45 @@ from picows import (
     ws_connect,
     ws_create_server,
 )
-from twilio.request_validator import RequestValidator
 
+from . import tool_kinds
 from . import twilio_media as tw
-from .assistant import AssistantError, CallContext, load_assistant, load_saved_tools, render
+from .assistant import AssistantError, load_assistant, load_saved_tools, render
 from .background import BackgroundMixer, ambience_for, public_url
 from tools import envelope
 from tools.analysis import analyze
 from tools.delivery import WebhookSender
 from tools.egress import guarded_client, parse_allow_list
-from tools.results import ToolOutcome, delayed_messages, parse_tool_response
+from tools.results import delayed_messages, parse_tool_response
 from tools.secrets import SecretsBook, ServerTarget, resolve_server
 
 from .translate import CallSetup, translate
 from .twilio_rest import REST_TIMEOUT_S, TwilioRestError, start_recording
-from .call import Call, RecordSink, ToolRequest
+from .call import Call, RecordSink
+from .call_work import (
+    API_ANSWER_MAX_BYTES,
+    analysis_row,
+    api_answer,
+    api_failure,
+    api_request,
+    choose_assistant,
+    end_of_call_report,
+    failed_outcome,
+    should_analyze,
+    vapi_tool_name,
+)
+from .call_effects import (
+    CallEnded,
+    ConnectModel,
+    DeliverServerMessage,
+    Effect,
+    LoadBackground,
+    ResolveAssistant,
+    StartRecording,
+    ToolRequest,
+)
 from .config import Config
+from .twilio_signature import TwilioSignatures
 
 log = structlog.get_logger("shim.bridge")
 TICK_SECONDS = 0.5
@@ -69,7 +89,7 @@ class BridgeState:
     records: RecordSink
     metrics: Any
     runners: set["CallRunner"] = field(default_factory=set)
-    validator: RequestValidator | None = None
+    signatures: TwilioSignatures | None = None  # the one Twilio signature / stream token check
     secrets: SecretsBook = field(default_factory=SecretsBook)
     sender: WebhookSender | None = None  # set at start-up (needs the writer)
     # number -> {"assistant_id", "server_url"} from the numbers table (injected by the app)
@@ -89,7 +109,7 @@ class BridgeState:
         return self._http
 
     def __post_init__(self) -> None:
-        self.validator = RequestValidator(self.config.twilio_auth_token)
+        self.signatures = TwilioSignatures(self.config.twilio_auth_token)
 
     async def tick_forever(self) -> None:
         """One timer for every call (max duration, silence, goodbyes, keypad timeouts): cheaper
@@ -97,21 +117,19 @@ class BridgeState:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             for runner in list(self.runners):
-                if runner.call.start is not None and not runner.ended.is_set():
+                if runner.task is not None and not runner.ended.is_set():
                     runner.tick()
 
     def stream_token(self, call_sid: str) -> str:
-        """A per-call token (HMAC of the CallSid with the auth token), given to the stream as a
-        <Parameter> by the signed voice webhook: a replayed upgrade for another call fails it."""
-        key = self.config.twilio_auth_token.encode()
-        return hmac.new(key, call_sid.encode(), hashlib.sha256).hexdigest()[:32]
+        assert self.signatures is not None
+        return self.signatures.stream_token(call_sid)
 
     def start_token_ok(self, start: tw.Start) -> bool:
-        expected = self.stream_token(start.call_sid).encode()
-        return bool(self.config.twilio_auth_token) and hmac.compare_digest(start.token.encode(), expected)
+        assert self.signatures is not None
+        return self.signatures.start_token_ok(start.call_sid, start.token)
 
     def admit_start(self, start: tw.Start) -> str | None:
-        """Why a stream's `start` is refused (checked before the call writes or replaces
+        """Why a stream's `start` is refused (the call checks it before it writes or replaces
         anything), or None: a wrong token, or a second stream for a CallSid that is live."""
         if not self.start_token_ok(start):
             return "stream token does not match the CallSid"
@@ -120,13 +138,9 @@ class BridgeState:
         return None
 
     def stream_signature_ok(self, signature: str | None) -> bool:
-        """The upgrade is signed over the exact <Stream url> we rendered (from PUBLIC_URL, never
-        from request headers); Twilio's docs suggest also trying it with a trailing slash."""
-        if not signature or not self.config.twilio_auth_token:
-            return False
-        url = self.config.media_stream_url
-        assert self.validator is not None
-        return self.validator.validate(url, {}, signature) or self.validator.validate(url + "/", {}, signature)
+        """The upgrade is signed over the exact <Stream url> we rendered."""
+        assert self.signatures is not None
+        return self.signatures.valid(self.config.media_stream_url, {}, signature)
 
     async def resolve_setup(self, start: tw.Start) -> CallSetup:
         """Load and translate the call's assistant (file reads and template rendering run in a
@@ -139,46 +153,18 @@ class BridgeState:
         return await asyncio.to_thread(self._resolve_setup, start, requested)
 
     def _resolve_setup(self, start: tw.Start, requested: dict[str, Any] | None = None) -> CallSetup:
-        params = start.custom_parameters
-        overrides: dict[str, Any] = {}
-        if requested is not None:
-            # Vapi's assistant-request answer: an inline assistant or an id, plus overrides
-            # (top-level keys replace, variableValues become template variables).
-            overrides = dict(requested.get("assistantOverrides") or {})
-            if isinstance(requested.get("assistant"), dict):
-                assistant = dict(requested["assistant"])
-                assistant_id = str(assistant.get("id") or assistant.get("name") or "inline")
-            else:
-                assistant_id = str(requested.get("assistantId") or "")
-                assistant = load_assistant(self.config.assistants_dir, assistant_id)
-        else:
-            assistant_id = params.get("assistant", "")
-            assistant = load_assistant(self.config.assistants_dir, assistant_id)
-        variable_values = overrides.pop("variableValues", None) or {}
-        assistant = {**assistant, **overrides}
-        reserved = {"assistant", "from", "to"}
-        ctx = CallContext(
-            call_sid=start.call_sid,
-            from_number=params.get("from", ""),
-            to_number=params.get("to", ""),
-            variables={**variable_values, **{k: v for k, v in params.items() if k not in reserved}},
-        )
-        model = assistant.get("model")
+        chosen = choose_assistant(start, requested, lambda assistant_id: load_assistant(self.config.assistants_dir, assistant_id))
+        model = chosen.assistant.get("model")
         saved = load_saved_tools(self.config.assistants_dir, model.get("toolIds") if isinstance(model, dict) else None)
         return translate(
-            assistant_id,
-            assistant,
-            ctx,
+            chosen.assistant_id,
+            chosen.assistant,
+            chosen.context,
             model=self.config.openai_realtime_model,
             saved_tools=saved,
             transcription_model=self.config.transcription_model,
             voice_overrides=dict(self.config.voice_map),
         )
-
-    def model_url(self) -> str:
-        base = self.config.openai_realtime_url
-        sep = "&" if "?" in base else "?"
-        return f"{base}{sep}model={self.config.openai_realtime_model}"
 
 
 class ModelListener(WSListener):
@@ -205,8 +191,7 @@ class CallRunner:
         self.state = state
         self.twilio = twilio
         self.model: WSTransport | None = None
-        self.call = Call(state.records, log=log, metrics=state.metrics)
-        self.call.admit_start = state.admit_start
+        self.call = Call(state.records, log=log, metrics=state.metrics, admit_start=state.admit_start)
         self.task: asyncio.Task | None = None
         self.ended = asyncio.Event()
         self._twilio_closed = False
@@ -274,36 +259,69 @@ class CallRunner:
             send = self.twilio.send
             for frame in call.take_twilio_out():
                 send(frame)
-        if call.model_out and self.model is not None:
+        if call.backend.out and self.model is not None:
             model = self.model
             for event in call.take_model_out():
                 model.send(WSMsgType.TEXT, event.encode())
-        if call.tool_requests:
-            self._dispatch_tools(call.take_tool_requests())
-        if call.server_out:
-            for kind, body in call.take_server_messages():
-                self._deliver(kind, body)
-        if call.start is not None and self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self.run(), name=f"call:{call.call_sid}")
-        if call.end is not None and not self.ended.is_set():
-            self.ended.set()
-            if self.task is None:
-                self._close_twilio()
+        if call.effects:
+            self._run_effects(call.take_effects())
 
-    async def run(self) -> None:
+    def _run_effects(self, effects: list[Effect]) -> None:
+        """Carry out what the core asked for, in order (shim.call_effects)."""
+        tools: list[ToolRequest] = []
+        loop = asyncio.get_running_loop()
+        for effect in effects:
+            kind = type(effect)
+            if kind is ToolRequest:
+                tools.append(effect)
+            elif kind is DeliverServerMessage:
+                self._deliver(effect.kind, effect.body)
+            elif kind is ResolveAssistant:
+                if self.task is None:
+                    self.task = loop.create_task(self.run(effect.start), name=f"call:{self.call.call_sid}")
+            elif kind is ConnectModel:
+                self._start_side_task(self._connect_model(), "model connect")
+            elif kind is StartRecording:
+                self._recording = loop.create_task(self._start_recording(effect.account_sid, effect.call_sid))
+            elif kind is LoadBackground:
+                self._start_side_task(self._load_background(effect.sound), "background sound")
+            elif kind is CallEnded:
+                if not self.ended.is_set():
+                    self.ended.set()
+                    if self.task is None:
+                        self._close_twilio()
+        if tools:
+            self._dispatch_tools(tools)
+
+    def _start_side_task(self, coro, where: str) -> None:
+        """Set-up work of this call (model socket, background sound): ends with the call, and an
+        unexpected failure ends this call only."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._fail(where)
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self, start: tw.Start) -> None:
         call = self.call
         try:
-            await self._resolve()
-            if call.end is None:
-                # Side work never holds up the call: the recording is started in a task of the
-                # call, the background sound loads while the model socket opens.
-                self._recording = asyncio.get_running_loop().create_task(self._start_recording())
-                await asyncio.gather(self._connect_model(), self._load_background())
+            await self._resolve(start)
             await self.ended.wait()  # timers: BridgeState.tick_forever ticks every live call
         except Exception:
             log.exception("call_runner_failed", call_sid=call.call_sid)
             call.abort("call.in-progress.error-vapifault-worker-died")
         finally:
+            for task in list(self._tasks):
+                task.cancel()  # set-up work and webhooks nobody is waiting for any more
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
             model, self.model = self.model, None
             if model is not None:
                 model.send_close(WSCloseCode.OK)
@@ -314,10 +332,6 @@ class CallRunner:
                 # decision durable before Twilio asks for it (bounded).
                 await self.state.drain(2.0)
             self._close_twilio()
-            for task in list(self._tasks):
-                task.cancel()  # webhooks nobody is waiting for any more
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._recording is not None:
                 # A recording being started is let finish (bounded), so its URL is kept.
                 await asyncio.wait({self._recording}, timeout=REST_TIMEOUT_S + 1)
@@ -328,14 +342,13 @@ class CallRunner:
                 self.state.post_call.add(post)
                 post.add_done_callback(self.state.post_call.discard)
 
-    async def _resolve(self) -> None:
+    async def _resolve(self, start: tw.Start) -> None:
         call = self.call
-        assert call.start is not None
         if self.state.number_lookup is not None:
-            number = await self.state.number_lookup(call.start.custom_parameters.get("to", ""))
+            number = await self.state.number_lookup(start.custom_parameters.get("to", ""))
             self.number_server_url = (number or {}).get("server_url")
         try:
-            setup = await self.state.resolve_setup(call.start)
+            setup = await self.state.resolve_setup(start)
         except AssistantError as exc:
             call.on_setup_failed(exc)
         else:
@@ -344,12 +357,13 @@ class CallRunner:
 
     async def _connect_model(self) -> None:
         call, config = self.call, self.state.config
-        headers = {"Authorization": f"Bearer {config.openai_api_key}"}
+        url, headers = call.backend.connect_target(config.openai_realtime_url, config.openai_realtime_model,
+                                                   config.openai_api_key)
         try:
             transport, _listener = await asyncio.wait_for(
                 ws_connect(
                     lambda: ModelListener(self),
-                    self.state.model_url(),
+                    url,
                     extra_headers=headers,
                     websocket_handshake_timeout=config.model_connect_timeout_s,
                     max_frame_size=16 * 1024 * 1024,
@@ -379,28 +393,22 @@ class CallRunner:
         call.on_model_connected()
         self.pump()
 
-    async def _start_recording(self) -> None:
+    async def _start_recording(self, account_sid: str, call_sid: str) -> None:
         """artifactPlan.recordingEnabled (Vapi's default): Twilio records the live call in two
         channels; the URL goes on the call row."""
         call, config = self.call, self.state.config
-        if call.setup is None or not call.setup.policy.recording:
-            return
         if not (config.twilio_account_sid and config.twilio_auth_token):
             call.record_event("recording_skipped", reason="TWILIO_ACCOUNT_SID/TWILIO_AUTH_TOKEN not set")
             return
         try:
-            url = await asyncio.to_thread(start_recording, config, call.account_sid, call.call_sid)
+            url = await asyncio.to_thread(start_recording, config, account_sid, call_sid)
         except TwilioRestError as exc:
             log.warning("recording_failed", call_sid=call.call_sid, error=str(exc))
             call.record_event("recording_failed", error=str(exc))
             return
         call.on_recording_started(url)
 
-    async def _load_background(self) -> None:
-        setup = self.call.setup
-        if setup is None or setup.policy.background_sound == "off":
-            return
-        sound = setup.policy.background_sound
+    async def _load_background(self, sound: str) -> None:
         try:
             ambience = await ambience_for(sound, self.state.http())
         except Exception as exc:  # AmbienceError, and anything unexpected: the call goes on
@@ -409,7 +417,7 @@ class CallRunner:
             self.call.record_event("background_sound_unavailable", error=str(exc))
             ambience = await ambience_for("office", self.state.http())
         if ambience:
-            self.call.mixer = BackgroundMixer(ambience)
+            self.call.on_background_ready(BackgroundMixer(ambience))
 
     # --- webhooks (off the audio path: tasks of this call, fed back through the core) ----------
 
@@ -425,7 +433,7 @@ class CallRunner:
             except Exception:
                 log.exception("webhook_task_failed", call_sid=self.call.call_sid)
                 for call_id in answers:
-                    self.call.on_tool_outcome(_failed(call_id, "Error: the tool could not be reached."))
+                    self.call.on_tool_outcome(failed_outcome(call_id, "Error: the tool could not be reached."))
                 self.pump()
 
         task = asyncio.get_running_loop().create_task(guarded())
@@ -452,12 +460,12 @@ class CallRunner:
             if request.kind == "transfer-destination-request":
                 self._spawn(self._transfer_destination(request), [request.call_id])
                 continue
-            if request.binding.kind == "apiRequest":
+            if tool_kinds.SUPPORTED[request.binding.kind].run_by is tool_kinds.RunBy.SHIM_HTTP:
                 self._spawn(self._api_request(request), [request.call_id])
                 continue
             target = self._target(request.binding.vapi_tool)
             if target is None:
-                self.call.on_tool_outcome(_failed(request.call_id, "No server URL is configured for this tool."))
+                self.call.on_tool_outcome(failed_outcome(request.call_id, "No server URL is configured for this tool."))
                 continue
             groups.setdefault(target.url, (target, []))[1].append(request)
         for target, batch in groups.values():
@@ -477,7 +485,7 @@ class CallRunner:
 
         calls = [
             envelope.ToolCallRequest(
-                id=r.call_id, name=_vapi_tool_name(r.binding.vapi_tool, r.binding.realtime_name),
+                id=r.call_id, name=vapi_tool_name(r.binding.vapi_tool, r.binding.realtime_name),
                 arguments=envelope.with_static_parameters(r.binding.vapi_tool, r.arguments, render_static),
                 tool=r.binding.vapi_tool,
             )
@@ -526,54 +534,38 @@ class CallRunner:
         self.pump()
 
     async def _api_request(self, request: ToolRequest) -> None:
-        """Vapi's apiRequest tool: the platform calls the URL itself (method, Liquid URL, headers,
-        JSON body = the model's arguments + static parameters); the response is the result."""
+        """Vapi's apiRequest tool (shim.call_work.api_request says what is sent, and why the
+        model's arguments cannot redirect it)."""
         call = self.call
-        tool = request.binding.vapi_tool
         assert call.setup is not None
-        # The model's arguments fill the URL template URL-encoded, and never replace the call's
-        # own variables (a model must not be able to point the request elsewhere).
-        encoded = {k: quote(str(v), safe="") for k, v in request.arguments.items() if not isinstance(v, (dict, list))}
-        variables = {**encoded, **call.setup.variables}
         try:
-            url = render(str(tool.get("url") or ""), variables, "tool.url")
-            timeout = float(tool.get("timeoutSeconds") or 20)
+            spec = api_request(request.binding.vapi_tool, request.arguments, call.setup.variables)
         except (AssistantError, TypeError, ValueError) as exc:
-            call.on_tool_outcome(_failed(request.call_id, f"Error: {exc}"))
+            call.on_tool_outcome(failed_outcome(request.call_id, f"Error: {exc}"))
             self.pump()
             return
-        headers = {
-            str(name): str(spec.get("value"))
-            for name, spec in ((tool.get("headers") or {}).get("properties") or {}).items()
-            if isinstance(spec, dict) and spec.get("value") is not None
-        }
-        body = envelope.with_static_parameters(tool, request.arguments)
         started = asyncio.get_running_loop().time()
         try:
             # No redirects (headers may carry the customer's secrets); the answer is capped, and
             # the timeout is a total deadline (a server dripping bytes cannot hold the call).
-            async with asyncio.timeout(timeout), self.state.http().stream(
-                str(tool.get("method") or "POST"), url, json=body, headers=headers, timeout=timeout,
+            async with asyncio.timeout(spec.timeout_s), self.state.http().stream(
+                spec.method, spec.url, json=spec.json, headers=spec.headers, timeout=spec.timeout_s,
                 follow_redirects=False,
             ) as response:
                 raw = bytearray()
                 async for chunk in response.aiter_bytes():
                     raw += chunk
-                    if len(raw) >= 20_000:
+                    if len(raw) >= API_ANSWER_MAX_BYTES:
                         break
-            text = bytes(raw[:20_000]).decode(response.encoding or "utf-8", "replace")
-            if 200 <= response.status_code < 300:
-                outcome = ToolOutcome(request.call_id, "ok", text or "Success.", text, None, None, response.status_code)
-            else:
-                outcome = _failed(request.call_id, f"Error: the request failed with HTTP {response.status_code}.",
-                                  http_status=response.status_code)
-        except (httpx.TimeoutException, TimeoutError):
-            outcome = _failed(request.call_id, "No result returned.", status="timeout")
+            text = bytes(raw[:API_ANSWER_MAX_BYTES]).decode(response.encoding or "utf-8", "replace")
+            outcome = api_answer(request.call_id, response.status_code, text)
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            outcome = api_failure(request.call_id, exc, timed_out=True)
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-            outcome = _failed(request.call_id, f"Error: the request could not be made ({type(exc).__name__}).")
+            outcome = api_failure(request.call_id, exc, timed_out=False)
         log.info("api_request", call_sid=call.call_sid, status=outcome.status,
                  latency_ms=int((asyncio.get_running_loop().time() - started) * 1000))
-        call.on_tool_outcome(outcome, url=public_url(url))
+        call.on_tool_outcome(outcome, url=public_url(spec.url))
         self.pump()
 
     async def _after_call(self) -> None:
@@ -586,7 +578,7 @@ class CallRunner:
         transcript = envelope.artifact(messages)["transcript"]
         analysis: dict[str, Any] | None = None
         plan = setup.policy.analysis_plan
-        if state.config.openai_api_key and not setup.policy.hipaa:
+        if should_analyze(api_key=state.config.openai_api_key, hipaa=setup.policy.hipaa):
             try:
                 analysis = await analyze(
                     plan, transcript, ended_reason=end.reason, client=state.http(), base_url=state.config.openai_base_url,
@@ -595,18 +587,14 @@ class CallRunner:
                 )
             except Exception:  # analysis must never lose the report
                 log.exception("analysis_failed", call_sid=call.call_sid)
-        if analysis and any(v is not None for v in analysis.values()):
-            state.records.upsert("calls", {"call_sid": call.call_sid, "summary": analysis.get("summary"),
-                                           "analysis": {k: v for k, v in analysis.items() if v is not None}})
+        row = analysis_row(call.call_sid, analysis)
+        if row is not None:
+            state.records.upsert("calls", row)
         if "end-of-call-report" in setup.policy.server_messages:
             target = self._target(None)
             if target is not None and state.sender is not None:
-                ended_at = call._wall_at(call.clock())
-                body = envelope.end_of_call_report(
-                    info, ended_reason=end.reason, ended_at=ended_at, messages=messages, now_ms=_now_ms(),
-                    recording_url=call.recording_url,
-                    analysis={k: v for k, v in (analysis or {}).items() if v is not None} or None,
-                )
+                body = end_of_call_report(info, ended_reason=end.reason, ended_at=end.ended_at, messages=messages,
+                                          now_ms=_now_ms(), recording_url=call.recording_url, analysis=analysis)
                 state.sender.send_in_background(target, body, kind="end-of-call-report", call_sid=call.call_sid)
 
     def _close_twilio(self) -> None:
@@ -708,13 +696,4 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _failed(call_id: str, output: str, *, status: str = "error", http_status: int | None = None) -> ToolOutcome:
-    return ToolOutcome(call_id, status, output, None, output, None, http_status)
-
-
-def _vapi_tool_name(tool: dict[str, Any], fallback: str) -> str:
-    function = tool.get("function")
-    if isinstance(function, dict) and isinstance(function.get("name"), str):
-        return function["name"]
-    return str(tool.get("name") or fallback)
 

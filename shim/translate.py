@@ -4,7 +4,7 @@ Every field the shim reads is listed in FIELDS with what becomes of it (`mapped`
 `approximated`, `unsupported`); the README's field table is checked against this list. A field
 present in an assistant produces a Finding naming its JSON path; a field the shim does not know
 produces an `unsupported` finding too: nothing is silently ignored. Vapi's defaults apply to
-absent fields as Vapi applies them (vapi.md §2.1, §2.7).
+absent fields as Vapi applies them (https://docs.vapi.ai/api-reference/assistants/create).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import tool_kinds
 from .assistant import AssistantError, CallContext, render
 from .tool_schema import Finding, ToolBinding, ToolSchemaError, convert_tools
 
@@ -42,13 +43,7 @@ DEFAULT_SERVER_MESSAGES = (
     "tool-calls", "transfer-destination-request", "handoff-destination-request", "user-interrupted",
     "assistant.started",
 )
-KNOWN_TOOL_TYPES = {
-    "function", "endCall", "transferCall", "dtmf", "apiRequest", "query", "sms", "voicemail", "handoff", "mcp",
-    "code", "sipRequest", "bash", "computer", "textEditor", "make", "ghl", "output", "slack.message.send",
-    "google.calendar.event.create", "google.calendar.availability.check", "google.sheets.row.append",
-    "gohighlevel.calendar.availability.check", "gohighlevel.calendar.event.create",
-    "gohighlevel.contact.create", "gohighlevel.contact.get",
-}
+KNOWN_TOOL_TYPES = tool_kinds.KNOWN_TYPES
 # server_vad refuses to end a turn on less silence than this; Vapi allows waitSeconds=0.
 MIN_SILENCE_MS = 200
 # stopSpeakingPlan.numWords has no transcript to count before the cut-off decision: speech

@@ -1,6 +1,6 @@
 """Twilio Media Streams, sans-I/O: text frames in -> typed events, outgoing frames as strings.
 
-Reference: twilio.md §3. Payloads stay base64 strings end to end: the shim never decodes
+Protocol: https://www.twilio.com/docs/voice/media-streams/websocket-messages. Payloads stay base64 strings end to end: the shim never decodes
 μ-law it only relays, it just counts bytes (8 bytes = 1 ms) from the base64 length.
 """
 
@@ -129,11 +129,13 @@ def parse(text: str | bytes) -> TwilioEvent | None:
         media = msg.get("media")
         if type(media) is dict:
             payload, ts = media.get("payload"), media.get("timestamp")
-            if (
-                type(payload) is str and type(ts) is str and ts.isascii() and ts.isdigit()
-                and len(ts) <= MAX_TIMESTAMP_DIGITS and valid_payload(payload)
-            ):
-                return Media(payload, int(ts))
+            if type(payload) is str and type(ts) is str and ts.isdigit() and ts.isascii() and len(ts) <= MAX_TIMESTAMP_DIGITS:
+                # valid_payload, inlined (one Python call fewer per frame); same rule
+                n = len(payload)
+                if 0 < n <= MAX_MEDIA_PAYLOAD_CHARS and not n & 3:
+                    body = payload.encode().translate(_PLUS_SLASH).rstrip(b"=")
+                    if n - len(body) <= 2 and body.isalnum():
+                        return Media(payload, int(ts))
         media = _field(msg, "media", "media", dict)
         payload = _field(media, "payload", "media.media")
         if not valid_payload(payload):

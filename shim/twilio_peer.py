@@ -2,7 +2,7 @@
 <Connect><Stream>). `shim parity run` plays scenarios through it against a deployment; the tests
 and the demo use it as their simulated Twilio (shim.testing.twilio_caller re-exports it).
 
-It behaves like Twilio as described in /work/shared/reference/twilio.md §3-§4:
+It behaves like Twilio as described in https://www.twilio.com/docs/voice/media-streams/websocket-messages:
 
 * signs the WebSocket upgrade (X-Twilio-Signature over the <Stream url>, no params);
 * sends only JSON text frames: `connected` (no streamSid), `start`, 20 ms `media` frames with
@@ -70,7 +70,7 @@ FRAME_MS = FRAME_BYTES // BYTES_PER_MS
 SILENCE = 0xFF  # mu-law encoding of 0
 _LATE_S = 0.1  # a realtime send this late restarts the pacing schedule (the test was idle)
 
-# Exact field sets Twilio accepts from the server (reference §3.2); anything else is 31951.
+# Exact field sets Twilio accepts from the server (the messages a server may send to Twilio); anything else is 31951.
 _OUTBOUND_FIELDS: dict[str, tuple[frozenset[str], str | None, frozenset[str]]] = {
     "media": (frozenset({"event", "streamSid", "media"}), "media", frozenset({"payload"})),
     "mark": (frozenset({"event", "streamSid", "mark"}), "mark", frozenset({"name"})),

@@ -3,7 +3,7 @@
 This is the HTTP layer of `shim assistants pull ID…`:
 
 * ``GET {base}/assistant/{id}`` with ``Authorization: Bearer <VAPI_API_KEY>``, then, for every id in
-  the assistant's ``model.toolIds``, ``GET {base}/tool/{toolId}`` (reference vapi.md §2.0).
+  the assistant's ``model.toolIds``, ``GET {base}/tool/{toolId}`` (https://docs.vapi.ai/api-reference/tools/get).
 * Files land in SHIM_ASSISTANTS_DIR (``dest``)::
 
       dest/<assistantId>.json         the assistant, as GET /assistant/{id} returned it
@@ -13,7 +13,7 @@ This is the HTTP layer of `shim assistants pull ID…`:
   them after the inline ``model.tools``: ``[...inline, ...resolved]``).
 * The files are faithful copies: the JSON is re-indented (2 spaces, UTF-8, trailing newline) but
   keys, key order and values are exactly what Vapi returned; nothing is translated or dropped.
-  Tool readbacks can contain a tool's ``server.secret`` (vapi.md §2.0), so files are created 0600.
+  Tool readbacks can contain a tool's ``server.secret`` (Vapi returns it on read), so files are created 0600.
 * Each file is written atomically (temp file in the same directory, fsync, ``os.replace``, fsync of
   the directory): a reader sees the old file or the new one, never a partial one.
 * All-or-nothing per assistant: nothing is written for an assistant until the assistant and every

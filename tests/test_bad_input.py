@@ -17,7 +17,9 @@ from shim import twilio_media as tw
 from shim.assistant import AssistantError, CallContext
 from shim.translate import translate
 
-from .test_call import MINIMAL, Rows, b64, ev, live_call, make_call, media, sent, start_frame
+from shim.call_effects import ToolRequest
+
+from .test_call import MINIMAL, Rows, b64, ev, live_call, make_call, media, sent, start_frame, take, twilio
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -153,12 +155,12 @@ def test_media_before_start_unknown_events_binary_junk_and_duplicate_start_leave
     call.on_twilio_text(b"\x00\xff\xfe binary")
     call.on_twilio_text("{" * 10_000)
     assert rows.upserts == [] and call.end is None
-    call.on_twilio_text(start_frame())
+    twilio(call, start_frame())
     call.on_model_text(ev("session.created", session={}))
     call.on_model_text(ev("session.updated", session={"audio": {"input": {"format": {"type": "audio/pcmu"}},
                                                                  "output": {"format": {"type": "audio/pcmu"}}}}))
     before = len(rows.upserts)
-    call.on_twilio_text(start_frame({"assistant": "acme", "from": "+19999999999"}))  # duplicate start
+    twilio(call, start_frame({"assistant": "acme", "from": "+19999999999"}))  # duplicate start
     assert len(rows.upserts) == before and call.end is None
     sent(call)
     call.on_twilio_text(media(b"\xff" * 160, 20))
@@ -218,7 +220,7 @@ def test_function_call_with_invalid_json_arguments_is_answered_and_the_call_goes
         "arguments": '{"broken": '}))
     call.on_model_text(ev("response.done", response={"id": "r1", "status": "completed"}))
     assert call.end is None
-    requests = call.take_tool_requests()
+    requests = take(call, ToolRequest)
     outputs = [e for e in sent(call) if e["type"] == "conversation.item.create"
                and e["item"]["type"] == "function_call_output"]
     assert requests or outputs  # either the webhook runs (with {}) or the model is told at once

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import random
+import weakref
 from datetime import datetime, timezone
 
 import orjson
@@ -11,7 +13,8 @@ import structlog
 
 from shim import twilio_media as tw
 from shim.assistant import AssistantNotFound, CallContext
-from shim.call import Call, Phase, heard_text
+from shim.call import SAY_EXACTLY, Call, Phase, heard_text
+from shim.call_effects import ResolveAssistant, ToolRequest
 from shim.translate import translate
 
 MINIMAL = {
@@ -97,25 +100,46 @@ def make_call(assistant=MINIMAL, **setup_kw):
         return translate("acme", assistant, ctx, model="gpt-realtime-2.1", **setup_kw)
 
     call = Call(rows, log=structlog.get_logger(), clock=clock,
-                wall=lambda: datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc))
-    real_on_twilio_text = call.on_twilio_text
+                wall=lambda: datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc), rng=random.Random(7))
+    _SHELL[call] = (resolve, [])
+    return call, rows, clock
 
-    def on_twilio_text(text):
-        # what the shell does after `start`: resolve the assistant, hand it to the call
-        real_on_twilio_text(text)
-        if call.start is not None and call.setup is None and call.end is None:
+
+# What the I/O shell does with the core's effects, reduced to what these tests need: resolve
+# the assistant on ResolveAssistant; keep the other effects for the test to look at.
+_SHELL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shell_step(call) -> None:
+    resolve, seen = _SHELL[call]
+    for effect in call.take_effects():
+        if type(effect) is ResolveAssistant:
             try:
-                call.on_setup(resolve(call.start))
+                call.on_setup(resolve(effect.start))
             except AssistantNotFound as exc:
                 call.on_setup_failed(exc)
+        else:
+            seen.append(effect)
 
-    call.on_twilio_text = on_twilio_text
-    return call, rows, clock
+
+def twilio(call, text) -> None:
+    """A Twilio frame in, then the shell's turn."""
+    call.on_twilio_text(text)
+    shell_step(call)
+
+
+def take(call, kind) -> list:
+    """The effects of one kind the core asked for since the last look."""
+    shell_step(call)
+    seen = _SHELL[call][1]
+    out = [e for e in seen if type(e) is kind]
+    seen[:] = [e for e in seen if type(e) is not kind]
+    return out
 
 
 def live_call(assistant=MINIMAL):
     call, rows, clock = make_call(assistant)
-    call.on_twilio_text(start_frame())
+    twilio(call, start_frame())
     call.on_model_text(ev("session.created", session={}))
     call.on_model_text(ev("session.updated", session={"audio": {"input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}}))
     return call, rows, clock
@@ -127,7 +151,7 @@ def sent(call) -> list[dict]:
 
 def test_start_requests_model_and_session_update_carries_assistant():
     call, rows, _ = make_call()
-    call.on_twilio_text(start_frame())
+    twilio(call, start_frame())
     assert call.phase is Phase.CONFIGURING  # the shell now opens the model socket
     call.on_model_text(ev("session.created", session={}))
     (update,) = sent(call)
@@ -145,9 +169,9 @@ def test_start_requests_model_and_session_update_carries_assistant():
 
 def test_caller_audio_waits_for_session_updated_then_flows_in_order():
     call, rows, _ = make_call()
-    call.on_twilio_text(start_frame())
-    call.on_twilio_text(media(b"\x01" * 160))
-    call.on_twilio_text(media(b"\x02" * 160))
+    twilio(call, start_frame())
+    twilio(call, media(b"\x01" * 160))
+    twilio(call, media(b"\x02" * 160))
     assert call.take_model_out() == []
     call.on_model_text(ev("session.created", session={}))
     call.take_model_out()
@@ -157,13 +181,13 @@ def test_caller_audio_waits_for_session_updated_then_flows_in_order():
     assert '"Hi, thanks for calling Acme."' in out[0]["response"]["instructions"]
     appends = [e["audio"] for e in out if e["type"] == "input_audio_buffer.append"]
     assert appends == [b64(b"\x01" * 160), b64(b"\x02" * 160)]
-    call.on_twilio_text(media(b"\x03" * 160))
+    twilio(call, media(b"\x03" * 160))
     assert sent(call) == [{"type": "input_audio_buffer.append", "audio": b64(b"\x03" * 160)}]
 
 
 def test_pcm_session_is_refused_not_relayed():
     call, rows, _ = make_call()
-    call.on_twilio_text(start_frame())
+    twilio(call, start_frame())
     call.on_model_text(ev("session.updated", session={"audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}, "output": {"format": {"type": "audio/pcmu"}}}}))
     assert call.end is not None and call.end.reason.startswith("pipeline-error-openai")
     assert call.end.next_action["verb"] == "hangup" and call.end.next_action["say"]
@@ -197,14 +221,14 @@ def test_barge_in_truncates_at_what_marks_confirm_played():
     marks = _speak(call)  # 5 x 100 ms
     call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
     for name in marks[:2]:  # 200 ms played
-        call.on_twilio_text(mark(name))
+        twilio(call, mark(name))
     call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=900, item_id="item_u1"))
     out = sent(call)
     assert {"type": "conversation.item.truncate", "item_id": "item_1", "content_index": 0, "audio_end_ms": 200}.items() <= out[0].items()
     assert [orjson.loads(f)["event"] for f in call.take_twilio_out()] == ["clear"]
     # marks echoed because of the clear do not count as played
     for name in marks[2:]:
-        call.on_twilio_text(mark(name))
+        twilio(call, mark(name))
     utter = rows.merged("utterances", ["call_sid", "seq"])
     assistant = next(u for u in utter.values() if u.get("role") == "assistant")
     assert assistant["interrupted"] is True and assistant["heard_ms"] == 200
@@ -232,7 +256,7 @@ def test_speech_with_nothing_playing_is_not_a_barge_in():
     call.take_model_out()
     marks = _speak(call, chunks=1)
     call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
-    call.on_twilio_text(mark(marks[0]))
+    twilio(call, mark(marks[0]))
     call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=900, item_id="item_u1"))
     assert sent(call) == [] and call.take_twilio_out() == []
 
@@ -260,7 +284,7 @@ def test_transcripts_are_ordered_by_speech_not_arrival_and_latency_recorded():
     t0 = clock.t  # Twilio's stream time 0
     # a 100 ms gap in Twilio's stream clock after 1 s: audio time and stream time diverge there
     for i in range(175):
-        call.on_twilio_text(media(b"\xff" * 160, ts=i * 20 + (100 if i >= 50 else 0)))
+        twilio(call, media(b"\xff" * 160, ts=i * 20 + (100 if i >= 50 else 0)))
     clock.t = t0 + 1.5
     # audio_start_ms includes 300 ms of prefix padding: the voice began at audio 1300 ms
     call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=1000, item_id="item_u1"))
@@ -280,7 +304,7 @@ def test_transcripts_are_ordered_by_speech_not_arrival_and_latency_recorded():
 
 def test_stop_ends_call_once_with_first_reason():
     call, rows, _ = live_call()
-    call.on_twilio_text(orjson.dumps({"event": "stop", "streamSid": "MZ1", "stop": {}}).decode())
+    twilio(call, orjson.dumps({"event": "stop", "streamSid": "MZ1", "stop": {}}).decode())
     call.on_twilio_closed()
     assert call.end.reason == "customer-ended-call"
     ends = [r for t, r, keep in rows.upserts if t == "calls" and "ended_reason" in r]
@@ -289,7 +313,7 @@ def test_stop_ends_call_once_with_first_reason():
 
 def test_unknown_assistant_ends_with_apology():
     call, rows, _ = make_call()
-    call.on_twilio_text(start_frame({"assistant": "missing"}))
+    twilio(call, start_frame({"assistant": "missing"}))
     assert call.phase is Phase.ENDED
     assert call.end.reason == "assistant-not-found" and call.end.next_action["say"]
 
@@ -332,9 +356,23 @@ def test_max_duration_and_silence_timeout():
 
 def test_malformed_twilio_frames_are_rejected_without_ending_the_call():
     call, _, _ = live_call()
+    call.take_model_out()
     for bad in ("not json", "[]", '{"event":"media","media":{}}', '{"event":"start","start":{"streamSid":"x\\"y","callSid":"c"}}'):
-        call.on_twilio_text(bad)
+        twilio(call, bad)
     assert call.end is None
+    assert call.take_model_out() == []  # nothing of them reached the model
+    twilio(call, media(b"\x01" * 160))  # and the call goes on
+    assert [e["type"] for e in sent(call)] == ["input_audio_buffer.append"]
+
+
+def test_malformed_model_events_are_rejected_without_ending_the_call():
+    call, _, _ = live_call(WAIT)
+    call.take_model_out()
+    for bad in (b"not json", b"[]", ev("response.output_audio.delta", response_id="r1", item_id=None, delta="AAAA"),
+                ev("response.done", response={"status": "completed"})):
+        call.on_model_text(bad)
+    assert call.end is None
+    assert call.take_twilio_out() == [] and call.take_model_out() == []  # nothing reached the caller or the model
 
 
 @pytest.mark.parametrize(
@@ -370,9 +408,9 @@ def test_short_noise_does_not_cut_the_assistant_off_and_its_reply_is_dropped():
     call, rows, clock = _gated_call()
     call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="item_noise"))
     for _ in range(5):  # 100 ms of voice, under the 200 ms gate
-        call.on_twilio_text(media(LOUD))
+        twilio(call, media(LOUD))
     for _ in range(5):
-        call.on_twilio_text(media(QUIET))
+        twilio(call, media(QUIET))
     call.on_model_text(ev("input_audio_buffer.speech_stopped", audio_end_ms=600, item_id="item_noise"))
     assert [e["type"] for e in sent(call) if e["type"] != "input_audio_buffer.append"] == []
     assert call.take_twilio_out() == []  # no clear
@@ -386,9 +424,9 @@ def test_sustained_speech_cuts_the_assistant_off_after_voice_seconds():
     call, rows, clock = _gated_call()
     call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="item_u"))
     for _ in range(9):
-        call.on_twilio_text(media(LOUD))
+        twilio(call, media(LOUD))
     assert call.take_twilio_out() == []  # 180 ms: not yet
-    call.on_twilio_text(media(LOUD))
+    twilio(call, media(LOUD))
     assert [orjson.loads(f)["event"] for f in call.take_twilio_out()] == ["clear"]
     types = [e["type"] for e in sent(call) if e["type"] != "input_audio_buffer.append"]
     assert types == ["conversation.item.delete"]  # nothing was played yet in this test
@@ -401,9 +439,9 @@ def test_end_call_phrase_hangs_up_once_the_goodbye_was_heard():
     call.on_model_text(ev("response.output_audio_transcript.done", response_id="resp_1", item_id="item_1", output_index=0, content_index=0, transcript="Thanks for calling, goodbye!"))
     call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
     for name in marks[:-1]:
-        call.on_twilio_text(mark(name))
+        twilio(call, mark(name))
     assert call.end is None  # the last chunk is still playing
-    call.on_twilio_text(mark(marks[-1]))
+    twilio(call, mark(marks[-1]))
     assert call.end.reason == "assistant-said-end-call-phrase"
 
 
@@ -438,7 +476,7 @@ def test_end_call_tool_says_end_call_message_then_hangs_up():
     marks = _speak(call, item="item_bye", resp="resp_bye", chunks=2, metadata=out[1]["response"]["metadata"])
     call.on_model_text(ev("response.done", response={"id": "resp_bye", "status": "completed"}))
     for name in marks:
-        call.on_twilio_text(mark(name))
+        twilio(call, mark(name))
     assert call.end.reason == "assistant-ended-call"
     tool = rows.merged("tool_calls", ["call_sid", "seq"])[("CA1", 1)]
     assert tool["name"] == "endCall" and tool["status"] == "ok"
@@ -456,11 +494,13 @@ def test_webhook_tools_filler_then_every_output_then_one_response():
         call.on_model_text(ev("response.output_item.done", response_id="resp_1", output_index=i,
                               item={"id": f"fc_{i}", "type": "function_call", "status": "completed", "call_id": f"call_{i}", "name": "lookup", "arguments": "{\"q\": 1}"}))
     call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed"}))
-    requests = call.take_tool_requests()
+    requests = take(call, ToolRequest)
     assert [(r.call_id, r.arguments) for r in requests] == [("call_1", {"q": 1}), ("call_2", {"q": 1})]
     (filler,) = sent(call)  # Vapi's default filler while the webhook runs
     assert filler["type"] == "response.create"
-    assert any(f'"{text}"' in filler["response"]["instructions"] for text in DEFAULT_FILLERS)
+    # the call's rng is seeded (random.Random(7)): its first pick among Vapi's default fillers
+    assert "Just a sec" in DEFAULT_FILLERS
+    assert filler["response"]["instructions"] == SAY_EXACTLY.format(text="Just a sec")
     call.on_model_text(ev("response.created", response={"id": "resp_filler", "metadata": filler["response"]["metadata"]}))
     body = b'{"results": [{"toolCallId": "call_1", "result": "found"}, {"toolCallId": "call_2", "error": "nope"}]}'
     outcomes = parse_tool_response(["call_1", "call_2"], http_status=200, body=body)
@@ -489,7 +529,7 @@ def test_few_shot_messages_become_items_before_the_greeting():
     assistant = dict(MINIMAL, model=dict(MINIMAL["model"], messages=MINIMAL["model"]["messages"] + [
         {"role": "user", "content": "Do you open Sundays?"}, {"role": "assistant", "content": "No, we are closed on Sundays."}]))
     call, rows, clock = make_call(assistant)
-    call.on_twilio_text(start_frame())
+    twilio(call, start_frame())
     call.on_model_text(ev("session.created", session={}))
     call.take_model_out()
     call.on_model_text(ev("session.updated", session={"audio": {"input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}}))
@@ -506,14 +546,16 @@ class FakeMixer:
 
 def test_background_mixer_changes_samples_not_length_or_marks():
     call, rows, clock = live_call(dict(MINIMAL, firstMessageMode="assistant-waits-for-user"))
-    call.mixer = FakeMixer()
+    call.on_background_ready(FakeMixer())
     call.take_model_out()
     call.on_model_text(ev("response.created", response={"id": "resp_1"}))
     call.on_model_text(ev("response.output_audio.delta", response_id="resp_1", item_id="item_1", output_index=0, content_index=0, delta=b64(b"\x10" * 800)))
     media_frame, mark_frame = (orjson.loads(f) for f in call.take_twilio_out())
     assert base64.b64decode(media_frame["media"]["payload"]) == b"\x11" * 800
-    call.on_twilio_text(mark(mark_frame["mark"]["name"]))
-    assert call._items["item_1"].played_bytes == 800
+    twilio(call, mark(mark_frame["mark"]["name"]))
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u1"))
+    truncate = next(e for e in sent(call) if e["type"] == "conversation.item.truncate")
+    assert truncate["audio_end_ms"] == 100  # all 800 bytes were played: the mark counted them
 
 
 # --- regressions from review: the response queue, tool batches and goodbyes under races --------
@@ -542,7 +584,7 @@ def tool_turn(call, resp, *call_ids, names=None):
     for i, call_id in enumerate(call_ids):
         call.on_model_text(fc(resp, call_id, name=(names or {}).get(call_id, "lookup")))
     call.on_model_text(ev("response.done", response={"id": resp, "status": "completed"}))
-    call.take_tool_requests()
+    take(call, ToolRequest)
     return sent(call)
 
 
@@ -566,7 +608,7 @@ def test_the_servers_own_reply_to_noise_is_cancelled_but_our_tool_answer_is_not(
     (filler,) = creates(tool_turn(call, "r1", "c1"))
     _speak(call, item="i_fill", resp="r_fill", chunks=3, metadata=filler["response"]["metadata"])
     call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u_ok"))
-    call.on_twilio_text(media(QUIET))
+    twilio(call, media(QUIET))
     call.on_model_text(ev("input_audio_buffer.speech_stopped", audio_end_ms=400, item_id="u_ok"))
     call.on_model_text(ev("response.done", response={"id": "r_fill", "status": "completed"}))
     sent(call)
@@ -619,7 +661,7 @@ def test_a_webhook_that_never_answers_is_answered_for_it():
 
 def test_a_refused_session_update_ends_the_call_instead_of_dead_air():
     call, rows, clock = make_call(WAIT)
-    call.on_twilio_text(start_frame())
+    twilio(call, start_frame())
     call.on_model_text(ev("session.created", session={}))
     call.on_model_text(ev("error", error={"type": "invalid_request_error", "code": "invalid_value", "message": "bad voice",
                                           "param": "session.audio.output.voice"}))
@@ -628,7 +670,7 @@ def test_a_refused_session_update_ends_the_call_instead_of_dead_air():
 
 def test_a_model_session_that_never_gets_ready_ends_the_call():
     call, rows, clock = make_call(WAIT)
-    call.on_twilio_text(start_frame())
+    twilio(call, start_frame())
     clock.t += 16
     call.tick()
     assert call.end is not None and call.end.reason.startswith("pipeline-error")
@@ -643,12 +685,12 @@ def test_a_goodbye_queued_behind_a_filler_is_heard_before_the_hang_up():
     call.on_model_text(ev("response.done", response={"id": "r_fill", "status": "completed"}))
     (goodbye,) = creates(sent(call))
     for name in marks:
-        call.on_twilio_text(mark(name))
+        twilio(call, mark(name))
     assert call.end is None
     bye_marks = _speak(call, item="i_bye", resp="r_bye", chunks=2, metadata=goodbye["response"]["metadata"])
     call.on_model_text(ev("response.done", response={"id": "r_bye", "status": "completed"}))
     for name in bye_marks:
-        call.on_twilio_text(mark(name))
+        twilio(call, mark(name))
     assert call.end.reason == "assistant-ended-call"
 
 
@@ -661,7 +703,66 @@ def test_a_long_call_keeps_only_what_may_still_be_interrupted():
                               output_index=0, content_index=0, transcript="word " * 8))
         call.on_model_text(ev("response.done", response={"id": f"r{turn}", "status": "completed"}))
         for name in marks:
-            call.on_twilio_text(mark(name))
-    assert call._items == {} and call._marks == {}
+            twilio(call, mark(name))
     utter = rows.merged("utterances", ["call_sid", "seq"])
     assert len(utter) == 50 and all(u["heard_ms"] == 200 and u["text"] for u in utter.values())
+    # every item was generated, heard and recorded for good, then forgotten: ending the call
+    # has none left to write again, and nothing to cut off
+    written = len(rows.upserts)
+    twilio(call, orjson.dumps({"event": "stop", "streamSid": "MZ1"}).decode())
+    assert call.end.reason == "customer-ended-call"
+    assert [t for t, *_ in rows.upserts[written:]] == ["calls"]
+    assert call.take_model_out() == [] and call.take_twilio_out() == []
+
+
+def test_unknown_model_events_are_logged_once_per_kind_and_change_nothing():
+    from structlog.testing import capture_logs
+
+    call, rows, clock = live_call(WAIT)
+    call.take_model_out()
+    with capture_logs() as logs:
+        for _ in range(3):
+            call.on_model_text(ev("rate_limits.updated", rate_limits=[]))
+        call.on_model_text(ev("conversation.item.added", item={}))
+    assert [(e["event"], e["kind"]) for e in logs if e["event"] == "model_event_unhandled"] == [
+        ("model_event_unhandled", "rate_limits.updated"), ("model_event_unhandled", "conversation.item.added")]
+    assert call.end is None and call.take_model_out() == [] and call.take_twilio_out() == []
+
+
+def test_hot_path_frames_are_exactly_twilio_media_and_mark():
+    call, rows, clock = live_call(WAIT)
+    call.on_model_text(ev("response.created", response={"id": "resp_1"}))
+    call.on_model_text(ev("response.output_audio.delta", response_id="resp_1", item_id="item_1", output_index=0,
+                          content_index=0, delta=b64(b"\x10" * 160)))
+    media_out, mark_out = call.take_twilio_out()
+    assert media_out == tw.media_frame("MZ1", b64(b"\x10" * 160))
+    assert mark_out == tw.mark_frame("MZ1", orjson.loads(mark_out)["mark"]["name"])
+
+
+def test_billed_usage_heard_end_and_http_status_are_stored():
+    """response.done's usage becomes a model_usage row (calls.cost_usd); an assistant turn heard
+    to the end gets ended_at = its start + the audio heard; a tool call keeps the HTTP status."""
+    from datetime import timedelta
+
+    from tools.results import parse_tool_response
+
+    assistant = dict(MINIMAL, firstMessageMode="assistant-waits-for-user",
+                     model=dict(MINIMAL["model"], tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]))
+    call, rows, clock = live_call(assistant)
+    names = _speak(call, chunks=2, size=800)  # 200 ms of voice
+    for name in names:
+        twilio(call, mark(name))
+    usage = {"total_tokens": 40, "input_tokens": 30, "output_tokens": 10}
+    call.on_model_text(ev("response.done", response={"id": "resp_1", "status": "completed", "usage": usage}))
+    (row,) = [r for t, r, _ in rows.upserts if t == "model_usage"]
+    assert (row["call_sid"], row["response_id"], row["usage"]) == ("CA1", "resp_1", usage)
+    turn = next(r for r in rows.merged("utterances", ("call_sid", "seq")).values() if r.get("role") == "assistant")
+    assert turn["heard_ms"] == 200 and turn["ended_at"] - turn["started_at"] == timedelta(milliseconds=200)
+    call.on_model_text(ev("response.created", response={"id": "resp_2"}))
+    call.on_model_text(ev("response.output_item.done", response_id="resp_2", output_index=0, item={
+        "id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1", "name": "lookup", "arguments": "{}"}))
+    call.on_model_text(ev("response.done", response={"id": "resp_2", "status": "completed"}))
+    take(call, ToolRequest)
+    call.on_tool_outcome(parse_tool_response(["call_1"], http_status=502, body=b"bad gateway")["call_1"])
+    (tool,) = rows.merged("tool_calls", ["call_sid", "seq"]).values()
+    assert tool["http_status"] == 502 and [r for t, r, _ in rows.upserts if t == "model_usage"] == [row]

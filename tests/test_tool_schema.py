@@ -1,9 +1,9 @@
-"""Vapi tools -> Realtime function tools (shim/tool_schema.py): fixtures, every rule, and a property test.
+"""Vapi tools -> Realtime function tools (shim/tool_schema.py, shim/json_schema_subset.py): fixtures, every rule, and a property test.
 
-Every output is validated against the openai SDK's GA types with no extra keys (openai-realtime.md
-§1.2), and against the plain JSON-Schema subset the module documents. Every hand-written *input*
-tool is validated against vapi-server-sdk where the SDK accepts it (vapi.md §1 lists its false
-negatives; those cases pass `sdk=False` with the reason).
+Every output is validated against the openai SDK's GA types with no extra keys
+(openai.types.realtime), and against the plain JSON-Schema subset the module documents. Every
+hand-written *input* tool is validated against vapi-server-sdk where the SDK accepts it (the SDK
+refuses a few valid shapes; those cases pass `sdk=False` with the reason).
 """
 
 from __future__ import annotations
@@ -26,16 +26,13 @@ from vapi.tools.types.get_tools_response import GetToolsResponse
 from vapi.types import OpenAiModelToolsItem
 
 from shim.testing.fake_realtime import find_extras
+from shim.json_schema_subset import MAX_DEPTH, SAFE_FORMATS, Finding, ToolSchemaError, sanitize_schema
+from shim.tool_kinds import KNOWN_TYPES, SUPPORTED
 from shim.tool_schema import (
     DEFAULT_END_CALL_DESCRIPTION,
-    MAX_DEPTH,
-    SAFE_FORMATS,
-    Finding,
     ToolBinding,
-    ToolSchemaError,
     convert_tools,
     realtime_tool_name,
-    sanitize_schema,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +52,7 @@ STATUSES = {"mapped", "approximated", "unsupported"}
 
 
 def check_subset(node: Any, where: str = "parameters") -> None:
-    """The plain JSON-Schema subset documented in shim/tool_schema.py, node by node."""
+    """The plain JSON-Schema subset documented in shim/json_schema_subset.py, node by node."""
     assert isinstance(node, dict), where
     assert set(node) <= SUBSET_KEYS, (where, set(node) - SUBSET_KEYS)
     t = node["type"]
@@ -382,7 +379,7 @@ def test_ref_inlined_from_defs_definitions_and_pointers():
             "again": {"$ref": "#/properties/day"},
         },
     }
-    # the SDK requires `type` on every property schema (vapi.md §1 false negatives)
+    # the SDK requires `type` on every property schema (an SDK false negative: the API accepts it)
     out, findings = sanitize_schema(params, "p")
     check_subset(out)
     assert out["properties"] == {
@@ -448,7 +445,7 @@ def test_type_array_mixed_scalars_and_numbers():
 
 
 def test_any_of_null_and_one_type():
-    # a bare anyOf has no `type`: SDK false negative (vapi.md §1)
+    # a bare anyOf has no `type`: SDK false negative
     x, findings = san({"anyOf": [{"type": "string", "format": "email"}, {"type": "null"}], "description": "Email."}, sdk=False)
     assert x == {"type": "string", "description": "Email. (may be null)", "format": "email"}
     (f,) = at(findings, "p.properties.x.anyOf")
@@ -486,7 +483,7 @@ def test_one_of_objects_merged_required_intersection():
 
 
 def test_pinecrest_style_nested_unions():
-    """vapi.md §9 describes this export (not shipped): unions on typed nodes, nested arrays, nullable, pattern."""
+    """A real-world export shape: unions on typed nodes, nested arrays, nullable, pattern."""
     params = {"type": "object", "required": ["policyNumber", "contact", "location"], "properties": {
         "policyNumber": {"type": "string", "pattern": "^PM-[0-9]{6}$"},
         "incidentDate": {"type": "string", "format": "date"},
@@ -1016,3 +1013,17 @@ def test_property_sanitize_schema_is_idempotent_on_its_output(schema):
     again, findings = sanitize_schema(out, "p")
     assert again == out
     assert findings == []
+
+
+def test_every_tool_kind_in_the_registry_converts_and_unknown_kinds_are_reported():
+    for kind in SUPPORTED:
+        tool = {"type": kind, "function": {"name": f"t_{kind}", "parameters": {"type": "object", "properties": {}}}}
+        if kind == "transferCall":
+            tool["destinations"] = [{"type": "number", "number": "+15551234567"}]
+        if kind == "apiRequest":
+            tool.update(url="https://api.example.com/x", method="POST", name="t_api")
+        _tools, bindings, _findings = convert_tools([("t", tool)])
+        assert [b.kind for b in bindings] == [kind]
+    for kind in KNOWN_TYPES - set(SUPPORTED):
+        tools, bindings, findings = convert_tools([("t", {"type": kind})])
+        assert tools == [] and findings[0].status == "unsupported"

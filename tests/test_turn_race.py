@@ -21,6 +21,7 @@ import structlog
 
 from shim.assistant import CallContext
 from shim.call import Call
+from shim.call_effects import ToolRequest
 from shim.translate import translate
 from tools.results import parse_tool_response
 
@@ -83,6 +84,10 @@ class Model:
     def out(self) -> list[dict]:
         return [orjson.loads(m) for m in self.call.take_model_out()]
 
+    def tool_requests(self) -> list[ToolRequest]:
+        """The webhooks the call asked its shell to run since the last look (its effects)."""
+        return [e for e in self.call.take_effects() if type(e) is ToolRequest]
+
     def creates(self) -> list[dict]:
         return [e for e in self.out() if e["type"] == "response.create"]
 
@@ -136,7 +141,7 @@ def test_a_turn_that_ends_under_the_tool_answer_is_answered_after_it():
     # Turn 1; the server answers it by itself with a function call.
     model.caller_turn("item_turn1", 0, end_ms=760)
     model.respond("resp_vad1", call=("check_availability", "call_check"))
-    [request] = model.call.take_tool_requests()
+    [request] = model.tool_requests()
     assert request.call_id == "call_check"
     assert model.creates() == []  # no filler: the webhook runs in silence
     # Turn 2 starts while the webhook runs: nothing is playing, an ordinary turn.
@@ -154,7 +159,7 @@ def test_a_turn_that_ends_under_the_tool_answer_is_answered_after_it():
     # ... so the shim asks for it once the answer is done: the caller's turn is not lost.
     [reply] = model.creates()
     model.respond("resp_reply", metadata=reply["response"]["metadata"], call=("book_appointment", "call_book"))
-    assert [r.binding.realtime_name for r in model.call.take_tool_requests()] == ["book_appointment"]
+    assert [r.binding.realtime_name for r in model.tool_requests()] == ["book_appointment"]
 
 
 def test_a_turn_that_ends_during_the_uninterruptible_greeting_is_answered_after_it():

@@ -109,7 +109,7 @@ async def test_overwrites_existing_files(fake, tmp_path):
 
 
 async def test_sdk_false_negatives_are_served_and_pulled_verbatim(tmp_path):
-    # Valid Vapi JSON that vapi-server-sdk 3.0.0 rejects (reference vapi.md §1).
+    # Valid Vapi JSON that vapi-server-sdk 3.0.0 rejects (its models are stricter than the API).
     body = copy.deepcopy(DENTAL)
     body["id"] = "dental-extended"
     for tool in body["model"]["tools"]:

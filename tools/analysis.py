@@ -1,4 +1,4 @@
-"""Vapi's post-call analysis (``assistant.analysisPlan``, reference vapi.md §3, §4.7).
+"""Vapi's post-call analysis (``assistant.analysisPlan``, https://docs.vapi.ai/assistants/call-analysis).
 
     analysis = await analyze(assistant.get("analysisPlan"), transcript, ended_reason="customer-ended-call",
                              client=http, base_url=OPENAI_BASE_URL, api_key=OPENAI_API_KEY,

@@ -5,7 +5,7 @@
     sender.send_in_background(target, envelope, kind="status-update", call_sid=sid)   # retries=3
     await sender.close()                                                               # at shutdown
 
-Transport (reference vapi.md §4.1): ``POST <url>``, JSON body (orjson), the target's headers, no
+Transport (https://docs.vapi.ai/server-url): ``POST <url>``, JSON body (orjson), the target's headers, no
 redirects followed, a total deadline per attempt of ``server.timeoutSeconds`` (default 20 s). A 2xx is
 ``ok``; anything else is ``error`` (the body is still returned: Vapi parses error bodies for tool
 results) or ``timeout``. Retries (only when asked: ``retries > 0``) happen on timeouts, connection

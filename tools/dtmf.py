@@ -3,10 +3,10 @@
 Pure and fast: no I/O, no globals besides caches. Two directions:
 
 **Assistant -> far end (Vapi's `dtmf` tool).** Vapi exposes `dtmf({keys: string})` to the model:
-digits 0-9, `*`, `#`, `A`-`D`, with `w` = 0.5 s pause and `W` = 1 s pause (vapi.md §2.3;
+digits 0-9, `*`, `#`, `A`-`D`, with `w` = 0.5 s pause and `W` = 1 s pause (https://docs.vapi.ai/tools/default-tools;
 https://docs.vapi.ai/ivr-navigation).
 Vapi sends RFC 2833 events; a Twilio Media Stream cannot send DTMF toward the far end out of band
-(twilio.md §9: "Sending DTMF outbound from your media server toward Twilio is not supported"), so the
+(Twilio: "Sending DTMF outbound from your media server toward Twilio is not supported", https://www.twilio.com/docs/voice/media-streams/websocket-messages), so the
 shim plays the keys IN-BAND: `validate_keys` checks the model's string, `dtmf_ulaw` renders it as
 8 kHz G.711 mu-law in whole 20 ms frames, ready to be sent as outbound `media` messages (160 bytes
 each) in place of assistant audio. In-band DTMF survives a G.711 path well; through low-bitrate
@@ -39,7 +39,7 @@ Tone design (ITU-T Q.23 / Q.24):
 inbound audio (e.g. if Twilio's `dtmf` events were ever missing).
 
 **Caller -> model (Vapi's `keypadInputPlan`).** Twilio delivers the caller's keys as `dtmf` messages
-on a bidirectional stream, one key each (twilio.md §3.1, §9). `KeypadBuffer` applies the assistant's
+on a bidirectional stream, one key each (Twilio's `dtmf` message). `KeypadBuffer` applies the assistant's
 `keypadInputPlan` {enabled, timeoutSeconds, delimiters} and `keypad_text` is the user message the
 model then receives. See those two for what Vapi does and the sources.
 """

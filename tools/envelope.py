@@ -1,10 +1,10 @@
-"""Vapi server-message envelopes, built exactly as Vapi sends them (reference vapi.md §4, §5).
+"""Vapi server-message envelopes, built exactly as Vapi sends them (https://docs.vapi.ai/server-url/events).
 
 Pure: no I/O, no clock (every builder takes ``now_ms``), no randomness. Every object built here
 validates against the vapi-server-sdk 3.0.0 model for it once the SDK's one known quirk is
 normalised: ``toolCallList[].function.arguments`` (also ``toolCalls`` and
 ``toolWithToolCallList[].toolCall``) is a JSON **object** here, as live Vapi sends it, while the SDK
-types it as a string (vapi.md §0.3). Inside ``artifact`` (messages, messagesOpenAIFormatted) the
+types it as a string (the API returns a string). Inside ``artifact`` (messages, messagesOpenAIFormatted) the
 arguments are JSON strings, as Vapi writes them there.
 
 Shapes follow the fixtures ``tests/fixtures/vapi/tool_calls.dental_check_availability.request.json``
@@ -79,7 +79,7 @@ class CallInfo:
 
 @dataclass(frozen=True)
 class Message:
-    """One artifact message in Vapi's format (§5)."""
+    """One artifact message in Vapi's format."""
 
     role: str                     # "system" | "bot" | "user" | "tool_calls" | "tool_call_result"
     text: str = ""
@@ -189,7 +189,7 @@ def sanitized_tool(tool: dict) -> dict:
 def with_static_parameters(tool: dict, arguments: dict, render: Callable[[str], str] = lambda s: s) -> dict:
     """The arguments Vapi sends for `tool`: the model's, then the tool's static `parameters`
     ([{key, value}]) merged over them (same keys overridden), string values passed through
-    `render` (the caller's Liquid renderer) recursively (vapi.md §2.3)."""
+    `render` (the caller's Liquid renderer) recursively (https://docs.vapi.ai/tools/custom-tools)."""
 
     def walk(value: Any) -> Any:
         if isinstance(value, str):
@@ -237,7 +237,7 @@ def phone_number_object(info: CallInfo) -> dict:
 
 def call_object(info: CallInfo, *, status: str = "in-progress", ended_at: datetime | None = None,
                 ended_reason: str | None = None, now_ms: int | None = None, cost: float | None = None) -> dict:
-    """Vapi's `Call` for an inbound Twilio call (§5). `updatedAt` is `now_ms` (else the end, else
+    """Vapi's `Call` for an inbound Twilio call. `updatedAt` is `now_ms` (else the end, else
     the start); `createdAt` is the start."""
     started = iso_ms(info.started_at)
     if now_ms is not None:
@@ -348,7 +348,7 @@ def artifact(messages: list[Message]) -> dict:
 
 
 def _live_artifact(messages: list[Message]) -> dict:
-    # What Vapi attaches to in-call messages (tool-calls fixture, §4.2): no transcript.
+    # What Vapi attaches to in-call messages (the tool-calls message): no transcript.
     return {"messages": [_vapi_message(m) for m in messages],
             "messagesOpenAIFormatted": [_openai_message(m) for m in messages]}
 
@@ -370,7 +370,7 @@ def tool_call_object(call: ToolCallRequest) -> dict:
 
 
 def tool_calls_message(info: CallInfo, calls: list[ToolCallRequest], messages: list[Message], now_ms: int) -> dict:
-    """The `tool-calls` request body (§4.2): all calls of one model turn bound for one server."""
+    """The `tool-calls` request body: all calls of one model turn bound for one server."""
     with_tool = []
     for c in calls:
         item = sanitized_tool(c.tool)
@@ -392,7 +392,7 @@ def tool_calls_message(info: CallInfo, calls: list[ToolCallRequest], messages: l
 def status_update_message(info: CallInfo, status: str, messages: list[Message], now_ms: int, *,
                           ended_reason: str | None = None, ended_at: datetime | None = None,
                           destination: dict | None = None) -> dict:
-    """`status-update` (§4.6). `ended` carries `endedReason` (and the call's `endedAt`, `now_ms` when
+    """`status-update`. `ended` carries `endedReason` (and the call's `endedAt`, `now_ms` when
     `ended_at` is not given); `forwarding` carries `destination` and the conversation so far."""
     msg: dict[str, Any] = {"timestamp": now_ms, "type": "status-update", "status": status}
     if ended_reason is not None:
@@ -431,7 +431,7 @@ def hang_message(info: CallInfo, now_ms: int) -> dict:
 
 
 def transfer_destination_request(info: CallInfo, messages: list[Message], now_ms: int) -> dict:
-    """`transfer-destination-request` (§4.4): a transferCall without destinations."""
+    """`transfer-destination-request`: a transferCall without destinations."""
     msg: dict[str, Any] = {"timestamp": now_ms, "type": "transfer-destination-request",
                            "artifact": _live_artifact(messages)}
     msg.update(_common(info, call=call_object(info, now_ms=now_ms)))
@@ -439,7 +439,7 @@ def transfer_destination_request(info: CallInfo, messages: list[Message], now_ms
 
 
 def assistant_request(info: CallInfo, now_ms: int) -> dict:
-    """`assistant-request` (§4.5): sent while the call rings; `assistant` (and `call.assistantId`)
+    """`assistant-request`: sent while the call rings; `assistant` (and `call.assistantId`)
     only when one is already known."""
     msg: dict[str, Any] = {"timestamp": now_ms, "type": "assistant-request"}
     msg.update(_common(info, call=call_object(info, status="ringing", now_ms=now_ms)))
@@ -455,7 +455,7 @@ def _success_evaluation(value: Any) -> str:
 def end_of_call_report(info: CallInfo, *, ended_reason: str, ended_at: datetime, messages: list[Message],
                        now_ms: int, recording_url: str | None = None, analysis: dict | None = None,
                        cost: float | None = None) -> dict:
-    """`end-of-call-report` (§4.7): the spec fields plus the legacy top-level fields handlers read
+    """`end-of-call-report`: the spec fields plus the legacy top-level fields handlers read
     (transcript, summary, messages, recordingUrl, stereoRecordingUrl, durationMs/Seconds/Minutes,
     costBreakdown when the cost is known).
 

@@ -1,4 +1,4 @@
-"""What a tool endpoint answered, read the way Vapi reads it (reference vapi.md §4.3, §2.3).
+"""What a tool endpoint answered, read the way Vapi reads it (https://docs.vapi.ai/tools/custom-tools).
 
 Pure: no I/O. `parse_tool_response` never raises: whatever came back (or didn't), every tool call
 gets exactly one `ToolOutcome` whose `output` is what the model is given as the
@@ -12,11 +12,11 @@ Wording given to the model:
 * a non-2xx answer: ``"Error: the tool failed with HTTP status <code>."``;
 * a timeout, a connection error, invalid JSON, no `results`, no result for this `toolCallId`, a
   result with neither `result` nor `error`: ``"No result returned."`` (Vapi's own wording,
-  vapi.md §4.3 / §5);
+  Vapi's documented response shape);
 * an async tool (answered at once, the webhook's answer is not used): ``"Success."`` — the
-  placeholder Vapi writes for platform-run tools (§5; Vapi's text for async tools is unconfirmed).
+  placeholder Vapi writes for platform-run tools (Vapi's text for async tools is unconfirmed).
 
-Spoken messages (`tool_message`, `delayed_messages`, `pick_message`) follow §2.3: `conditions`
+Spoken messages (`tool_message`, `delayed_messages`, `pick_message`) follow Vapi's tool messages: `conditions`
 are ANDed against the call's arguments; messages whose conditions all match are preferred over
 unconditional ones of the same type; several candidates are variants (one picked at random by the
 `rng` passed in); `contents` (per-language variants) override `content`; `content: ""` means

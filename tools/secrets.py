@@ -1,4 +1,4 @@
-"""Where a webhook goes and which secrets it carries (reference vapi.md §2.4, §4.1).
+"""Where a webhook goes and which secrets it carries (https://docs.vapi.ai/server-url).
 
 Exports rarely carry secrets: ``GET /assistant`` returns only ``isServerUrlSecretSet``, and Vapi
 credentials (``server.credentialId``) are never exported. The customer supplies them to the shim in a

@@ -10,7 +10,7 @@
 
 Every POST body is recorded in ``received`` (path, lowercased headers, parsed body, message type)
 and **validated** against the vapi-server-sdk 3.0.0 model for its ``message.type`` (the class is
-picked from the type here; the SDK's ``ServerMessage`` union is not a safe dispatcher, vapi.md §1)
+picked from the type here; the SDK's ``ServerMessage`` union is not a safe dispatcher: its models refuse some valid messages)
 after normalising the SDK's known false negatives (object ``arguments`` in the live tool-call
 lists, and the assistant-export quirks that ``fake_vapi.sdk_view`` also rewrites — repeated here
 because importing ``fake_vapi`` pulls in SDK models worth ~10 s of import time). On top of the SDK, a few

@@ -6,7 +6,7 @@ rules the real server enforces beyond the SDK types. Every event this server sen
 against the GA server-event union too. Failures land in `FakeRealtime.validation_errors`; invalid
 client events are also answered with an `error` event, as the real API does.
 
-Behaviour follows /work/shared/reference/openai-realtime.md (§3-§9): session.created on connect,
+Behaviour follows https://platform.openai.com/docs/api-reference/realtime-server-events: session.created on connect,
 session.update merging, an energy VAD on the input buffer (speech_started/stopped/committed, user
 items, optional input transcription), audio responses paced faster than real time, response.cancel,
 barge-in cancellation, conversation.item.truncate checks, and fault injection.
@@ -486,7 +486,7 @@ class FakeSession:
     async def run(self) -> None:
         try:
             if self.headers.get("openai-beta"):
-                # The beta protocol is switched off server-side (reference §0.1 / §2.3).
+                # The beta protocol is switched off server-side (GA endpoints refuse beta clients).
                 self._server.validation_errors.append("handshake: OpenAI-Beta header (beta protocol)")
                 await self._error(
                     "beta_api_shape_disabled", "The beta Realtime API shape is no longer supported.", None, None
@@ -790,7 +790,7 @@ class FakeSession:
             )
         duration_ms = int(len(self.audio_out[item_id]) * self._item_ms_per_byte[item_id])
         if end_ms > duration_ms:
-            # The real server uses a null code here (reference §9.6); "invalid_value" is the closest.
+            # The real server uses a null code here (observed on the GA API); "invalid_value" is the closest.
             raise _ClientError(
                 "invalid_value",
                 f"Audio content of {duration_ms}ms is already shorter than {end_ms}ms",
@@ -798,7 +798,7 @@ class FakeSession:
                 invalid=False,
             )
         for part in item.get("content", []):
-            part["transcript"] = None  # "deletes the server-side text transcript" (reference §4.5)
+            part["transcript"] = None  # "deletes the server-side text transcript" (the conversation.item.truncate reference)
         await self.send(
             {"type": "conversation.item.truncated", "item_id": item_id, "content_index": 0, "audio_end_ms": end_ms}
         )

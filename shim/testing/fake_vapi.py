@@ -5,7 +5,7 @@
     ...                                    # shim.vapi_api.pull_assistants(..., base_url=base_url)
     await fake.stop()
 
-Endpoints (reference vapi.md §2.0): ``GET /assistant/{id}``, ``GET /assistant`` (array),
+Endpoints (https://docs.vapi.ai/api-reference/assistants/get): ``GET /assistant/{id}``, ``GET /assistant`` (array),
 ``GET /tool/{id}``, ``GET /tool`` (array). Every request needs ``Authorization: Bearer <api_key>``
 (401 otherwise); unknown ids are 404. Error bodies use the NestJS shape Vapi's API answers with
 (``{"message", "error", "statusCode"}``; the exact wording is not Vapi's).
@@ -14,7 +14,7 @@ Bodies are validated against vapi-server-sdk 3.0.0 when they are added (`Assista
 assistants, the `GetToolsResponse` union — what ``GET /tool/{id}`` returns — for tools, with the
 concrete member picked by ``type`` for readable errors). An invalid body raises
 `FakeVapiValidationError` at once, so a test can't serve something Vapi would never return. The
-SDK rejects some valid Vapi JSON (vapi.md §1 "known false negatives"); `sdk_view()` rewrites those
+SDK rejects some valid Vapi JSON (its models are stricter than the API on a few fields); `sdk_view()` rewrites those
 constructs in a *copy* before validating, and the body is served unchanged.
 
 Served bytes are the compact JSON of the body as given (key order kept), so a client's output can be

@@ -1,4 +1,4 @@
-"""vapi-server-sdk 3.0.0 rejects some valid Vapi JSON (vapi.md §1): the stand-ins validate a
+"""vapi-server-sdk 3.0.0 rejects some valid Vapi JSON (its pydantic models are stricter than the API on a few fields): the stand-ins validate a
 rewritten copy. Kept free of SDK imports (the SDK takes seconds to import)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ _BACKOFF_TYPES = {"fixed", "exponential"}
 
 def sdk_view(body: Any) -> Any:
     """A copy of ``body`` with the valid Vapi constructs that vapi-server-sdk 3.0.0 rejects
-    (vapi.md §1, §0.8) rewritten so that validation checks everything else:
+    (fields the API accepts but the SDK's models refuse) rewritten so that validation checks everything else:
 
     * ``transferPlan.sipVerb: "refer"|"bye"|"dial"`` (typed ``dict`` in the SDK) -> removed;
     * ``backoffPlan.type: "fixed"|"exponential"`` (typed ``dict`` and required) -> ``{}``;
