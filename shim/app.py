@@ -35,9 +35,9 @@ from . import store_queries
 from .numbers import redact_url
 from .routes import SNAPSHOT_NAME, NumberRoutes, RoutingUnavailable
 from .store import Recorder, migrate
-from tools import envelope
-from tools.delivery import WebhookSender
-from tools.secrets import SecretsBook, resolve_server
+from shim_tools import envelope
+from shim_tools.delivery import WebhookSender
+from shim_tools.secrets import SecretsBook, resolve_server
 
 from .call import transfer_action
 

@@ -37,12 +37,12 @@ from . import tool_kinds
 from . import twilio_media as tw
 from .assistant import AssistantError, load_assistant, load_saved_tools, render
 from .background import BackgroundMixer, ambience_for, public_url
-from tools import envelope
-from tools.analysis import analyze
-from tools.delivery import WebhookSender
-from tools.egress import guarded_client, parse_allow_list
-from tools.results import delayed_messages, parse_tool_response
-from tools.secrets import SecretsBook, ServerTarget, resolve_server
+from shim_tools import envelope
+from shim_tools.analysis import analyze
+from shim_tools.delivery import WebhookSender
+from shim_tools.egress import guarded_client, parse_allow_list
+from shim_tools.results import delayed_messages, parse_tool_response
+from shim_tools.secrets import SecretsBook, ServerTarget, resolve_server
 
 from .translate import CallSetup, translate
 from .twilio_rest import REST_TIMEOUT_S, TwilioRestError, start_recording

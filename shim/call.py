@@ -51,9 +51,9 @@ from .call_effects import (  # noqa: F401  (End and ToolRequest are part of this
 )
 from . import twilio_media as tw
 from .assistant import AssistantError, AssistantNotFound
-from tools import envelope
-from tools.dtmf import DtmfError, KeypadBuffer, dtmf_ulaw, keypad_text, validate_keys
-from tools.results import NO_RESULT, ToolOutcome, async_outcome, tool_message
+from shim_tools import envelope
+from shim_tools.dtmf import DtmfError, KeypadBuffer, dtmf_ulaw, keypad_text, validate_keys
+from shim_tools.results import NO_RESULT, ToolOutcome, async_outcome, tool_message
 
 from .openai_realtime import OpenAIRealtime, counter_ids
 from .end_policy import EndPolicy, HangUp, SayGoodbye

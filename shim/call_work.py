@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 from . import twilio_media as tw
 from .assistant import CallContext, render
-from tools import envelope
-from tools.results import ToolOutcome
+from shim_tools import envelope
+from shim_tools.results import ToolOutcome
 
 # --- which assistant, with which overrides ------------------------------------------------
 

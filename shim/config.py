@@ -78,7 +78,7 @@ def _voice_map(raw: str) -> tuple[tuple[str, str], ...]:
 
 
 def _allow_list(raw: str, name: str) -> str:
-    from tools.egress import parse_allow_list
+    from shim_tools.egress import parse_allow_list
 
     try:
         parse_allow_list(raw)

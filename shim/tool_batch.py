@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .assistant import AssistantError, render
-from tools.results import tool_message
+from shim_tools.results import tool_message
 
 DEFAULT_TIMEOUT_S = 20.0  # server.timeoutSeconds when unset (Vapi's default)
 BACKSTOP_S = 5.0  # after a webhook's own timeout: its task died without answering

@@ -89,7 +89,7 @@ def config_problems(config: Config, *, serving: bool, media_port: int | None) ->
         problems.append(_url_problem("TWILIO_API_BASE", config.twilio_api_base, "https", "http") or "")
         problems.extend(_assistant_problems(config))
         if config.secrets_file:
-            from tools.secrets import SecretsBook, SecretsError
+            from shim_tools.secrets import SecretsBook, SecretsError
 
             try:
                 SecretsBook.load(config.secrets_file, {"SHIM_VAPI_SECRET": os.environ.get("SHIM_VAPI_SECRET", "")})

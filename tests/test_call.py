@@ -483,7 +483,7 @@ def test_end_call_tool_says_end_call_message_then_hangs_up():
 
 
 def test_webhook_tools_filler_then_every_output_then_one_response():
-    from tools.results import DEFAULT_FILLERS, parse_tool_response
+    from shim_tools.results import DEFAULT_FILLERS, parse_tool_response
 
     assistant = dict(MINIMAL, firstMessageMode="assistant-waits-for-user",
                      model=dict(MINIMAL["model"], tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]))
@@ -570,7 +570,7 @@ def fc(resp, call_id, name="lookup", args="{}"):
 
 
 def ok(call_id):
-    from tools.results import parse_tool_response
+    from shim_tools.results import parse_tool_response
 
     return parse_tool_response([call_id], http_status=200, body=orjson.dumps({"results": [{"toolCallId": call_id, "result": "x"}]}))[call_id]
 
@@ -744,7 +744,7 @@ def test_billed_usage_heard_end_and_http_status_are_stored():
     to the end gets ended_at = its start + the audio heard; a tool call keeps the HTTP status."""
     from datetime import timedelta
 
-    from tools.results import parse_tool_response
+    from shim_tools.results import parse_tool_response
 
     assistant = dict(MINIMAL, firstMessageMode="assistant-waits-for-user",
                      model=dict(MINIMAL["model"], tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]))

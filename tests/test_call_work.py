@@ -22,7 +22,7 @@ from shim.call_work import (
     vapi_tool_name,
 )
 from shim.twilio_signature import TwilioSignatures
-from tools import envelope
+from shim_tools import envelope
 
 SAVED = {"acme": {"name": "Acme", "firstMessage": "Hi", "model": {"messages": []}}}
 

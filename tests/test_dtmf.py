@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from shim.testing import load_asset
-from tools import dtmf
-from tools.dtmf import (
+from shim_tools import dtmf
+from shim_tools.dtmf import (
     FREQUENCIES,
     KEYS,
     DtmfError,

@@ -17,7 +17,7 @@ from shim.testing._serve import free_port
 from shim.testing.fake_customer import FakeCustomer, reply_results
 from shim.testing.fake_realtime import Script, calls
 from shim.testing.twilio_caller import keep_line_open
-from tools.egress import EgressRefused, guarded_client, parse_allow_list
+from shim_tools.egress import EgressRefused, guarded_client, parse_allow_list
 
 from .harness import running_shim
 from .test_tools_e2e import assistant, function_tool, outputs

@@ -24,9 +24,9 @@ from structlog.testing import capture_logs
 
 from shim.store import _SCHEMA_MIGRATIONS_DDL, TABLES, Recorder, load_migrations, migrate
 from shim.testing.fake_openai_text import FakeOpenAIText
-from tools.analysis import DEFAULT_MESSAGES, analyze, count_messages
-from tools.delivery import WebhookSender
-from tools.secrets import SecretsBook, SecretsError, ServerTarget, resolve_server
+from shim_tools.analysis import DEFAULT_MESSAGES, analyze, count_messages
+from shim_tools.delivery import WebhookSender
+from shim_tools.secrets import SecretsBook, SecretsError, ServerTarget, resolve_server
 
 SECRETS = ("s-inline-111", "s-tool-id-222", "s-tool-name-333", "s-asst-444", "s-default-555", "s-env-666",
            "Bearer tok-777", "q-token-888")

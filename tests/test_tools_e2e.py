@@ -14,7 +14,7 @@ from shim.testing.fake_customer import FakeCustomer, delay, invalid_json, reply_
 from shim.testing.fake_openai_text import FakeOpenAIText
 from shim.testing.fake_realtime import Script, calls
 from shim.testing.twilio_caller import keep_line_open
-from tools.dtmf import detect_dtmf
+from shim_tools.dtmf import detect_dtmf
 
 from .harness import SHIM_NUMBER, running_shim
 from .test_bridge_e2e import fetchrow

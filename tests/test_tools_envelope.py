@@ -1,4 +1,4 @@
-"""tools.envelope (Vapi's server-message JSON), tools.results (reading tool answers, spoken tool
+"""shim_tools.envelope (Vapi's server-message JSON), shim_tools.results (reading tool answers, spoken tool
 messages) and the FakeCustomer stand-in. Every built object is validated against vapi-server-sdk
 3.0.0 (models looked up once through fake_customer's cache; the SDK import itself takes seconds)."""
 
@@ -18,13 +18,13 @@ from shim.testing.fake_customer import (
     FakeCustomer, _model, _stringify_arguments, delay, invalid_json, reply_error, reply_results, respond, status,
     validate_server_message,
 )
-from tools.envelope import (
+from shim_tools.envelope import (
     CallInfo, Message, ToolCallRequest, artifact, assistant_request, call_object, customer_object,
     end_of_call_report, hang_message, iso_ms, phone_number_id, phone_number_object, sanitized_assistant,
     status_update_message, tool_call_object, tool_calls_message, transcript_message, transfer_destination_request,
     vapi_call_id, with_static_parameters,
 )
-from tools.results import (
+from shim_tools.results import (
     ASYNC_RESULT, DEFAULT_FILLERS, NO_RESULT, async_outcome, delayed_messages, parse_tool_response, pick_message,
     tool_message,
 )

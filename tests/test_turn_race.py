@@ -23,7 +23,7 @@ from shim.assistant import CallContext
 from shim.call import Call
 from shim.call_effects import ToolRequest
 from shim.translate import translate
-from tools.results import parse_tool_response
+from shim_tools.results import parse_tool_response
 
 
 def tool(name: str) -> dict:

@@ -33,7 +33,7 @@ import httpx
 import orjson
 import structlog
 
-from tools.secrets import ServerTarget
+from shim_tools.secrets import ServerTarget
 
 log = structlog.get_logger(__name__)
 
