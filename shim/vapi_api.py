@@ -292,9 +292,7 @@ class _Puller:
             if attempt >= self.retries:
                 tries = f" (after {attempt + 1} attempts)" if attempt else ""
                 raise VapiApiError(failure + tries, method="GET", path=path, status=status)
-            if delay is None:
-                delay = self.backoff * (2 ** attempt) * (0.5 + random.random() / 2)
-            delay = max(0.0, min(delay, self.max_retry_delay))
+            delay = retry_delay(attempt, delay, self.backoff, self.max_retry_delay)
             attempt += 1
             log.info("vapi.retry", path=path, status=status, attempt=attempt, delay_s=round(delay, 3))
             await asyncio.sleep(delay)
@@ -339,6 +337,14 @@ def _tool_ids(assistant: dict[str, Any]) -> tuple[list[str], list[str]]:
     if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
         raise VapiApiError(f"model.toolIds is {json.dumps(raw)[:80]}, expected a list of ids")
     return list(dict.fromkeys(raw)), warnings
+
+
+def retry_delay(attempt: int, retry_after: float | None, backoff: float, cap: float) -> float:
+    """Seconds before retry number `attempt + 1`: the server's Retry-After when it gave one, else
+    exponential backoff with jitter; never more than `cap`."""
+    if retry_after is None:
+        retry_after = backoff * (2 ** attempt) * (0.5 + random.random() / 2)
+    return max(0.0, min(retry_after, cap))
 
 
 def _retry_after(value: str | None) -> float | None:

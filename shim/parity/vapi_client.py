@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import random
 from typing import Any, AsyncIterator
 
 import httpx
 import structlog
 
-from ..vapi_api import VapiApiError, VapiAuthError, _retry_after
+from ..vapi_api import VapiApiError, VapiAuthError, _retry_after, retry_delay
 
 log = structlog.get_logger(__name__)
 
@@ -86,9 +85,7 @@ class VapiClient:
                 delay = _retry_after(resp.headers.get("Retry-After"))
             if attempt >= self.retries:
                 raise VapiApiError(f"{failure} (after {attempt + 1} attempts)", method=method, path=path, status=status)
-            if delay is None:
-                delay = self.backoff * (2 ** attempt) * (0.5 + random.random() / 2)
-            delay = max(0.0, min(delay, self.max_retry_delay))
+            delay = retry_delay(attempt, delay, self.backoff, self.max_retry_delay)
             attempt += 1
             log.info("vapi.retry", path=path, status=status, attempt=attempt, delay_s=round(delay, 3))
             await asyncio.sleep(delay)
