@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import orjson
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from drill_db_outage import start_serve  # noqa: E402
+from drill_db_outage import report, run_drill, start_serve, stop_serve  # noqa: E402
 
 from shim.db import resolve_dsn  # noqa: E402
 from shim.testing.fake_realtime import FakeRealtime, Script  # noqa: E402
@@ -141,11 +140,7 @@ async def main() -> int:
                 await c.stop()
             await asyncio.sleep(1.0)
     finally:
-        server.terminate()
-        try:
-            await asyncio.to_thread(server.wait, 30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        await stop_serve(server)
         await model.stop()
 
     dsn, embedded = resolve_dsn("", work / "data")
@@ -172,13 +167,8 @@ async def main() -> int:
     checks["A heard all of its greeting"] = bool(heard) and len(heard) in {len(m) for m in model_said}
     checks["no model session for the forged start"] = forged_sessions == 0
     checks["huge frame closed with 1009"] = huge.close_code == 1009
-    for name, ok in checks.items():
-        print(f"   {'ok ' if ok else 'FAIL'} {name}")
-    return 0 if all(checks.values()) else 1
+    return report(checks)
 
 
 if __name__ == "__main__":
-    started = time.monotonic()
-    code = asyncio.run(main())
-    print(f"(drill took {time.monotonic() - started:.1f} s)")
-    sys.exit(code)
+    run_drill(main)

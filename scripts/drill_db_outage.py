@@ -67,6 +67,29 @@ async def start_serve(env: dict[str, str], http_port: int, media_port: int) -> s
     raise SystemExit("shim serve did not start within 30 s")
 
 
+async def stop_serve(server: subprocess.Popen) -> None:
+    """SIGTERM (the drain), then SIGKILL if it has not exited in 30 s."""
+    server.terminate()
+    try:
+        await asyncio.to_thread(server.wait, 30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def report(checks: dict[str, bool]) -> int:
+    """Print each check; the drill's exit code: 0 when all passed."""
+    for name, ok in checks.items():
+        print(f"   {'ok ' if ok else 'FAIL'} {name}")
+    return 0 if all(checks.values()) else 1
+
+
+def run_drill(main) -> None:
+    started = time.monotonic()
+    code = asyncio.run(main())
+    print(f"(drill took {time.monotonic() - started:.1f} s)")
+    sys.exit(code)
+
+
 async def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="shim-drill-db-"))
     dsn, embedded = resolve_dsn("", work / "pg")
@@ -157,11 +180,7 @@ async def main() -> int:
         return 0 if ok else 1
     finally:
         if server.poll() is None:
-            server.terminate()
-            try:
-                await asyncio.to_thread(server.wait, 30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            await stop_serve(server)
         await model.stop()
         await proxy.stop()
         if embedded is not None:
@@ -170,7 +189,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    started = time.monotonic()
-    code = asyncio.run(main())
-    print(f"(drill took {time.monotonic() - started:.1f} s)")
-    sys.exit(code)
+    run_drill(main)

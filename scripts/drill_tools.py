@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import asyncpg
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from drill_db_outage import start_serve  # noqa: E402
+from drill_db_outage import report, run_drill, start_serve, stop_serve  # noqa: E402
 
 from shim.db import resolve_dsn  # noqa: E402
 from shim.testing.fake_customer import FakeCustomer, delay, invalid_json, reply_results, status  # noqa: E402
@@ -137,11 +136,7 @@ async def main() -> int:
             await caller.stop()
             await asyncio.sleep(1.0)
     finally:
-        server.terminate()
-        try:
-            await asyncio.to_thread(server.wait, 30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        await stop_serve(server)
         await model.stop()
         await customer.stop()
         plain.close()
@@ -175,13 +170,8 @@ async def main() -> int:
     checks["metadata address refused"] = any(r["name"] == "metadata" and "not a public address" in (r["error"] or "")
                                              for r in rows)
     checks["nothing invalid reached the model"] = model.validation_errors == []
-    for name, ok in checks.items():
-        print(f"   {'ok ' if ok else 'FAIL'} {name}")
-    return 0 if all(checks.values()) else 1
+    return report(checks)
 
 
 if __name__ == "__main__":
-    started = time.monotonic()
-    code = asyncio.run(main())
-    print(f"(drill took {time.monotonic() - started:.1f} s)")
-    sys.exit(code)
+    run_drill(main)
