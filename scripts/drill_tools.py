@@ -36,25 +36,10 @@ from shim.db import resolve_dsn  # noqa: E402
 from shim.testing.fake_customer import FakeCustomer, delay, invalid_json, reply_results, status  # noqa: E402
 from shim.testing.fake_realtime import FakeRealtime, Script, calls  # noqa: E402
 from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, keep_line_open, post_twilio_webhook  # noqa: E402
-from shim.testing._serve import free_port  # noqa: E402
+from shim.testing._serve import free_port, raw_http_server  # noqa: E402
 
 AUTH_TOKEN = "drill-auth-token"
 SHIM_NUMBER = "+15550100500"
-
-
-async def raw_server(response: bytes) -> tuple[asyncio.AbstractServer, int]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await asyncio.wait_for(reader.read(4096), 2)
-            writer.write(response)
-            await writer.drain()
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
 
 
 def outputs_of(session) -> dict[str, str]:
@@ -72,8 +57,8 @@ def tool(name: str, url: str, timeout: float | None = None) -> dict:
 
 async def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="shim-drill-tools-"))
-    plain, plain_port = await raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    moved, moved_port = await raw_server(
+    plain, plain_port = await raw_http_server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    moved, moved_port = await raw_http_server(
         b"HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/latest/meta-data/\r\nContent-Length: 0\r\n\r\n")
     customer = FakeCustomer()
     await customer.start()

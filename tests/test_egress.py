@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from shim.config import Config, ConfigError
-from shim.testing._serve import free_port
+from shim.testing._serve import free_port, raw_http_server
 from shim.testing.fake_customer import FakeCustomer, reply_results
 from shim.testing.fake_realtime import Script, calls
 from shim.testing.twilio_caller import keep_line_open
@@ -21,24 +21,6 @@ from shim_tools.egress import EgressRefused, guarded_client, parse_allow_list
 
 from .harness import running_shim
 from .test_tools_e2e import assistant, function_tool, outputs
-
-
-async def raw_http_server(response: bytes):
-    """A server that answers every connection with `response` (a redirect, or plain HTTP where
-    TLS is expected)."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await asyncio.wait_for(reader.read(4096), 2)
-            writer.write(response)
-            await writer.drain()
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
 
 
 def redirect_to(location: str) -> bytes:

@@ -16,6 +16,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def raw_http_server(response: bytes) -> tuple[asyncio.AbstractServer, int]:
+    """A server that answers every connection with `response` (a redirect, or plain HTTP where
+    TLS is expected)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.read(4096), 2)
+            writer.write(response)
+            await writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):  # leave the test runner's signal handlers alone
