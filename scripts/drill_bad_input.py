@@ -20,7 +20,6 @@ Usage: .venv/bin/python scripts/drill_bad_input.py   (exit 0 when every check ho
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import orjson
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from drill_db_outage import report, run_drill, start_serve, stop_serve  # noqa: E402
+from drill_db_outage import AUTH_TOKEN, report, run_drill, serve_env, start_serve, stop_serve  # noqa: E402
 
 from shim.db import resolve_dsn  # noqa: E402
 from shim.testing.fake_realtime import FakeRealtime, Script  # noqa: E402
@@ -43,7 +42,6 @@ from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, keep_
 from shim.testing._serve import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-AUTH_TOKEN = "drill-auth-token"
 SHIM_NUMBER = "+15550100400"
 
 
@@ -63,13 +61,7 @@ async def main() -> int:
     model = FakeRealtime(Script(replies=["Thanks for waiting."], audio_ms_per_char=20))
     await model.start()
     http_port, media_port = free_port(), free_port()
-    env = dict(
-        os.environ,
-        OPENAI_API_KEY="sk-drill", OPENAI_REALTIME_URL=model.url, TWILIO_AUTH_TOKEN=AUTH_TOKEN,
-        PUBLIC_URL=f"http://127.0.0.1:{http_port}", PUBLIC_MEDIA_URL=f"ws://127.0.0.1:{media_port}/twilio/media",
-        SHIM_DATA_DIR=str(work / "data"), SHIM_ASSISTANTS_DIR=str(REPO / "assistants"), SHIM_DEFAULT_ASSISTANT="demo",
-        SHIM_LOG_LEVEL="warning", SHIM_TOOL_URL_ALLOW="127.0.0.1", OPENAI_BASE_URL="http://127.0.0.1:9/v1",
-    )
+    env = serve_env(model.url, http_port, media_port, work / "data", assistants=REPO / "assistants", assistant="demo")
     env.pop("DATABASE_URL", None)
     server = await start_serve(env, http_port, media_port)
     checks: dict[str, bool] = {}

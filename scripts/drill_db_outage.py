@@ -67,6 +67,19 @@ async def start_serve(env: dict[str, str], http_port: int, media_port: int) -> s
     raise SystemExit("shim serve did not start within 30 s")
 
 
+def serve_env(model_url: str, http_port: int, media_port: int, data_dir: Path, *, assistants: Path,
+              assistant: str, log_level: str = "warning", **extra: str) -> dict[str, str]:
+    """The environment of a drill's `shim serve`: stand-in model, loopback URLs, the stand-in tool
+    servers allowed (they listen on loopback), no post-call analysis reachable."""
+    return dict(
+        os.environ,
+        OPENAI_API_KEY="sk-drill", OPENAI_REALTIME_URL=model_url, TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        PUBLIC_URL=f"http://127.0.0.1:{http_port}", PUBLIC_MEDIA_URL=f"ws://127.0.0.1:{media_port}/twilio/media",
+        SHIM_DATA_DIR=str(data_dir), SHIM_ASSISTANTS_DIR=str(assistants), SHIM_DEFAULT_ASSISTANT=assistant,
+        SHIM_LOG_LEVEL=log_level, SHIM_TOOL_URL_ALLOW="127.0.0.1", OPENAI_BASE_URL="http://127.0.0.1:9/v1", **extra,
+    )
+
+
 async def stop_serve(server: subprocess.Popen) -> None:
     """SIGTERM (the drain), then SIGKILL if it has not exited in 30 s."""
     server.terminate()
@@ -100,14 +113,8 @@ async def main() -> int:
     await model.start()
     http_port, media_port = free_port(), free_port()
     data_dir = work / "data"
-    env = dict(
-        os.environ,
-        OPENAI_API_KEY="sk-drill", OPENAI_REALTIME_URL=model.url, TWILIO_AUTH_TOKEN=AUTH_TOKEN,
-        PUBLIC_URL=f"http://127.0.0.1:{http_port}", PUBLIC_MEDIA_URL=f"ws://127.0.0.1:{media_port}/twilio/media",
-        DATABASE_URL=proxy.dsn_for(dsn), SHIM_DATA_DIR=str(data_dir), SHIM_ASSISTANTS_DIR=str(REPO / "assistants"),
-        SHIM_DEFAULT_ASSISTANT="demo", SHIM_LOG_LEVEL="warning", SHIM_TOOL_URL_ALLOW="127.0.0.1",
-        OPENAI_BASE_URL="http://127.0.0.1:9/v1",
-    )
+    env = serve_env(model.url, http_port, media_port, data_dir, assistants=REPO / "assistants", assistant="demo",
+                    DATABASE_URL=proxy.dsn_for(dsn))
     spool = data_dir / "spool.jsonl"
     server = await start_serve(env, http_port, media_port)
     call_sid = "CA" + uuid.uuid4().hex

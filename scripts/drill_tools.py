@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import asyncpg
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from drill_db_outage import report, run_drill, start_serve, stop_serve  # noqa: E402
+from drill_db_outage import AUTH_TOKEN, report, run_drill, serve_env, start_serve, stop_serve  # noqa: E402
 
 from shim.db import resolve_dsn  # noqa: E402
 from shim.testing.fake_customer import FakeCustomer, delay, invalid_json, reply_results, status  # noqa: E402
@@ -38,7 +37,6 @@ from shim.testing.fake_realtime import FakeRealtime, Script, calls  # noqa: E402
 from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, keep_line_open, post_twilio_webhook  # noqa: E402
 from shim.testing._serve import free_port, raw_http_server  # noqa: E402
 
-AUTH_TOKEN = "drill-auth-token"
 SHIM_NUMBER = "+15550100500"
 
 
@@ -86,13 +84,8 @@ async def main() -> int:
                                 audio_ms_per_char=15))
     await model.start()
     http_port, media_port = free_port(), free_port()
-    env = dict(
-        os.environ,
-        OPENAI_API_KEY="sk-drill", OPENAI_REALTIME_URL=model.url, TWILIO_AUTH_TOKEN=AUTH_TOKEN,
-        PUBLIC_URL=f"http://127.0.0.1:{http_port}", PUBLIC_MEDIA_URL=f"ws://127.0.0.1:{media_port}/twilio/media",
-        SHIM_DATA_DIR=str(work / "data"), SHIM_ASSISTANTS_DIR=str(assistants), SHIM_DEFAULT_ASSISTANT="tools",
-        SHIM_LOG_LEVEL="error", SHIM_TOOL_URL_ALLOW="127.0.0.1", OPENAI_BASE_URL="http://127.0.0.1:9/v1",
-    )
+    env = serve_env(model.url, http_port, media_port, work / "data", assistants=assistants, assistant="tools",
+                    log_level="error")
     env.pop("DATABASE_URL", None)
     server = await start_serve(env, http_port, media_port)
     checks: dict[str, bool] = {}

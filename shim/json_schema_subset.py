@@ -130,6 +130,21 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def _keep_bounds(flat: dict, out: dict, path: str, ctx, keys: tuple[str, str], valid, expected: str) -> None:
+    """Copy a (lower, upper) pair of bounds that are valid and consistent; report the rest."""
+    (lo_key, hi_key) = keys
+    lo, hi = flat.get(lo_key), flat.get(hi_key)
+    for k, v in ((lo_key, lo), (hi_key, hi)):
+        if v is not None and not valid(v):
+            ctx.add(_key(path, k), UNSUPPORTED, f"{k} is not {expected}: dropped")
+    if valid(lo) and valid(hi) and lo > hi:
+        ctx.add(_key(path, lo_key), UNSUPPORTED, f"{lo_key} > {hi_key}: both dropped")
+        return
+    for k, v in ((lo_key, lo), (hi_key, hi)):
+        if valid(v):
+            out[k] = v
+
+
 def _is_scalar(v: Any) -> bool:
     return isinstance(v, (str, bool)) or _is_num(v)
 
@@ -733,17 +748,7 @@ def _emit(flat: dict, path: str, ctx: _Ctx, depth: int) -> dict:
         else:
             ctx.add(ipath, UNSUPPORTED, "items is not a schema: items assumed to be strings")
             out["items"] = {"type": "string"}
-        lo, hi = flat.get("minItems"), flat.get("maxItems")
-        for k, v in (("minItems", lo), ("maxItems", hi)):
-            if v is not None and not _is_count(v):
-                ctx.add(_key(path, k), UNSUPPORTED, f"{k} is not a non-negative integer: dropped")
-        if _is_count(lo) and _is_count(hi) and lo > hi:
-            ctx.add(_key(path, "minItems"), UNSUPPORTED, "minItems > maxItems: both dropped")
-        else:
-            if _is_count(lo):
-                out["minItems"] = lo
-            if _is_count(hi):
-                out["maxItems"] = hi
+        _keep_bounds(flat, out, path, ctx, ("minItems", "maxItems"), _is_count, "a non-negative integer")
     elif kind == "string":
         handled |= {"pattern", "format", "minLength", "maxLength"}
         pattern = flat.get("pattern")
@@ -774,17 +779,7 @@ def _emit(flat: dict, path: str, ctx: _Ctx, depth: int) -> dict:
                     ctx.add(_key(path, k), UNSUPPORTED, f"{k} is not a non-negative integer: dropped")
     elif kind in ("number", "integer"):
         handled |= {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
-        lo, hi = flat.get("minimum"), flat.get("maximum")
-        for k, v in (("minimum", lo), ("maximum", hi)):
-            if v is not None and not _is_num(v):
-                ctx.add(_key(path, k), UNSUPPORTED, f"{k} is not a finite number: dropped")
-        if _is_num(lo) and _is_num(hi) and lo > hi:
-            ctx.add(_key(path, "minimum"), UNSUPPORTED, "minimum > maximum: both dropped")
-        else:
-            if _is_num(lo):
-                out["minimum"] = lo
-            if _is_num(hi):
-                out["maximum"] = hi
+        _keep_bounds(flat, out, path, ctx, ("minimum", "maximum"), _is_num, "a finite number")
         for k, word in (("exclusiveMinimum", "greater than {}"), ("exclusiveMaximum", "less than {}"),
                         ("multipleOf", "a multiple of {}")):
             if k in flat:
