@@ -168,14 +168,20 @@ class BridgeState:
 
 
 class ModelListener(WSListener):
+    """One model socket of a call. A call may have several in turn (reconnect, rollover): the
+    runner detaches the old one (`runner = None`) before it opens the next, so nothing from an
+    old socket reaches the call."""
+
     def __init__(self, runner: CallRunner):
-        self.runner = runner
+        self.runner: CallRunner | None = runner
         self.close_code: int | None = None
         self.close_reason = ""
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.TEXT:
-            self.runner.on_model_text(frame.get_payload_as_bytes())
+            runner = self.runner
+            if runner is not None:
+                runner.on_model_text(frame.get_payload_as_bytes())
         elif frame.msg_type == WSMsgType.CLOSE:
             self.close_code = int(frame.get_close_code())
             self.close_reason = frame.get_close_message().decode("utf-8", "replace") if frame.get_close_message() else ""
@@ -183,7 +189,8 @@ class ModelListener(WSListener):
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.runner.on_model_disconnected(self.close_code, self.close_reason)
+        if self.runner is not None:
+            self.runner.on_model_disconnected(self.close_code, self.close_reason)
 
 
 class CallRunner:
@@ -191,6 +198,8 @@ class CallRunner:
         self.state = state
         self.twilio = twilio
         self.model: WSTransport | None = None
+        self._model_listener: ModelListener | None = None
+        self._connecting: asyncio.Task | None = None
         self.call = Call(state.records, log=log, metrics=state.metrics, admit_start=state.admit_start)
         self.task: asyncio.Task | None = None
         self.ended = asyncio.Event()
@@ -227,7 +236,7 @@ class CallRunner:
             self._fail("model event")
 
     def on_model_disconnected(self, code: int | None, reason: str) -> None:
-        self.model = None
+        self.model, self._model_listener = None, None
         try:
             self.call.on_model_closed(code, reason)
             self.pump()
@@ -280,7 +289,10 @@ class CallRunner:
                 if self.task is None:
                     self.task = loop.create_task(self.run(effect.start), name=f"call:{self.call.call_sid}")
             elif kind is ConnectModel:
-                self._start_side_task(self._connect_model(), "model connect")
+                self._drop_model()  # a reconnect or rollover: the old socket is closed, not heard from again
+                if self._connecting is not None:
+                    self._connecting.cancel()  # one model connection attempt at a time
+                self._connecting = self._start_side_task(self._connect_model(effect.delay_s, effect.timeout_s), "model connect")
             elif kind is StartRecording:
                 self._recording = loop.create_task(self._start_recording(effect.account_sid, effect.call_sid))
             elif kind is LoadBackground:
@@ -293,7 +305,7 @@ class CallRunner:
         if tools:
             self._dispatch_tools(tools)
 
-    def _start_side_task(self, coro, where: str) -> None:
+    def _start_side_task(self, coro, where: str) -> asyncio.Task:
         """Set-up work of this call (model socket, background sound): ends with the call, and an
         unexpected failure ends this call only."""
 
@@ -308,6 +320,7 @@ class CallRunner:
         task = asyncio.get_running_loop().create_task(guarded())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def run(self, start: tw.Start) -> None:
         call = self.call
@@ -322,10 +335,7 @@ class CallRunner:
                 task.cancel()  # set-up work and webhooks nobody is waiting for any more
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            model, self.model = self.model, None
-            if model is not None:
-                model.send_close(WSCloseCode.OK)
-                model.disconnect()
+            self._drop_model()
             end = call.end
             if end is not None and end.next_action.get("verb") == "dial" and self.state.drain is not None:
                 # The <Connect action> request may reach another instance: make the transfer
@@ -355,23 +365,35 @@ class CallRunner:
             call.on_setup(setup)
         self.pump()
 
-    async def _connect_model(self) -> None:
+    def _drop_model(self) -> None:
+        listener, self._model_listener = self._model_listener, None
+        model, self.model = self.model, None
+        if listener is not None:
+            listener.runner = None
+        if model is not None:
+            model.send_close(WSCloseCode.OK)
+            model.disconnect()
+
+    async def _connect_model(self, delay_s: float = 0.0, timeout_s: float | None = None) -> None:
         call, config = self.call, self.state.config
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        timeout_s = min(timeout_s or config.model_connect_timeout_s, config.model_connect_timeout_s)
         url, headers = call.backend.connect_target(config.openai_realtime_url, config.openai_realtime_model,
                                                    config.openai_api_key)
         try:
-            transport, _listener = await asyncio.wait_for(
+            transport, listener = await asyncio.wait_for(
                 ws_connect(
                     lambda: ModelListener(self),
                     url,
                     extra_headers=headers,
-                    websocket_handshake_timeout=config.model_connect_timeout_s,
+                    websocket_handshake_timeout=timeout_s,
                     max_frame_size=16 * 1024 * 1024,
                     # A socket that stays open but goes dead: picows pings after 5 s without a
                     # frame and disconnects (-> on_model_closed) if no pong comes within 5 s.
                     enable_auto_ping=True, auto_ping_idle_timeout=5, auto_ping_reply_timeout=5,
                 ),
-                config.model_connect_timeout_s,
+                timeout_s,
             )
         except WSHandshakeError as exc:
             status = int(exc.response.status) if exc.response is not None else None
@@ -385,10 +407,11 @@ class CallRunner:
             self.pump()
             return
         if call.end is not None:  # the caller hung up while we were connecting
+            listener.runner = None
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
             return
-        self.model = transport
+        self.model, self._model_listener = transport, listener
         self.state.model_health = {"ok": True, "at": _now_ms(), "detail": "connected"}
         call.on_model_connected()
         self.pump()

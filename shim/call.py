@@ -57,6 +57,7 @@ from shim_tools.results import NO_RESULT, ToolOutcome, async_outcome, tool_messa
 
 from .openai_realtime import OpenAIRealtime, counter_ids
 from .end_policy import EndPolicy, HangUp, SayGoodbye
+from .model_link import ATTEMPT_TIMEOUT_S, RECOVERY_LINE_AFTER_S, GiveUp, ModelLink
 from .tool_batch import (  # noqa: F401  (transfer_action: part of this module's interface)
     BACKSTOP_S,
     DEFAULT_TIMEOUT_S,
@@ -66,7 +67,7 @@ from .tool_batch import (  # noqa: F401  (transfer_action: part of this module's
     transfer_action,
     transfer_message,
 )
-from .playback import AssistantItem, Playback  # noqa: F401  (AssistantItem: part of this module's interface)
+from .playback import AssistantItem, Playback, heard_text  # noqa: F401  (AssistantItem, heard_text: part of this module's interface)
 from .response_scheduler import ResponseScheduler
 from .tool_schema import ToolBinding
 from .translate import CallSetup
@@ -86,6 +87,11 @@ HANG_AFTER_S = 5.0  # no reply this long after the caller stopped: Vapi's `hang`
 # gone (Realtime streams deltas every few hundred ms); treated as a loss of the model.
 MODEL_STALL_S = 10.0
 SAY_EXACTLY = 'Say exactly the following words, word for word, and nothing else: "{text}"'
+# After a new model session picked up the conversation (the old one was lost mid-call):
+RESUME_CUT_OFF = ("The phone line dropped for a moment while you were speaking; the conversation above "
+                  "ends where the caller stopped hearing you. {apology}Continue naturally from there.")
+RESUME_AFTER_GAP = ("The phone line dropped for a few seconds. Briefly tell the caller the line broke up "
+                    "and ask them to go on; do not repeat yourself.")
 
 
 class RecordSink(Protocol):
@@ -97,12 +103,14 @@ class Metrics(Protocol):
     def barge_in(self) -> None: ...
     def model_error(self) -> None: ...
     def turn_latency(self, seconds: float) -> None: ...
+    def model_session(self, outcome: str) -> None: ...
 
 
 class NoMetrics:
     def barge_in(self) -> None: ...
     def model_error(self) -> None: ...
     def turn_latency(self, seconds: float) -> None: ...
+    def model_session(self, outcome: str) -> None: ...
 
 
 class AudioMixer(Protocol):
@@ -114,6 +122,7 @@ class Phase(Enum):
     RESOLVING = "resolving"  # `start` received; the shell is loading the assistant
     CONFIGURING = "configuring"  # model socket opening, session.update not yet acknowledged
     LIVE = "live"
+    RESUMING = "resuming"  # a new model session is being opened (lost socket, rollover); caller audio waits
     ENDED = "ended"
 
 
@@ -132,20 +141,6 @@ class BargeInGate:
     item_id: str
     need_ms: float
     voiced_ms: float = 0.0
-
-
-def heard_text(text: str, heard_bytes: int, total_bytes: int) -> str:
-    """Best estimate of the words the caller heard: the share of the text proportional to the
-    audio played, cut back to a word boundary (a half-heard word is not counted)."""
-    if total_bytes <= 0 or heard_bytes <= 0 or not text:
-        return ""
-    if heard_bytes >= total_bytes:
-        return text
-    cut = int(len(text) * heard_bytes / total_bytes)
-    if cut < len(text) and not text[cut].isspace():
-        space = text.rfind(" ", 0, cut)
-        cut = space if space >= 0 else 0
-    return text[:cut].rstrip()
 
 
 class Call:
@@ -212,6 +207,7 @@ class Call:
         # The model's input-audio timeline (ms of caller audio appended) -> Twilio's stream clock
         # (media.timestamp): offsets change only where Twilio's clock jumped past a gap.
         self._input_ms = 0.0
+        self._session_input_ms = 0.0  # _input_ms when the current model session began (its time 0)
         self._offset_ms: float | None = None
         self._breaks_at: list[float] = []
         self._breaks_offset: list[float] = []
@@ -230,6 +226,9 @@ class Call:
         self._last_delay_message = -1e9
         self._tool_seq = 0
         self._mixer: AudioMixer | None = None  # background sound, once the shell has loaded it
+        self._link = ModelLink(rng)  # when to open a new model session (lost socket, time limit)
+        self._dropped_response: str | None = None  # generating when the model session was lost
+        self._caller_speaking = False
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -407,8 +406,8 @@ class Call:
             self._append_audio(payload, timestamp_ms)
             if self._gate is not None:
                 self._gate_frame(payload)
-        elif self.phase is Phase.CONFIGURING or self.phase is Phase.RESOLVING:
-            self._early_audio.append((payload, timestamp_ms))
+        elif self.phase is Phase.RESUMING or self.phase is Phase.CONFIGURING or self.phase is Phase.RESOLVING:
+            self._early_audio.append((payload, timestamp_ms))  # bounded: the oldest goes first
 
     def _append_audio(self, payload: str, timestamp_ms: int) -> None:
         offset = timestamp_ms - self._input_ms
@@ -431,7 +430,7 @@ class Call:
         """Caller keypresses reach the model as Vapi presents them ("User's Keypad Entry: 123")
         when keypadInputPlan is enabled; Vapi drops them otherwise, and so does the shim."""
         self.record_event("dtmf", digit=digit)
-        if self.keypad is None or self.phase is not Phase.LIVE:
+        if self.keypad is None or (self.phase is not Phase.LIVE and self.phase is not Phase.RESUMING):
             return
         entry = self.keypad.press(digit, self.clock())
         if entry:
@@ -457,6 +456,8 @@ class Call:
         self.log.info("model_connected")
 
     def on_model_connect_failed(self, status: int | None, detail: str) -> None:
+        if self.end is not None:
+            return
         self.metrics.model_error()
         self.record_event("model_connect_failed", status=status, detail=detail[:300])
         self.log.error("model_connect_failed", status=status, detail=detail[:300])
@@ -465,7 +466,13 @@ class Call:
             403: "pipeline-error-openai-403-model-access-denied",
             429: "pipeline-error-openai-429-rate-limit-reached",
         }.get(status or 0, "pipeline-error-openai-llm-failed")
-        self._finish(reason, {"verb": "hangup", "say": APOLOGY})
+        now = self.clock()
+        if self._link.outage:  # a reconnect attempt failed: another, or the apology
+            decision = self._link.connect_failed(now, status, f"HTTP {status}" if status else detail[:120])
+        else:  # the call's first connection: retried the same way (the caller waits for the greeting)
+            decision = self._link.lost(now, f"HTTP {status}" if status else detail[:120],
+                                       recoverable=status not in (401, 403))
+        self._reconnect_or_give_up(decision, reason)
 
     def on_model_closed(self, code: int | None, reason: str) -> None:
         if self.end is not None:
@@ -473,7 +480,79 @@ class Call:
         self.metrics.model_error()
         self.record_event("model_socket_closed", code=code, reason=reason[:300])
         self.log.error("model_socket_closed", code=code, reason=reason[:300])
-        self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
+        self._model_lost(f"close {code}" if code is not None else "connection lost",
+                         recoverable=ModelLink.recoverable_close(code))
+
+    def _model_lost(self, cause: str, *, recoverable: bool = True) -> None:
+        """The model session is gone mid-call: open a new one and carry the conversation over
+        (the backend re-sends it), keeping the Twilio stream up; or, beyond the bounded window
+        and attempts, the spoken apology and an orderly end."""
+        if self.phase is not Phase.LIVE and self.phase is not Phase.RESUMING:
+            # Before the first session was ready there is no conversation to save.
+            self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
+            return
+        decision = self._link.lost(self.clock(), cause, recoverable=recoverable)
+        if self.phase is Phase.LIVE and type(decision) is not GiveUp:
+            self._suspend()
+        self._reconnect_or_give_up(decision)
+
+    def _reconnect_or_give_up(self, decision: Any, reason: str = "pipeline-error-openai-llm-failed") -> None:
+        if type(decision) is GiveUp:
+            if self._link.outage:
+                self.metrics.model_session("abandoned")
+                self.record_event("model_reconnect_abandoned", why=decision.why)
+                self.log.error("model_reconnect_abandoned", why=decision.why)
+            self._finish(reason, {"verb": "hangup", "say": APOLOGY})
+            return
+        self.record_event("model_reconnecting", attempt=decision.attempt, delay_ms=int(decision.delay_s * 1000),
+                          cause=self._link.cause)
+        self.log.warning("model_reconnecting", attempt=decision.attempt, delay_ms=int(decision.delay_s * 1000),
+                         cause=self._link.cause)
+        self.effects.append(ConnectModel(decision.delay_s, ATTEMPT_TIMEOUT_S))
+
+    def _suspend(self) -> None:
+        """No model session: what was in flight is dropped, requests and caller audio wait."""
+        self.phase = Phase.RESUMING
+        dropped = self._responses.lost()
+        self._dropped_response = dropped
+        if dropped is not None:
+            self._cancelled.add(dropped)  # its audio already at Twilio plays on; nothing more comes
+            for item in list(self._playback.items.values()):
+                if item.response_id == dropped and not item.dropped and not item.done:
+                    item.interrupted = True  # cut off by the model failure, not finished
+                    self._record_item(item)
+            for item in self._playback.response_done(dropped):
+                self._retire(item)
+        self._function_calls = []  # a dropped response's calls are never run (and never were)
+        self._gate = None
+        self._caller_speaking = False
+        self.backend.disconnected()
+
+    def _resumed(self, gap_s: float) -> None:
+        """A new session holds the conversation: requests and the caller's audio go on."""
+        self.phase = Phase.LIVE
+        rollover = self._link.cause == "rollover"
+        self.metrics.model_session("rolled_over" if rollover else "reconnected")
+        self.record_event("model_session_rolled_over" if rollover else "model_reconnected", gap_ms=int(gap_s * 1000))
+        self.log.info("model_session_rolled_over" if rollover else "model_reconnected", gap_ms=int(gap_s * 1000))
+        dropped, self._dropped_response = self._dropped_response, None
+        if dropped is not None:
+            apology = "First say briefly that the line broke up. " if gap_s >= RECOVERY_LINE_AFTER_S else ""
+            self.backend.add_message("system", RESUME_CUT_OFF.format(apology=apology))
+            self._request_response(purpose="resume")
+        elif gap_s >= RECOVERY_LINE_AFTER_S and not rollover:
+            self.backend.add_message("system", RESUME_AFTER_GAP)
+            self._request_response(purpose="resume")
+        self._responses.resume()
+        self._session_input_ms = self._input_ms
+        for payload, timestamp_ms in self._early_audio:
+            self._append_audio(payload, timestamp_ms)
+        self._early_audio.clear()
+
+    def _at_pause(self) -> bool:
+        """Nobody is speaking and nothing is pending: a new session can take over unnoticed."""
+        return (not self._caller_speaking and self._turn_end is None and self._responses.idle
+                and not self._playback.awaiting_marks and self._batch is None and self._ending.pending is None)
 
     def abort(self, reason: str) -> None:
         """End the call for a reason of the shim's own (shutdown, an internal error): the
@@ -509,8 +588,15 @@ class Call:
         self._finish("pipeline-error-openai-400-bad-request-validation-failed", {"verb": "hangup", "say": APOLOGY})
 
     def _on_session_ready(self, event: me.SessionReady) -> None:
+        now = self.clock()
+        lifetime = None if event.expires_at is None else event.expires_at - self._wall_at(now).timestamp()
+        if self.phase is Phase.RESUMING:
+            gap = self._link.session_ready(now, lifetime)
+            self._resumed(gap or 0.0)
+            return
         if self.phase is not Phase.CONFIGURING:
             return
+        self._link.session_ready(now, lifetime)
         self.phase = Phase.LIVE
         self._ending.live(self.clock(), max_duration_s=self.setup.policy.max_duration_s,
                           silence_timeout_s=self.setup.policy.silence_timeout_s)
@@ -532,12 +618,14 @@ class Call:
         """clock() of a point on the model's input-audio timeline (speech_started/stopped)."""
         if not isinstance(audio_ms, (int, float)) or not self._breaks_at:
             return self.clock()
+        audio_ms += self._session_input_ms  # a new session's input timeline starts at 0
         i = max(bisect_right(self._breaks_at, audio_ms) - 1, 0)
         return self._stream_t0 + (audio_ms + self._breaks_offset[i]) / 1000
 
     def _on_speech_started(self, event: me.SpeechStarted) -> None:
         now = self.clock()
         self._ending.activity(now)
+        self._caller_speaking = True
         item_id = event.item_id or f"user_{self._seq + 1}"
         # audio_start_ms includes the prefix padding the server keeps before detected speech
         assert self.setup is not None
@@ -613,6 +701,7 @@ class Call:
     def _on_speech_stopped(self, event: me.SpeechStopped) -> None:
         now = self.clock()
         self._ending.activity(now)
+        self._caller_speaking = False
         assert self.setup is not None
         # audio_end_ms includes the silence window that confirmed the end of the turn.
         ended = self._input_time(event.audio_end_ms) - self.setup.policy.silence_duration_ms / 1000
@@ -1039,7 +1128,9 @@ class Call:
         self.record_event("model_error", code=code, message=event.message, param=event.param)
         self.log.warning("model_error", code=code, message=event.message)
         if event.fatal:
-            self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
+            # session_expired: the session's time limit (a new one continues the call); a
+            # credential error ends it.
+            self._model_lost(f"error {code}", recoverable=code == "session_expired")
         elif self.phase is Phase.CONFIGURING:
             # session.update refused (a voice, a tool schema...): the call cannot be configured.
             self._finish("pipeline-error-openai-400-bad-request-validation-failed", {"verb": "hangup", "say": APOLOGY})
@@ -1069,17 +1160,30 @@ class Call:
             self.record_event("setup_timed_out", phase=self.phase.value)
             self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
             return
-        if self.phase is not Phase.LIVE or self.setup is None:
+        if self.phase is Phase.RESUMING:
+            if self._link.overdue(now):  # a socket opened but no session became ready in time
+                self._reconnect_or_give_up(GiveUp(f"{self._link.cause} (no session ready in time)"))
+                return
+        elif self.phase is not Phase.LIVE or self.setup is None:
             return
-        active = self._responses.active_id
-        if self._model_progress[0] != self.model_events or active is None:
-            self._model_progress = (self.model_events, now)
-        elif now - self._model_progress[1] > MODEL_STALL_S:  # mid-answer, and the model went silent
-            self.metrics.model_error()
-            self.record_event("model_stalled", response_id=active, silent_s=round(now - self._model_progress[1], 1))
-            self.log.error("model_stalled", response_id=active)
-            self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
-            return
+        else:
+            active = self._responses.active_id
+            if self._model_progress[0] != self.model_events or active is None:
+                self._model_progress = (self.model_events, now)
+            elif now - self._model_progress[1] > MODEL_STALL_S:  # mid-answer, and the model went silent
+                self.metrics.model_error()
+                self.record_event("model_stalled", response_id=active, silent_s=round(now - self._model_progress[1], 1))
+                self.log.error("model_stalled", response_id=active)
+                self._model_progress = (self.model_events, now)
+                self._model_lost("stalled")  # the shell closes that socket for the new one
+                if self.end is not None:
+                    return
+            if self.phase is Phase.LIVE and self._link.rollover_due(now, self._at_pause()):
+                # Before the session's time limit, at a pause: a fresh session, invisible to the caller.
+                self.record_event("model_rollover", session_left_s=round((self._link.deadline or now) - now, 1))
+                self._link.rolling_over(now)
+                self._suspend()
+                self.effects.append(ConnectModel(0.0, ATTEMPT_TIMEOUT_S))
         batch = self._batch
         if batch is not None:
             for call_id in batch.overdue(now):  # a webhook task died without answering
@@ -1097,7 +1201,9 @@ class Call:
             # Vapi's `hang`: the caller finished speaking and nothing has come back for a while.
             self._hang_sent_for = self._turn_end
             self._server_message("hang", lambda info, now_ms: envelope.hang_message(info, now_ms))
-        hang_up = self._ending.due(now, assistant_busy=self._playback.awaiting_marks or self._responses.generating)
+        # A caller waiting through a reconnect is not silent on their part: no silence timeout then.
+        hang_up = self._ending.due(now, assistant_busy=self._playback.awaiting_marks or self._responses.generating
+                                   or self.phase is Phase.RESUMING)
         if hang_up is not None:
             self._finish(hang_up.reason, hang_up.next_action)
 

@@ -27,8 +27,12 @@ class ResolveAssistant:
 
 @dataclass(frozen=True, slots=True)
 class ConnectModel:
-    """Open the model socket (URL and headers from Call.backend); report with
-    on_model_connected / on_model_connect_failed."""
+    """Open the model socket (URL and headers from Call.backend) after `delay_s`, closing the
+    call's current one first if it has one (a reconnect or a rollover: frames from the old socket
+    are no longer delivered); report with on_model_connected / on_model_connect_failed."""
+
+    delay_s: float = 0.0
+    timeout_s: float | None = None  # for the handshake; None: the configured MODEL_CONNECT_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)

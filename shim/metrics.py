@@ -26,6 +26,10 @@ class ShimMetrics:
             registry=self.registry,
         )
         self.calls_total = Counter("shim_calls", "Calls handled, by how they ended", ["ended_reason"], registry=self.registry)
+        self._model_sessions = Counter(
+            "shim_model_sessions_replaced",
+            "Model sessions replaced mid-call: reconnected after a loss, rolled over before the time limit, or "
+            "abandoned (the caller heard the apology)", ["outcome"], registry=self.registry)
         self.registry.register(self)
 
     # Call-side hooks (see shim.call.Metrics)
@@ -37,6 +41,9 @@ class ShimMetrics:
 
     def turn_latency(self, seconds: float) -> None:
         self._turn_latency.observe(seconds)
+
+    def model_session(self, outcome: str) -> None:
+        self._model_sessions.labels(outcome).inc()
 
     def call_finished(self, call) -> None:
         self._finished_frames_in += call.frames_in

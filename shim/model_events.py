@@ -15,7 +15,10 @@ from typing import Any, Protocol
 
 @dataclass(slots=True, frozen=True)
 class SessionReady:
-    """The session is configured as asked: caller audio may flow."""
+    """The session is configured as asked: caller audio may flow. `expires_at` (epoch seconds)
+    is when the backend's session ends by itself (OpenAI: 60 minutes), if the backend says."""
+
+    expires_at: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,14 +114,6 @@ class ModelError:
 
 
 @dataclass(slots=True, frozen=True)
-class BackendResumed:
-    """Reserved for reconnect / session rollover inside the backend (see ARCHITECTURE.md):
-    the conversation continues on a new session; anything in flight was dropped."""
-
-    dropped_response_id: str | None = None
-
-
-@dataclass(slots=True, frozen=True)
 class Unhandled:
     """An event this version does not use (forward compatible: logged once per kind)."""
 
@@ -127,7 +122,7 @@ class Unhandled:
 
 ModelEvent = (
     SessionReady | SessionRejected | SpeechStarted | SpeechStopped | UserTranscript | ResponseStarted | AudioDelta
-    | TranscriptDelta | TranscriptDone | FunctionCall | ResponseDone | ModelError | BackendResumed | Unhandled
+    | TranscriptDelta | TranscriptDone | FunctionCall | ResponseDone | ModelError | Unhandled
 )
 
 
@@ -148,9 +143,13 @@ class ModelBackend(Protocol):
     """The one seam between the call and a speech-to-speech model. Sans-I/O: commands queue wire
     frames in `out` (the shell sends them in order), `feed` decodes one frame from the model.
 
-    A backend owns everything about its protocol and connection: how the session is configured
-    (it gets the translation's session config), event ids, which errors are benign, and (later)
-    reconnects and session rollover, reported to the call only as `BackendResumed`."""
+    A backend owns everything about its protocol: how the session is configured (it gets the
+    translation's session config), event ids, which errors are benign, and the conversation as
+    the model holds it, so that a new session (after a lost socket, or before the session's time
+    limit) continues it: `disconnected()` says the socket is gone (queued frames are dropped;
+    commands until the next session only update the conversation), and on the next socket the
+    backend re-sends the configuration and the conversation as text items, then reports
+    `SessionReady` again. When to reconnect is the call's decision (`shim.model_link`)."""
 
     name: str
     out: list[str]
@@ -165,3 +164,4 @@ class ModelBackend(Protocol):
     def add_message(self, role: str, text: str) -> None: ...
     def send_tool_result(self, call_id: str, output: str) -> None: ...
     def feed(self, text: str | bytes, sink: ModelEventSink) -> None: ...
+    def disconnected(self) -> None: ...

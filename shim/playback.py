@@ -36,6 +36,20 @@ class AssistantItem:
         return self.played_bytes >= self.sent_bytes
 
 
+def heard_text(text: str, heard_bytes: int, total_bytes: int) -> str:
+    """Best estimate of the words the caller heard: the share of the text proportional to the
+    audio played, cut back to a word boundary (a half-heard word is not counted)."""
+    if total_bytes <= 0 or heard_bytes <= 0 or not text:
+        return ""
+    if heard_bytes >= total_bytes:
+        return text
+    cut = int(len(text) * heard_bytes / total_bytes)
+    if cut < len(text) and not text[cut].isspace():
+        space = text.rfind(" ", 0, cut)
+        cut = space if space >= 0 else 0
+    return text[:cut].rstrip()
+
+
 class Playback:
     __slots__ = ("items", "_marks", "_counter", "free_at")
 

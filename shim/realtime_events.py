@@ -81,6 +81,12 @@ def item_create_message(role: str, text: str, event_id: str) -> str:
                   "item": {"type": "message", "role": role, "content": [{"type": content_type, "text": text}]}})
 
 
+def item_create_function_call(call_id: str, name: str, arguments: str, event_id: str) -> str:
+    """A function call the model made on an earlier session (replayed into a new one)."""
+    return dumps({"type": "conversation.item.create", "event_id": event_id,
+                  "item": {"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments}})
+
+
 def function_call_output(call_id: str, output: str, event_id: str) -> str:
     return dumps({"type": "conversation.item.create", "event_id": event_id,
                   "item": {"type": "function_call_output", "call_id": call_id, "output": output}})
@@ -91,7 +97,10 @@ def function_call_output(call_id: str, output: str, event_id: str) -> str:
 
 @dataclass(slots=True, frozen=True)
 class SessionCreated:
-    """The socket's session exists: the adapter answers with `session.update` (not for the call)."""
+    """The socket's session exists: the adapter answers with `session.update` (not for the call).
+    `expires_at`: epoch seconds at which the server ends the session (60 minutes on OpenAI)."""
+
+    expires_at: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -219,6 +228,12 @@ def _error(msg: dict, kind: str) -> ModelError | CancelNotActive:
     )
 
 
+def _session_created(msg: dict, kind: str) -> SessionCreated:
+    session = msg.get("session")
+    expires = session.get("expires_at") if type(session) is dict else None
+    return SessionCreated(float(expires) if type(expires) in (int, float) and expires > 0 else None)
+
+
 def _session_updated(msg: dict, kind: str) -> SessionUpdated:
     session = msg.get("session")
     if type(session) is not dict:
@@ -228,7 +243,7 @@ def _session_updated(msg: dict, kind: str) -> SessionUpdated:
 
 _PARSERS = {
     "response.output_audio.delta": _audio_delta,
-    "session.created": lambda msg, kind: SessionCreated(),
+    "session.created": _session_created,
     "session.updated": _session_updated,
     "input_audio_buffer.speech_started": _speech_started,
     "input_audio_buffer.speech_stopped": _speech_stopped,

@@ -35,6 +35,7 @@ class Ev(Enum):
     UNANSWERED = "unanswered"  # our request was never answered: dropped
     DONE_ACTIVE = "done active"  # the active response finished
     DONE_OTHER = "done other"  # some other response finished (e.g. a cancelled one): no change
+    LOST = "lost"  # the model session is gone: the active response with it; ours in flight is asked again
 
 
 S, E = RState, Ev
@@ -58,6 +59,10 @@ TRANSITIONS: dict[tuple[RState, Ev], RState] = {
     (S.ACTIVE_REQUESTED, E.UNANSWERED): S.ACTIVE,
     (S.ACTIVE_REQUESTED, E.DONE_ACTIVE): S.REQUESTED,
     (S.ACTIVE_REQUESTED, E.DONE_OTHER): S.ACTIVE_REQUESTED,
+    (S.IDLE, E.LOST): S.IDLE,
+    (S.REQUESTED, E.LOST): S.IDLE,
+    (S.ACTIVE, E.LOST): S.IDLE,
+    (S.ACTIVE_REQUESTED, E.LOST): S.IDLE,
 }
 
 Request = tuple[str, "str | None", str]  # (request_id, instructions, purpose)
@@ -74,6 +79,7 @@ class ResponseScheduler:
         self._queue: deque[Request] = deque()
         self._in_flight: Request | None = None
         self._in_flight_since = 0.0
+        self.paused = False  # no model session to send to (a reconnect is in progress)
 
     def _go(self, event: Ev) -> None:
         self.state = TRANSITIONS[(self.state, event)]  # a KeyError here is a bug in this module
@@ -93,7 +99,7 @@ class ResponseScheduler:
 
     def pump(self) -> None:
         """Send the head of the queue if nothing is active or in flight."""
-        if self._queue and self.state is RState.IDLE:
+        if self._queue and self.state is RState.IDLE and not self.paused:
             request = self._queue.popleft()
             self._in_flight, self._in_flight_since = request, self._clock()
             self._go(Ev.SEND)
@@ -128,6 +134,27 @@ class ResponseScheduler:
             self._go(Ev.REFUSED)
             self.pump()
         return True
+
+    def lost(self) -> str | None:
+        """The model session is gone: the active response (returned) went with it; a request in
+        flight goes back to the head of the queue; nothing is sent until `resume`."""
+        dropped, self.active_id = self.active_id, None
+        if self._in_flight is not None:
+            self._queue.appendleft(self._in_flight)
+            self._in_flight = None
+        self._go(Ev.LOST)
+        self.paused = True
+        return dropped
+
+    def resume(self) -> None:
+        """A new session is ready: the queued requests go out, in order."""
+        self.paused = False
+        self.pump()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing active, in flight or waiting."""
+        return self.state is RState.IDLE and not self._queue
 
     def check_unanswered(self, now: float) -> bool:
         """Give up a request neither started nor refused for too long; True if one was."""

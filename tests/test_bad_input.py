@@ -17,6 +17,7 @@ from shim import twilio_media as tw
 from shim.assistant import AssistantError, CallContext
 from shim.translate import translate
 
+from shim.call import Phase
 from shim.call_effects import ToolRequest
 
 from .test_call import MINIMAL, Rows, b64, ev, live_call, make_call, media, sent, start_frame, take, twilio
@@ -240,20 +241,23 @@ def test_out_of_order_events_are_survived():
     assert call.end is None
 
 
-def test_a_turn_cut_off_by_a_model_failure_is_stored_as_interrupted():
+@pytest.mark.parametrize("close", [1006, 1008])  # reconnected, or the end of the call
+def test_a_turn_cut_off_by_a_model_failure_is_stored_as_interrupted(close):
     call, rows, _ = live_call()
     call.on_model_text(ev("response.created", response={"id": "r1"}))
     for _ in range(3):
         call.on_model_text(ev("response.output_audio.delta", response_id="r1", item_id="i1", delta=b64(b"\x10" * 800)))
     call.on_model_text(ev("response.output_audio_transcript.delta", item_id="i1", delta="On Saturdays we are"))
-    call.on_model_closed(1006, "")
+    call.on_model_closed(close, "")
+    assert (call.end is None) is (close == 1006)
     turns = [r for r in rows.merged("utterances", ("call_sid", "seq")).values() if r.get("role") == "assistant"]
     assert turns and all(t.get("interrupted") is True for t in turns)
 
 
-def test_a_model_that_goes_silent_mid_answer_ends_the_call_like_a_model_failure():
+def test_a_model_that_goes_silent_mid_answer_is_a_lost_model():
     """The socket stays open but nothing comes: after MODEL_STALL_S without an event while a
-    response is active, the caller hears the apology, the reason and a call_events row are kept."""
+    response is active, the model counts as lost (a call_events row): a new session is opened
+    (the shell closes the silent socket for it), the cut-off turn is stored interrupted."""
     from shim.call import MODEL_STALL_S
 
     call, rows, clock = live_call()
@@ -269,8 +273,10 @@ def test_a_model_that_goes_silent_mid_answer_ends_the_call_like_a_model_failure(
     assert call.end is None  # progress, then less than the deadline of silence
     clock.t += 1.5
     call.tick()
-    assert call.end.reason == "pipeline-error-openai-llm-failed" and call.end.next_action["say"]
-    assert [r["kind"] for t, r in rows.inserts if r["kind"] == "model_stalled"] == ["model_stalled"]
+    assert call.end is None and call.phase is Phase.RESUMING
+    assert call.take_effects()[-1].delay_s == 0  # at once: the first attempt has no delay
+    kinds = [r["kind"] for t, r in rows.inserts]
+    assert kinds.count("model_stalled") == 1 and kinds.index("model_stalled") < kinds.index("model_reconnecting")
     turns = [r for r in rows.merged("utterances", ("call_sid", "seq")).values() if r.get("role") == "assistant"]
     assert turns and all(t.get("interrupted") is True for t in turns)
 

@@ -253,18 +253,91 @@ async def test_model_refusing_the_key_ends_the_call_with_an_apology(tmp_path, db
     assert call["ended_reason"] == "pipeline-error-openai-401-unauthorized"
 
 
-async def test_model_socket_loss_mid_call_hangs_up_and_is_recorded(tmp_path, db_dsn):
-    async with running_shim(tmp_path, db_dsn, script(drop_after_responses=1)) as run:
+async def test_a_lost_model_socket_is_reconnected_and_the_call_goes_on(tmp_path, db_dsn):
+    """The model socket drops (1011) after the greeting: a new connection opens within 1.5 s,
+    is configured with the same session, and the caller's next words reach it and are answered;
+    the Twilio stream stays up and the call row stays open until the caller hangs up."""
+    loop = asyncio.get_running_loop()
+    async with running_shim(tmp_path, db_dsn, script(drop_after_responses=1, faulty_sessions=1)) as run:
         caller = await run.place_call()
-        await caller.send_silence(200)
-        await caller.wait_closed(timeout=15)
+        first = await run.fake.wait_for_session()
+        await keep_line_open(caller, first.closed.wait())
+        lost_at = loop.time()
+        await keep_line_open(caller, run.fake.wait_for_session(2, timeout=5))
+        assert loop.time() - lost_at < 1.5
+        second = run.fake.sessions[1]
+        update = await second.wait_for("session.update")
+        assert update["session"] == first.events_of("session.update")[0]["session"]
+        await second.wait_for("conversation.item.create")
+        replayed = [e["item"] for e in second.events_of("conversation.item.create")]
+        assert [(i["role"], i["content"][0]["text"]) for i in replayed] == [("assistant", GREETING)]
+        await keep_line_open(caller, caller.wait_until_played(timeout=15))
+        heard = len(caller.timeline()[1])
+        appended = len(second.audio_in)
+        await caller.send_audio(load_asset("caller_question"))
+        await keep_line_open(caller, second.wait_sent("response.done", count=1, timeout=15))
+        await keep_line_open(caller, caller.wait_until_played(timeout=15))
+        assert len(second.audio_in) > appended  # the caller's audio reached the new session...
+        assert len(caller.timeline()[1]) > heard  # ...and its answer reached the caller
+        assert not caller.closed
+        row = await fetchrow(db_dsn, "SELECT ended_at FROM calls WHERE call_sid = $1", caller.call_sid)
+        assert row["ended_at"] is None
+        await caller.stop()
+        await run.drain()
+    call = await fetchrow(db_dsn, "SELECT ended_reason FROM calls WHERE call_sid = $1", caller.call_sid)
+    assert call["ended_reason"] == "customer-ended-call"
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        kinds = [r["kind"] for r in await conn.fetch(
+            "SELECT kind FROM call_events WHERE call_sid = $1 AND kind LIKE 'model_%' ORDER BY at, id", caller.call_sid)]
+    finally:
+        await conn.close()
+    # one loss, one attempt, one recovery (rows written in the same tick may share a timestamp)
+    assert sorted(kinds) == ["model_reconnected", "model_reconnecting", "model_socket_closed"]
+    assert run.fake.validation_errors == []
+
+
+async def test_a_model_that_cannot_be_reached_again_ends_the_call_with_the_apology(tmp_path, db_dsn):
+    refused = frozenset(range(2, 50))  # every connection after the first is refused (HTTP 503)
+    async with running_shim(tmp_path, db_dsn, script(drop_after_responses=1, refuse_connections=refused)) as run:
+        caller = await run.place_call()
+        await keep_line_open(caller, caller.wait_closed(timeout=15))
         response = await run.twilio_post("/twilio/stream-ended", {"CallSid": caller.call_sid})
         await run.drain()
+        attempts = run.fake.connections_attempted
     assert "<Say>" in response.text
+    assert 2 < attempts <= 8  # bounded
     call = await fetchrow(db_dsn, "SELECT ended_reason FROM calls WHERE call_sid = $1", caller.call_sid)
     assert call["ended_reason"] == "pipeline-error-openai-llm-failed"
-    event = await fetchrow(db_dsn, "SELECT kind FROM call_events WHERE call_sid = $1 AND kind = 'model_socket_closed'", caller.call_sid)
+    event = await fetchrow(db_dsn, "SELECT kind FROM call_events WHERE call_sid = $1 AND kind = 'model_reconnect_abandoned'", caller.call_sid)
     assert event is not None
+
+
+async def test_a_session_at_its_time_limit_is_rolled_over_at_a_pause(tmp_path, db_dsn):
+    """The stand-in's sessions last 8 s (the API's: 60 minutes): the shim replaces the session at
+    a pause before the limit, and the caller's next turn is answered on the new one."""
+    async with running_shim(tmp_path, db_dsn, script(session_max_s=8.0)) as run:
+        caller = await run.place_call()
+        first = await run.fake.wait_for_session()
+        await keep_line_open(caller, caller.wait_until_played(timeout=15))
+        await keep_line_open(caller, run.fake.wait_for_session(2, timeout=12))
+        second = run.fake.sessions[1]
+        await first.closed.wait()
+        await second.wait_for("session.update")
+        await caller.send_audio(load_asset("caller_question"))
+        await keep_line_open(caller, second.wait_sent("response.done", count=1, timeout=15))
+        assert not caller.closed
+        await caller.stop()
+        await run.drain()
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        kinds = [r["kind"] for r in await conn.fetch(
+            "SELECT kind FROM call_events WHERE call_sid = $1 AND kind LIKE 'model_%' ORDER BY at, id", caller.call_sid)]
+    finally:
+        await conn.close()
+    assert sorted(kinds) == ["model_rollover", "model_session_rolled_over"]  # before the cap: no socket lost
+    call = await fetchrow(db_dsn, "SELECT ended_reason FROM calls WHERE call_sid = $1", caller.call_sid)
+    assert call["ended_reason"] == "customer-ended-call"
 
 
 async def test_numbers_route_calls_and_unknown_numbers_get_an_apology(tmp_path, db_dsn):

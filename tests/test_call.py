@@ -318,10 +318,11 @@ def test_unknown_assistant_ends_with_apology():
     assert call.end.reason == "assistant-not-found" and call.end.next_action["say"]
 
 
-def test_model_socket_loss_ends_call_and_is_recorded():
+def test_model_socket_closed_for_good_ends_call_and_is_recorded():
     call, rows, _ = live_call()
-    call.on_model_closed(1011, "boom")
+    call.on_model_closed(1008, "policy violation")  # not a close worth a reconnect
     assert call.end.reason == "pipeline-error-openai-llm-failed"
+    assert call.end.next_action["say"]  # the spoken apology, never silence
     assert any(t == "call_events" and r["kind"] == "model_socket_closed" for t, r in rows.inserts)
 
 

@@ -123,6 +123,7 @@ def test_adapter_swallows_a_late_cancel_and_reports_malformed_frames():
 
 def test_adapter_commands_are_realtime_client_events_with_injected_ids():
     backend = OpenAIRealtime(counter_ids("e"))
+    backend.feed(ev("session.created", session={}), Sink())  # the socket's session exists
     backend.append_audio("AAAA")
     backend.create_response("req_1", "Say hi", "greeting")
     backend.cancel_response("r1")

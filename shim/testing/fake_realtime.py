@@ -111,6 +111,14 @@ class Script:
     stall_after_responses: int | None = None
     """The response after this many completed ones sends two chunks, then nothing: the socket stays
     open and answers pings (a model that went silent mid-answer)."""
+    faulty_sessions: int | None = None
+    """Only the first this many sessions drop or stall as above (None: every session), so a
+    reconnected session behaves."""
+    session_max_s: float | None = None
+    """The session's time limit (the API's is 60 minutes): announced in session.expires_at, and
+    the socket is closed with 1001 when it is reached, as the API does."""
+    refuse_connections: frozenset[int] = frozenset()
+    """Connection attempts (1-based, counted over the server's life) answered with HTTP 503."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,7 +420,7 @@ class FakeSession:
             "tracing": None,
             "truncation": "auto",
             "prompt": None,
-            "expires_at": int(time.time()) + 3600,
+            "expires_at": int(time.time() + (server.script.session_max_s or 3600)),
             "audio": {
                 "input": {
                     "format": {"type": "audio/pcm", "rate": 24000},
@@ -436,6 +444,9 @@ class FakeSession:
         self._reply_index = 0
         self._transcript_index = 0
         self._responses_completed = 0
+        self.number = len(server.sessions) + 1  # 1-based, in the order sessions were accepted
+        faulty = server.script.faulty_sessions
+        self.faulty = faulty is None or self.number <= faulty
         self._audio_output_started = False
         self._tokens_in_context = 0
 
@@ -481,6 +492,10 @@ class FakeSession:
         """Drop the connection (fault injection)."""
         await self._ws.close(code, reason)
 
+    def reset(self) -> None:
+        """Drop the TCP connection without a close frame (a reset, a network drop: 1006)."""
+        self._ws.transport.abort()
+
     # ---- connection lifecycle ---------------------------------------------------------
 
     async def run(self) -> None:
@@ -494,6 +509,8 @@ class FakeSession:
                 await self._ws.close(4000, "invalid_request_error.beta_api_shape_disabled")
                 return
             await self.send({"type": "session.created", "session": self.session})
+            if self._script.session_max_s is not None:
+                self._spawn_expiry(self._script.session_max_s)
             async for message in self._ws:
                 await self._on_message(message)
                 await asyncio.sleep(0)  # a burst of client events must not starve a running response
@@ -506,6 +523,16 @@ class FakeSession:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             self.closed.set()
             self._changes.notify()
+
+    def _spawn_expiry(self, after_s: float) -> None:
+        async def expire() -> None:
+            await asyncio.sleep(after_s)
+            # What the GA API does at its 60-minute cap (observed): a close 1001 with this reason.
+            await self._ws.close(1001, "Your session hit the maximum duration of 60 minutes.")
+
+        task = asyncio.get_running_loop().create_task(expire())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _on_message(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
@@ -754,6 +781,13 @@ class FakeSession:
             raise _ClientError(
                 "invalid_value", f"Item with id '{item['id']}' already exists.", "item.id", invalid=False
             )
+        if item.get("type") == "function_call_output" and not any(
+            i.get("type") == "function_call" and i.get("call_id") == item.get("call_id") for i in self._items.values()
+        ):
+            # The API checks that the call being answered exists in this session's conversation
+            # (https://github.com/livekit/agents/issues/3344: code invalid_tool_call_id).
+            raise _ClientError("invalid_tool_call_id", f"Tool call ID '{item.get('call_id')}' not found in conversation.",
+                               None, invalid=False)
         previous = raw.get("previous_item_id")
         if previous not in (None, "root"):
             self._find_item(previous)
@@ -920,6 +954,7 @@ class FakeSession:
         if (
             self._script.drop_after_responses is not None
             and self._responses_completed >= self._script.drop_after_responses
+            and self.faulty
         ):
             await self._ws.close(1011, "Internal server error")  # model socket loss
 
@@ -1002,7 +1037,7 @@ class FakeSession:
                 if r.cancel.is_set():
                     break
                 stall = self._script.stall_after_responses
-                if stall is not None and i == 2 and self._responses_completed >= stall:
+                if stall is not None and i == 2 and self._responses_completed >= stall and self.faulty:
                     await r.cancel.wait()  # silent until the response is cancelled or the socket closes
                     break
                 piece = r.text[round(i * len(r.text) / n_chunks) : round((i + 1) * len(r.text) / n_chunks)]
@@ -1140,6 +1175,8 @@ class FakeRealtime:
         self.connections_attempted += 1
         if urlsplit(request.path).path.rstrip("/") != "/v1/realtime":
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+        if self.connections_attempted in self.script.refuse_connections:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Service Unavailable\n")
         key = self.script.require_api_key
         if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
             body = {
