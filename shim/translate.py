@@ -321,6 +321,16 @@ def translate(
     except ToolSchemaError as exc:
         raise AssistantError(getattr(exc, "path", "model.tools"), getattr(exc, "value", None), str(exc)) from None
     r.findings.extend(tool_findings)
+    # Requests go to http(s) URLs only (tools/egress.py refuses the rest when the call makes them):
+    # say so when the assistant is read, not first in the middle of a call.
+    urls = [(f"{path}.server.url", t.get("server", {}).get("url")) for path, t in tool_inputs
+            if isinstance(t, dict) and isinstance(t.get("server"), dict)]
+    urls += [(f"{path}.url", t.get("url")) for path, t in tool_inputs if isinstance(t, dict) and t.get("type") == "apiRequest"]
+    urls += [("server.url", r.get("server.url", str, None)), ("serverUrl", r.get("serverUrl", str, None))]
+    for path, url in urls:
+        if isinstance(url, str) and url and not re.match(r"^https?://", url, re.IGNORECASE):
+            r.findings.append(Finding(path, "unsupported", f"{url.split(':', 1)[0]!r}: only http(s) URLs are called; "
+                                                           "requests to this one are refused"))
     if r.has("model.tools"):
         r.note("model.tools")
     if r.has("model.toolIds"):

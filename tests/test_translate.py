@@ -219,3 +219,16 @@ def test_odd_but_valid_assistants_never_raise_and_stay_valid(fields, prompt):
                  **fields}
     setup = translate("x", assistant, CTX, model="gpt-realtime-2.1")
     assert_valid_session(setup.session)
+
+
+def test_a_tool_or_server_url_that_is_not_http_is_reported_when_the_assistant_is_read():
+    assistant = load(FIXTURES / "minimal.assistant.json")
+    assistant["server"] = {"url": "ftp://user:secret@hooks.example/vapi"}
+    assistant["model"]["tools"] = [
+        {"type": "function", "function": {"name": "lookup"}, "server": {"url": "file:///etc/passwd"}},
+        {"type": "function", "function": {"name": "fine"}, "server": {"url": "https://hooks.example/ok"}},
+    ]
+    setup = translate("min", assistant, CTX, model="gpt-realtime-2.1")
+    bad = {f.path: f.detail for f in setup.findings if "only http(s)" in f.detail}
+    assert set(bad) == {"server.url", "model.tools[0].server.url"}
+    assert all("secret" not in detail for detail in bad.values())  # only the scheme is named
