@@ -451,6 +451,8 @@ def dial_twiml(action: dict[str, Any], *, fallback_caller_id: str) -> VoiceRespo
     configured or the shim's own number, ringing until answered; if nobody answers, a short
     apology rather than dead air."""
     vr = VoiceResponse()
+    if action.get("say"):  # e.g. a fallback transfer after a model failure: tell the caller why they wait
+        vr.say(action["say"])
     dial = vr.dial(caller_id=action.get("callerId") or fallback_caller_id or None, answer_on_bridge=True, timeout=60)
     if action.get("sip"):
         uri = action["sip"]

@@ -354,15 +354,17 @@ class CallRunner:
 
     async def _resolve(self, start: tw.Start) -> None:
         call = self.call
+        fallback = None
         if self.state.number_lookup is not None:
             number = await self.state.number_lookup(start.custom_parameters.get("to", ""))
             self.number_server_url = (number or {}).get("server_url")
+            fallback = (number or {}).get("fallback_destination")
         try:
             setup = await self.state.resolve_setup(start)
         except AssistantError as exc:
             call.on_setup_failed(exc)
         else:
-            call.on_setup(setup)
+            call.on_setup(setup, fallback)
         self.pump()
 
     def _drop_model(self) -> None:

@@ -75,6 +75,7 @@ from .translate import CallSetup
 # Caller audio that arrives before the model session is configured waits here (20 ms frames).
 MAX_EARLY_FRAMES = 500  # 10 s
 APOLOGY = "Sorry, we are having technical difficulties. Please call again later."
+FALLBACK_SAY = "Sorry, we are having technical difficulties. Please hold while I transfer your call."
 # Caller audio louder than this (16-bit RMS, about -36 dBFS) counts as voice for the barge-in
 # gate; PSTN echo of the assistant and room noise usually sit well below it.
 VOICE_RMS = 500
@@ -229,6 +230,7 @@ class Call:
         self._link = ModelLink(rng)  # when to open a new model session (lost socket, time limit)
         self._dropped_response: str | None = None  # generating when the model session was lost
         self._caller_speaking = False
+        self._fallback: dict[str, Any] | None = None
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -277,7 +279,7 @@ class Call:
         self.effects.append(CallEnded(self.end))
         if not self.call_sid:
             return
-        failed = action.get("say") == APOLOGY  # a failure, not a goodbye: the turn in progress was cut off
+        failed = action.get("say") in (APOLOGY, FALLBACK_SAY)  # a failure, not a goodbye: the turn in progress was cut off
         for item in self._playback.items.values():
             if failed and not item.dropped and (not item.done or item.played_bytes < item.sent_bytes):
                 item.interrupted = True
@@ -361,11 +363,14 @@ class Call:
         self.phase = Phase.RESOLVING  # caller audio waits while the shell loads the assistant
         self.effects.append(ResolveAssistant(start))
 
-    def on_setup(self, setup: CallSetup) -> None:
-        """The assistant is loaded and translated: open the model connection."""
+    def on_setup(self, setup: CallSetup, fallback_destination: dict[str, Any] | None = None) -> None:
+        """The assistant is loaded and translated: open the model connection. The number's
+        fallback destination (Vapi's fallbackDestination), if any, is where the caller goes when
+        the model cannot be reached again."""
         if self.phase is not Phase.RESOLVING:
             return
         self.setup = setup
+        self._fallback = fallback_destination
         assert self.start is not None
         params = self.start.custom_parameters
         self.info = envelope.CallInfo(
@@ -502,7 +507,12 @@ class Call:
                 self.metrics.model_session("abandoned")
                 self.record_event("model_reconnect_abandoned", why=decision.why)
                 self.log.error("model_reconnect_abandoned", why=decision.why)
-            self._finish(reason, {"verb": "hangup", "say": APOLOGY})
+            if self._fallback is not None:  # the number's fallback destination: a person, not a hang-up
+                action = dict(transfer_action(self._fallback, self._template_variables()), say=FALLBACK_SAY)
+                self.records.upsert("calls", {"call_sid": self.call_sid, "transfer": action})
+                self._finish(reason, action)
+            else:
+                self._finish(reason, {"verb": "hangup", "say": APOLOGY})
             return
         self.record_event("model_reconnecting", attempt=decision.attempt, delay_ms=int(decision.delay_s * 1000),
                           cause=self._link.cause)

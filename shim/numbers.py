@@ -249,6 +249,7 @@ class Route:
     split_percent: int = 100
     redirect_url: str | None = None  # the recorded previous Voice URL (Vapi)
     redirect_method: str = "POST"
+    fallback_destination: dict[str, Any] | None = None  # Vapi's phoneNumber.fallbackDestination
 
     def on_shim(self, caller: str) -> bool:
         if not self.redirect_url:  # nowhere else to send the caller
@@ -256,13 +257,14 @@ class Route:
         return answers_on_shim(self.number, caller, self.split_percent)
 
     def as_number(self) -> dict[str, Any]:
-        return {"assistant_id": self.assistant_id, "server_url": self.server_url}
+        return {"assistant_id": self.assistant_id, "server_url": self.server_url,
+                "fallback_destination": self.fallback_destination}
 
     def to_json(self) -> dict[str, Any]:
         return {
             "number": self.number, "assistant_id": self.assistant_id, "server_url": self.server_url,
             "split_percent": self.split_percent, "redirect_url": self.redirect_url,
-            "redirect_method": self.redirect_method,
+            "redirect_method": self.redirect_method, "fallback_destination": self.fallback_destination,
         }
 
     @classmethod
@@ -271,6 +273,7 @@ class Route:
             number=str(data["number"]), assistant_id=data.get("assistant_id"), server_url=data.get("server_url"),
             split_percent=int(data.get("split_percent", 100)), redirect_url=data.get("redirect_url"),
             redirect_method=str(data.get("redirect_method") or "POST"),
+            fallback_destination=_destination(data.get("fallback_destination")),
         )
 
     @classmethod
@@ -291,7 +294,30 @@ class Route:
             split_percent=int(row["split_percent"] if row["split_percent"] is not None else 100),
             redirect_url=url if isinstance(url, str) and url else None,
             redirect_method=method.upper() if isinstance(method, str) and method else "POST",
+            fallback_destination=_destination(row["fallback_destination"] if "fallback_destination" in row.keys() else None),
         )
+
+
+def _destination(value: Any) -> dict[str, Any] | None:
+    """A stored fallbackDestination, if it is one (jsonb has no schema: a hand-edited value that
+    names no number or SIP URI means no fallback, not a failure)."""
+    if isinstance(value, (str, bytes)):
+        import orjson
+
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return None
+    if isinstance(value, dict) and (isinstance(value.get("number"), str) or isinstance(value.get("sipUri"), str)):
+        return value
+    return None
+
+
+def fallback_number(raw: str) -> dict[str, Any] | None:
+    """`--fallback-number`: an E.164 number as Vapi's destination shape; "none" clears it."""
+    if raw.lower() == "none":
+        return None
+    return {"type": "number", "number": check_e164(raw)}
 
 
 # --- presentation -----------------------------------------------------------------------------

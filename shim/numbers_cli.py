@@ -30,6 +30,7 @@ from .numbers import (
     check_e164,
     check_percent,
     describe_changes,
+    fallback_number,
     plan_migrate,
     points_to,
     redact_url,
@@ -64,6 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     nsub = numbers.add_subparsers(dest="numbers_command", required=True)
 
+    def fallback(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--fallback-number", metavar="E164",
+                       help="Vapi's fallbackDestination: where callers are transferred when the model cannot be reached "
+                            "again mid-call (instead of the apology and a hang-up); 'none' clears it; kept when omitted")
+
     def actor(p: argparse.ArgumentParser) -> None:
         p.add_argument("--actor", help="who is making the change, for the audit trail (default: the OS user)")
 
@@ -72,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     who = nset.add_mutually_exclusive_group(required=True)
     who.add_argument("--assistant", help="assistant id (SHIM_ASSISTANTS_DIR/<id>.json)")
     who.add_argument("--server-url", help="ask this server with Vapi's assistant-request on every call")
+    fallback(nset)
     actor(nset)
 
     nlist = nsub.add_parser("list", help="every number on the Twilio account: where its Voice URL points, its assistant and split")
@@ -81,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mig.add_argument("number")
     mig.add_argument("--assistant", required=True, help="assistant id that answers the number (SHIM_ASSISTANTS_DIR/<id>.json)")
     mig.add_argument("--dry-run", action="store_true", help="print the before/after and change nothing")
+    fallback(mig)
     actor(mig)
 
     rb = nsub.add_parser("rollback", help="restore NUMBER's recorded Twilio voice settings (back to Vapi)")
@@ -219,6 +227,23 @@ async def _find_on_account(api, number: str):
     return found
 
 
+_KEEP = object()  # --fallback-number not given: the stored one stays
+
+
+def _fallback(args) -> Any:
+    raw = getattr(args, "fallback_number", None)
+    if raw is None:
+        return _KEEP
+    try:
+        return fallback_number(raw)
+    except NumberInputError as exc:
+        raise usage(f"--fallback-number: {exc}") from None
+
+
+def _jsonb(value: Any) -> str | None:
+    return orjson.dumps(value).decode() if isinstance(value, dict) else None
+
+
 # --- set --------------------------------------------------------------------------------------
 
 
@@ -228,17 +253,24 @@ async def cmd_set(args, config: Config) -> int:
         _check_assistant(config, args.assistant)  # as migrate: an id the voice webhook would refuse is refused here
     elif not re.match(r"^https?://[^\s]+$", args.server_url):
         raise usage(f"--server-url {args.server_url!r}: expected an http(s) URL")
+    fallback = _fallback(args)
     async with _database(config) as conn:
         async with conn.transaction():
             old = await _row(conn, number)
             await conn.execute(
-                """INSERT INTO numbers (number, assistant_id, server_url, updated_at) VALUES ($1, $2, $3, now())
+                """INSERT INTO numbers (number, assistant_id, server_url, fallback_destination, updated_at)
+                   VALUES ($1, $2, $3, $4::jsonb, now())
                    ON CONFLICT (number) DO UPDATE SET assistant_id = EXCLUDED.assistant_id,
-                       server_url = EXCLUDED.server_url, updated_at = now()""",
-                number, args.assistant, args.server_url,
+                       server_url = EXCLUDED.server_url, updated_at = now(),
+                       fallback_destination = CASE WHEN $5 THEN EXCLUDED.fallback_destination
+                                                   ELSE numbers.fallback_destination END""",
+                number, args.assistant, args.server_url, _jsonb(fallback), fallback is not _KEEP,
             )
             before = {"assistant_id": old["assistant_id"], "server_url": old["server_url"]} if old else None
-            await _audit(conn, number, "set", before, {"assistant_id": args.assistant, "server_url": args.server_url}, _actor(args))
+            after = {"assistant_id": args.assistant, "server_url": args.server_url}
+            if fallback is not _KEEP:
+                after["fallback_destination"] = fallback
+            await _audit(conn, number, "set", before, after, _actor(args))
         await _refresh_snapshot(conn, config)
     _out(f"{number} -> {args.assistant or 'assistant-request ' + redact_url(args.server_url)}")
     return OK
@@ -326,6 +358,7 @@ async def cmd_migrate(args, config: Config) -> int:
 
     number = check_e164(args.number)
     _check_assistant(config, args.assistant)
+    fallback = _fallback(args)  # checked before anything changes
     api = _twilio(config)
     await _check_deployment(config)
     if not config.public_base.startswith("https://"):
@@ -362,11 +395,14 @@ async def cmd_migrate(args, config: Config) -> int:
         # 1. Record what rollback will restore, and open the audit row, before Twilio changes.
         async with conn.transaction():
             await conn.execute(
-                """INSERT INTO numbers (number, assistant_id, previous_settings, twilio_sid, updated_at)
-                   VALUES ($1, $2, $3::jsonb, $4, now())
+                """INSERT INTO numbers (number, assistant_id, previous_settings, twilio_sid, fallback_destination, updated_at)
+                   VALUES ($1, $2, $3::jsonb, $4, $5::jsonb, now())
                    ON CONFLICT (number) DO UPDATE SET assistant_id = EXCLUDED.assistant_id,
-                       previous_settings = EXCLUDED.previous_settings, twilio_sid = EXCLUDED.twilio_sid, updated_at = now()""",
+                       previous_settings = EXCLUDED.previous_settings, twilio_sid = EXCLUDED.twilio_sid, updated_at = now(),
+                       fallback_destination = CASE WHEN $6 THEN EXCLUDED.fallback_destination
+                                                   ELSE numbers.fallback_destination END""",
                 number, args.assistant, orjson.dumps(plan.previous.to_json()).decode(), pn.sid,
+                _jsonb(fallback), fallback is not _KEEP,
             )
             change_id = await _audit(conn, number, "migrate", before, after, actor, outcome="pending")
         # 2. Twilio.

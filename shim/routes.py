@@ -29,7 +29,7 @@ FULL_READ_S = 30.0  # between polls only the version (a digest of the rows) is r
 QUERY_TIMEOUT_S = 3.0
 MISS_TIMEOUT_S = 1.0  # a number not in the table: how long the webhook may ask Postgres
 CHANNEL = "shim_numbers"
-_COLUMNS = "number, assistant_id, server_url, split_percent, previous_settings"
+_COLUMNS = "number, assistant_id, server_url, split_percent, previous_settings, fallback_destination"
 # The table's version: a digest of every row, computed by Postgres (32 bytes on the wire). Not
 # (count, max(updated_at)): an edit in SQL that leaves updated_at alone, or a transaction that
 # commits after a later one (its now() is older), would not move that for FULL_READ_S.

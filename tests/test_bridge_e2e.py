@@ -376,3 +376,22 @@ async def test_shutdown_ends_live_calls_with_an_apology_and_keeps_their_rows(tmp
     assert call["ended_reason"] == "worker-shutdown"
     rows = await utterances(db_dsn, caller.call_sid)
     assert rows and rows[0]["role"] == "assistant"
+
+
+async def test_a_number_with_a_fallback_destination_is_transferred_when_the_model_is_gone(tmp_path, db_dsn):
+    refused = frozenset(range(2, 50))
+    async with running_shim(tmp_path, db_dsn, script(drop_after_responses=1, refuse_connections=refused),
+                            default_assistant="") as run:
+        conn = await asyncpg.connect(db_dsn)
+        await conn.execute("INSERT INTO numbers (number, assistant_id, fallback_destination) VALUES ($1, 'demo', $2::jsonb)",
+                           SHIM_NUMBER, '{"type": "number", "number": "+15557654321"}')
+        await conn.close()
+        await asyncio.sleep(0.5)  # NOTIFY reaches the routing table
+        caller = await run.place_call()
+        await keep_line_open(caller, caller.wait_closed(timeout=15))
+        response = await run.twilio_post("/twilio/stream-ended", {"CallSid": caller.call_sid, "To": SHIM_NUMBER})
+        await run.drain()
+    assert "<Say>" in response.text and "transfer" in response.text
+    assert "<Dial" in response.text and "+15557654321</Number>" in response.text
+    call = await fetchrow(db_dsn, "SELECT ended_reason, transfer FROM calls WHERE call_sid = $1", caller.call_sid)
+    assert call["ended_reason"] == "pipeline-error-openai-llm-failed" and "+15557654321" in call["transfer"]

@@ -384,6 +384,19 @@ async def test_list_pages_through_the_account_and_says_where_each_number_points(
         set_history = (await s.cli("history", "+15550008888", "--json")).lines()
         assert [(c["action"], c["before"], c["after"]) for c in set_history] == [
             ("set", None, {"assistant_id": "demo", "server_url": None})]
+        # --fallback-number: checked before anything changes, kept when omitted, cleared with 'none'
+        bad = await s.cli("set", "+15550008888", "--assistant", "demo", "--fallback-number", "555-1234")
+        assert bad.code == 2 and "--fallback-number" in bad.err and "E.164" in bad.err
+        assert (await s.cli("set", "+15550008888", "--assistant", "demo", "--fallback-number", "+15557654321")).code == 0
+        assert (await s.cli("set", "+15550008888", "--assistant", "demo")).code == 0
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            kept = await conn.fetchval("SELECT fallback_destination FROM numbers WHERE number = '+15550008888'")
+            assert orjson.loads(kept) == {"type": "number", "number": "+15557654321"}
+            assert (await s.cli("set", "+15550008888", "--assistant", "demo", "--fallback-number", "none")).code == 0
+            assert await conn.fetchval("SELECT fallback_destination FROM numbers WHERE number = '+15550008888'") is None
+        finally:
+            await conn.close()
 
         table = await s.cli("list")
         header, rule, *lines = table.out.splitlines()

@@ -429,3 +429,25 @@ def test_replaced_sessions_are_counted_in_metrics():
     value = metrics.registry.get_sample_value
     assert value("shim_model_sessions_replaced_total", {"outcome": "reconnected"}) == 1
     assert value("shim_model_sessions_replaced_total", {"outcome": "abandoned"}) == 1
+
+
+def test_a_number_with_a_fallback_destination_transfers_instead_of_hanging_up():
+    from shim.call_effects import ResolveAssistant
+
+    from .test_call import _SHELL, make_call, start_frame
+
+    call, rows, clock = make_call(WAITS)
+    call.on_twilio_text(start_frame())
+    (resolve_effect,) = [e for e in call.take_effects() if type(e) is ResolveAssistant]
+    resolve = _SHELL[call][0]
+    call.on_setup(resolve(resolve_effect.start), {"type": "number", "number": "+15557654321"})
+    call.on_model_text(ev("session.created", session={}))
+    call.on_model_text(ev("session.updated", session=PCMU))
+    call.on_model_closed(1006, "")
+    while call.end is None:
+        clock.t += 1
+        call.on_model_connect_failed(503, "HTTP 503")
+    assert call.end.reason == "pipeline-error-openai-llm-failed"
+    assert call.end.next_action["verb"] == "dial" and call.end.next_action["number"] == "+15557654321"
+    assert "transfer" in call.end.next_action["say"]
+    assert rows.merged("calls", ["call_sid"])[("CA1",)]["transfer"]["number"] == "+15557654321"
