@@ -174,8 +174,20 @@ class ModelListener(WSListener):
 
     def __init__(self, runner: CallRunner):
         self.runner: CallRunner | None = runner
+        self.transport: WSTransport | None = None
         self.close_code: int | None = None
         self.close_reason = ""
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def abandon(self) -> None:
+        """This socket is not the call's (replaced, or its connect failed or was cancelled after
+        the handshake went through): nothing more from it reaches the call, and it is closed."""
+        self.runner = None
+        if self.transport is not None:
+            self.transport.send_close(WSCloseCode.OK)
+            self.transport.disconnect()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.TEXT:
@@ -190,7 +202,7 @@ class ModelListener(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.runner is not None:
-            self.runner.on_model_disconnected(self.close_code, self.close_reason)
+            self.runner.on_model_disconnected(self, self.close_code, self.close_reason)
 
 
 class CallRunner:
@@ -200,6 +212,7 @@ class CallRunner:
         self.model: WSTransport | None = None
         self._model_listener: ModelListener | None = None
         self._connecting: asyncio.Task | None = None
+        self._pending_listener: ModelListener | None = None  # the socket being opened
         self.call = Call(state.records, log=log, metrics=state.metrics, admit_start=state.admit_start)
         self.task: asyncio.Task | None = None
         self.ended = asyncio.Event()
@@ -235,7 +248,9 @@ class CallRunner:
         except Exception:
             self._fail("model event")
 
-    def on_model_disconnected(self, code: int | None, reason: str) -> None:
+    def on_model_disconnected(self, listener: ModelListener, code: int | None, reason: str) -> None:
+        if listener is not self._model_listener:
+            return  # a socket being opened (its connect reports the failure) or one already replaced
         self.model, self._model_listener = None, None
         try:
             self.call.on_model_closed(code, reason)
@@ -370,11 +385,18 @@ class CallRunner:
     def _drop_model(self) -> None:
         listener, self._model_listener = self._model_listener, None
         model, self.model = self.model, None
-        if listener is not None:
-            listener.runner = None
-        if model is not None:
+        for old in (listener, self._pending_listener):
+            if old is not None:
+                old.abandon()
+        self._pending_listener = None
+        if model is not None and listener is None:
             model.send_close(WSCloseCode.OK)
             model.disconnect()
+
+    def _abandon_pending(self) -> None:
+        listener, self._pending_listener = self._pending_listener, None
+        if listener is not None:
+            listener.abandon()
 
     async def _connect_model(self, delay_s: float = 0.0, timeout_s: float | None = None) -> None:
         call, config = self.call, self.state.config
@@ -383,10 +405,15 @@ class CallRunner:
         timeout_s = min(timeout_s or config.model_connect_timeout_s, config.model_connect_timeout_s)
         url, headers = call.backend.connect_target(config.openai_realtime_url, config.openai_realtime_model,
                                                    config.openai_api_key)
+
+        def listener_factory() -> ModelListener:
+            self._pending_listener = ModelListener(self)
+            return self._pending_listener
+
         try:
             transport, listener = await asyncio.wait_for(
                 ws_connect(
-                    lambda: ModelListener(self),
+                    listener_factory,
                     url,
                     extra_headers=headers,
                     websocket_handshake_timeout=timeout_s,
@@ -397,21 +424,25 @@ class CallRunner:
                 ),
                 timeout_s,
             )
+        except asyncio.CancelledError:
+            self._abandon_pending()
+            raise
         except WSHandshakeError as exc:
+            self._abandon_pending()
             status = int(exc.response.status) if exc.response is not None else None
             self.state.model_health = {"ok": False, "at": _now_ms(), "detail": f"HTTP {status}"}
             call.on_model_connect_failed(status, str(exc))
             self.pump()
             return
         except (OSError, TimeoutError) as exc:
+            self._abandon_pending()
             self.state.model_health = {"ok": False, "at": _now_ms(), "detail": type(exc).__name__}
             call.on_model_connect_failed(None, f"{type(exc).__name__}: {exc}")
             self.pump()
             return
+        self._pending_listener = None
         if call.end is not None:  # the caller hung up while we were connecting
-            listener.runner = None
-            transport.send_close(WSCloseCode.OK)
-            transport.disconnect()
+            listener.abandon()
             return
         self.model, self._model_listener = transport, listener
         self.state.model_health = {"ok": True, "at": _now_ms(), "detail": "connected"}

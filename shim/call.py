@@ -91,6 +91,10 @@ SAY_EXACTLY = 'Say exactly the following words, word for word, and nothing else:
 # After a new model session picked up the conversation (the old one was lost mid-call):
 RESUME_CUT_OFF = ("The phone line dropped for a moment while you were speaking; the conversation above "
                   "ends where the caller stopped hearing you. {apology}Continue naturally from there.")
+RESUME_AFTER_ROLLOVER = "Continue naturally from where the conversation above ends."
+PAUSE_S = 1.0  # a rollover waits for this long without the caller's voice starting or stopping
+VOICED_HELD_MS = 200  # the caller said something while the model was away
+RECENT_AUDIO_FRAMES = 1500  # 30 s of 20 ms caller frames: a turn cut by a lost session is sent again
 RESUME_AFTER_GAP = ("The phone line dropped for a few seconds. Briefly tell the caller the line broke up "
                     "and ask them to go on; do not repeat yourself.")
 
@@ -142,6 +146,20 @@ class BargeInGate:
     item_id: str
     need_ms: float
     voiced_ms: float = 0.0
+
+
+def voiced_ms(frames: list[tuple[str, int]]) -> float:
+    """How much of held caller audio is voice (the barge-in gate's loudness rule); decodes, so
+    only for the audio held during a reconnect, never per live frame."""
+    total = 0.0
+    for payload, _ in frames:
+        try:
+            pcm = audioop.ulaw2lin(base64.b64decode(payload), 2)
+        except (ValueError, TypeError):
+            continue
+        if audioop.rms(pcm, 2) >= VOICE_RMS:
+            total += len(pcm) / 16
+    return total
 
 
 class Call:
@@ -229,7 +247,13 @@ class Call:
         self._mixer: AudioMixer | None = None  # background sound, once the shell has loaded it
         self._link = ModelLink(rng)  # when to open a new model session (lost socket, time limit)
         self._dropped_response: str | None = None  # generating when the model session was lost
+        self._reply_on_resume = False  # the caller's last turn is transcribed but was never answered
         self._caller_speaking = False
+        self._last_speech_event = self._mono0
+        self._turn_onset_ms = 0.0  # where the caller's current turn began on the call's input timeline
+        # the caller's recent audio, with where it sits on the input timeline (a turn in flight when
+        # the model session is lost is sent again to the new one)
+        self._recent_audio: deque[tuple[float, str, int]] = deque(maxlen=RECENT_AUDIO_FRAMES)
         self._fallback: dict[str, Any] | None = None
 
     # --- helpers -----------------------------------------------------------------------
@@ -421,6 +445,7 @@ class Call:
             if len(self._breaks_at) < 10_000:
                 self._breaks_at.append(self._input_ms)
                 self._breaks_offset.append(offset)
+        self._recent_audio.append((self._input_ms, payload, timestamp_ms))
         self._input_ms += tw.b64_decoded_len(payload) / tw.MULAW_BYTES_PER_MS
         self.backend.append_audio(payload)
 
@@ -492,13 +517,15 @@ class Call:
         """The model session is gone mid-call: open a new one and carry the conversation over
         (the backend re-sends it), keeping the Twilio stream up; or, beyond the bounded window
         and attempts, the spoken apology and an orderly end."""
-        if self.phase is not Phase.LIVE and self.phase is not Phase.RESUMING:
-            # Before the first session was ready there is no conversation to save.
+        if self.phase is not Phase.LIVE and self.phase is not Phase.RESUMING and self.phase is not Phase.CONFIGURING:
             self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
             return
         decision = self._link.lost(self.clock(), cause, recoverable=recoverable)
-        if self.phase is Phase.LIVE and type(decision) is not GiveUp:
-            self._suspend()
+        if type(decision) is not GiveUp:
+            if self.phase is Phase.LIVE:
+                self._suspend()
+            else:  # lost again before the new session was ready, or before the first one was
+                self.backend.disconnected()
         self._reconnect_or_give_up(decision)
 
     def _reconnect_or_give_up(self, decision: Any, reason: str = "pipeline-error-openai-llm-failed") -> None:
@@ -535,6 +562,21 @@ class Call:
                 self._retire(item)
         self._function_calls = []  # a dropped response's calls are never run (and never were)
         self._gate = None
+        # The caller's turn in flight (speaking, or waiting for a reply whose words the model had
+        # not transcribed yet) lived in the lost session's input buffer: it is sent again, first.
+        in_flight = self._caller_speaking or self._turn_end is not None
+        self._reply_on_resume = False
+        if in_flight and self._user_turns:
+            self._early_audio.extendleft(reversed([
+                (payload, ts) for at_ms, payload, ts in self._recent_audio if at_ms >= self._turn_onset_ms - 300]))
+            self._turn_end = None  # the new session's voice detection places the turn again
+        elif self._turn_end is not None and dropped is None:
+            self._reply_on_resume = True  # its words are in the conversation: ask for the reply
+        for item_id in self._user_turns:
+            self.backend.delete_item(item_id)  # their words will not come from the lost session
+        self._user_turns.clear()
+        self._ignored_turns.clear()
+        self._noise_items, self._noise_reply_until = [], 0.0
         self._caller_speaking = False
         self.backend.disconnected()
 
@@ -546,22 +588,36 @@ class Call:
         self.record_event("model_session_rolled_over" if rollover else "model_reconnected", gap_ms=int(gap_s * 1000))
         self.log.info("model_session_rolled_over" if rollover else "model_reconnected", gap_ms=int(gap_s * 1000))
         dropped, self._dropped_response = self._dropped_response, None
-        if dropped is not None:
-            apology = "First say briefly that the line broke up. " if gap_s >= RECOVERY_LINE_AFTER_S else ""
-            self.backend.add_message("system", RESUME_CUT_OFF.format(apology=apology))
-            self._request_response(purpose="resume")
-        elif gap_s >= RECOVERY_LINE_AFTER_S and not rollover:
-            self.backend.add_message("system", RESUME_AFTER_GAP)
-            self._request_response(purpose="resume")
-        self._responses.resume()
+        self._ending.postpone(gap_s)
+        # The held caller audio goes first (the new session's input timeline starts at 0 here).
         self._session_input_ms = self._input_ms
-        for payload, timestamp_ms in self._early_audio:
-            self._append_audio(payload, timestamp_ms)
+        held = list(self._early_audio)
         self._early_audio.clear()
+        for payload, timestamp_ms in held:
+            self._append_audio(payload, timestamp_ms)
+        # What to say now. The caller's own words come first: if they spoke during the gap, the
+        # model answers them (its voice detection finds the turn in the held audio), nothing else.
+        note = None
+        if voiced_ms(held) >= VOICED_HELD_MS or self._ending.pending is not None:
+            pass
+        elif dropped is not None:
+            apology = "First say briefly that the line broke up. " if gap_s >= RECOVERY_LINE_AFTER_S and not rollover else ""
+            note = RESUME_AFTER_ROLLOVER if rollover else RESUME_CUT_OFF.format(apology=apology)
+        elif self._reply_on_resume:
+            self._responses.request_first(self._new_id(), None, "reply")
+        elif gap_s >= RECOVERY_LINE_AFTER_S and not rollover:
+            note = RESUME_AFTER_GAP
+        if note is not None:
+            # for this session only: a later replay must not carry it
+            self.backend.add_message("system", note, remember=False)
+            self._responses.request_first(self._new_id(), None, "resume")
+        self._reply_on_resume = False
+        self._responses.resume()
 
     def _at_pause(self) -> bool:
         """Nobody is speaking and nothing is pending: a new session can take over unnoticed."""
-        return (not self._caller_speaking and self._turn_end is None and self._responses.idle
+        return (not self._caller_speaking and self._turn_end is None and not self._user_turns
+                and self.clock() - self._last_speech_event >= PAUSE_S and self._responses.idle
                 and not self._playback.awaiting_marks and self._batch is None and self._ending.pending is None)
 
     def abort(self, reason: str) -> None:
@@ -590,7 +646,7 @@ class Call:
             self.log.debug("model_event_unhandled", kind=event.kind)  # once per kind and call
 
     def _on_session_rejected(self, event: me.SessionRejected) -> None:
-        if self.phase is not Phase.CONFIGURING:
+        if self.phase is not Phase.CONFIGURING and self.phase is not Phase.RESUMING:
             return
         # e.g. relaying μ-law into a PCM session would play static to the caller: end cleanly.
         self.record_event("session_format_mismatch", formats=event.formats)
@@ -636,6 +692,8 @@ class Call:
         now = self.clock()
         self._ending.activity(now)
         self._caller_speaking = True
+        self._last_speech_event = now
+        self._turn_onset_ms = self._session_input_ms + (event.audio_start_ms or 0)
         item_id = event.item_id or f"user_{self._seq + 1}"
         # audio_start_ms includes the prefix padding the server keeps before detected speech
         assert self.setup is not None
@@ -712,6 +770,7 @@ class Call:
         now = self.clock()
         self._ending.activity(now)
         self._caller_speaking = False
+        self._last_speech_event = now
         assert self.setup is not None
         # audio_end_ms includes the silence window that confirmed the end of the turn.
         ended = self._input_time(event.audio_end_ms) - self.setup.policy.silence_duration_ms / 1000
@@ -1211,9 +1270,9 @@ class Call:
             # Vapi's `hang`: the caller finished speaking and nothing has come back for a while.
             self._hang_sent_for = self._turn_end
             self._server_message("hang", lambda info, now_ms: envelope.hang_message(info, now_ms))
-        # A caller waiting through a reconnect is not silent on their part: no silence timeout then.
-        hang_up = self._ending.due(now, assistant_busy=self._playback.awaiting_marks or self._responses.generating
-                                   or self.phase is Phase.RESUMING)
+        if self.phase is Phase.RESUMING:
+            return  # a caller waiting through a reconnect is not silent, and a goodbye waits for the model
+        hang_up = self._ending.due(now, assistant_busy=self._playback.awaiting_marks or self._responses.generating)
         if hang_up is not None:
             self._finish(hang_up.reason, hang_up.next_action)
 

@@ -81,6 +81,11 @@ class EndPolicy:
             return HangUp(pending.reason, pending.next_action)
         return None
 
+    def postpone(self, seconds: float) -> None:
+        """The model was away this long (a reconnect): a pending end's deadline moves with it."""
+        if self.pending is not None:
+            self.pending.deadline += seconds
+
     def goodbye_started(self) -> None:
         if self.pending is not None:
             self.pending.awaiting_goodbye = False

@@ -30,6 +30,7 @@ MAX_LOSSES = 3
 LOSS_WINDOW_S = 300.0
 RECOVERY_LINE_AFTER_S = 2.0  # a gap this long is acknowledged to the caller
 DEFAULT_SESSION_S = 3600.0  # when the backend does not say when its session ends
+MIN_SESSION_S = 5.0
 ROLLOVER_LEAD_S = 300.0  # look for a pause this long before the session's end...
 ROLLOVER_FORCE_S = 15.0  # ...and roll over regardless this close to it
 
@@ -107,6 +108,7 @@ class ModelLink:
     def session_ready(self, now: float, lifetime_s: float | None) -> float | None:
         """A session is ready; returns the length of the gap if one was being recovered."""
         lifetime = lifetime_s if lifetime_s is not None and lifetime_s > 0 else DEFAULT_SESSION_S
+        lifetime = max(lifetime, MIN_SESSION_S)  # a skewed clock must not turn into a rollover loop
         self.deadline = now + lifetime
         # Short sessions (a stand-in's, or a provider's) scale the lead times down.
         self._lead_s = min(ROLLOVER_LEAD_S, lifetime / 4)

@@ -45,6 +45,10 @@ PCMU = "audio/pcmu"
 REPLAY_VERBATIM_CHARS = 24_000
 REPLAY_CONDENSED_CHARS = 6_000
 CONDENSED_LINE_CHARS = 160
+REPLAY_ITEM_CHARS = 4_000
+# An answer cut off mid-generation: its transcript runs ahead of its audio, so the words kept are
+# those the audio sent can hold at a brisk speaking rate (about 16 characters a second).
+CHARS_PER_AUDIO_MS = 0.016
 
 
 @dataclass(slots=True)
@@ -85,36 +89,42 @@ class Conversation:
         if turn.role != "assistant":
             return turn.text
         full = turn.text if turn.parts is None else "".join(turn.parts)
+        generated = self.audio_bytes.get(key, 0)
+        if turn.parts is not None and turn.heard_ms is None:  # no final transcript: cut off
+            said = int(generated / 8 * CHARS_PER_AUDIO_MS)
+            return full if said >= len(full) else heard_text(full, said, len(full))
         if turn.heard_ms is None:
             return full
-        return heard_text(full, turn.heard_ms * 8, self.audio_bytes.get(key, 0))
+        return heard_text(full, turn.heard_ms * 8, generated)
 
     def replay(self) -> list[Turn]:
         """The items to re-create on a new session: everything if short, else the newest items
-        verbatim and the older ones condensed into one leading system message."""
-        items = [(key, turn, self.text_of(key, turn)) for key, turn in self.turns.items()]
-        items = [(k, t, text) for k, t, text in items if text or t.role in ("function_call", "function_call_output")]
-        kept: list[Turn] = []
-        budget = REPLAY_VERBATIM_CHARS
-        cut = len(items)
-        for i in range(len(items) - 1, -1, -1):
-            key, turn, text = items[i]
+        verbatim (each capped) and the older ones condensed into one leading system message."""
+        items = [(turn, _capped(self.text_of(key, turn))) for key, turn in self.turns.items()]
+        items = [(t, text) for t, text in items if text or t.role in ("function_call", "function_call_output")]
+        budget, cut = REPLAY_VERBATIM_CHARS, len(items)
+        while cut > 0:
+            turn, text = items[cut - 1]
             size = len(text) + len(turn.name)
             if size > budget:
                 break
             budget -= size
-            cut = i
-            kept.append(Turn(turn.role, text, call_id=turn.call_id, name=turn.name))
-        kept.reverse()
-        # A function result whose call was condensed away cannot stand alone (the API checks
-        # that the call it answers is in the conversation): it is condensed with its call.
-        calls = {t.call_id for t in kept if t.role == "function_call"}
-        kept = [t for t in kept if t.role != "function_call_output" or t.call_id in calls]
+            cut -= 1
+        # A kept function result needs its call in the conversation (the API checks): the cut
+        # moves back to include the call.
+        kept_calls = {t.call_id for t, _ in items[cut:] if t.role == "function_call"}
+        for turn, _ in items[cut:]:
+            if turn.role == "function_call_output" and turn.call_id not in kept_calls:
+                cut = max((i for i, (t, _) in enumerate(items[:cut]) if t.role == "function_call" and t.call_id == turn.call_id),
+                          default=cut)
+        calls = {t.call_id for t, _ in items[cut:] if t.role == "function_call"}
+        kept = [Turn(t.role, text, call_id=t.call_id, name=t.name) for t, text in items[cut:]
+                if t.role != "function_call_output" or t.call_id in calls]
         if cut == 0:
             return kept
         lines: list[str] = []
         size = 0
-        for key, turn, text in reversed(items[:cut]):
+        for turn, text in reversed(items[:cut]):
             who = {"user": "Caller", "assistant": "You", "system": "Note"}.get(turn.role, "Tool")
             body = f"{turn.name}({text})" if turn.role == "function_call" else text
             line = f"{who}: {body}"[:CONDENSED_LINE_CHARS]
@@ -125,6 +135,11 @@ class Conversation:
         lines.reverse()
         summary = "Earlier in this call (condensed):\n" + "\n".join(lines)
         return [Turn("system", summary), *kept]
+
+
+def _capped(text: str) -> str:
+    """One replayed item at most REPLAY_ITEM_CHARS (a 1 MB tool answer must not crowd out the call)."""
+    return text if len(text) <= REPLAY_ITEM_CHARS else text[:REPLAY_ITEM_CHARS] + " …(cut)"
 
 
 def counter_ids(prefix: str = "shim_") -> Callable[[], str]:
@@ -192,8 +207,10 @@ class OpenAIRealtime:
         if self._created and item_id not in self._stale:
             self.out.append(rt.item_delete(item_id, self._new_id()))
 
-    def add_message(self, role: str, text: str) -> None:
-        self.conversation.add(Turn(role, text))
+    def add_message(self, role: str, text: str, remember: bool = True) -> None:
+        """`remember=False`: for this session only (e.g. a note about a reconnect), not replayed."""
+        if remember:
+            self.conversation.add(Turn(role, text))
         if self._created:
             self.out.append(rt.item_create_message(role, text, self._new_id()))
 

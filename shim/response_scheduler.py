@@ -97,6 +97,11 @@ class ResponseScheduler:
         self._queue.append((request_id, instructions, purpose))
         self.pump()
 
+    def request_first(self, request_id: str, instructions: str | None, purpose: str) -> None:
+        """A request that goes before those waiting (e.g. continuing an answer a lost session cut off)."""
+        self._queue.appendleft((request_id, instructions, purpose))
+        self.pump()
+
     def pump(self) -> None:
         """Send the head of the queue if nothing is active or in flight."""
         if self._queue and self.state is RState.IDLE and not self.paused:

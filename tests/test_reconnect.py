@@ -286,6 +286,9 @@ def test_rollover_waits_for_a_pause_then_swaps_the_session_invisibly():
     assert connects(call) == []  # the answer is still playing at Twilio
     twilio(call, mark("1"))
     call.tick()
+    assert connects(call) == []  # the caller stopped less than a second ago: they may go on
+    clock.t += 1.0
+    call.tick()
     (connect,) = connects(call)
     assert connect.delay_s == 0 and call.phase is Phase.RESUMING and "model_rollover" in kinds(rows)
     frames = new_session(call, expires_at=WALL0 + (clock.t - 1000.0) + 40)
@@ -451,3 +454,151 @@ def test_a_number_with_a_fallback_destination_transfers_instead_of_hanging_up():
     assert call.end.next_action["verb"] == "dial" and call.end.next_action["number"] == "+15557654321"
     assert "transfer" in call.end.next_action["say"]
     assert rows.merged("calls", ["call_sid"])[("CA1",)]["transfer"]["number"] == "+15557654321"
+
+
+# --- what a review found (each a regression test) -------------------------------------------------
+
+
+def loud(n: int = 160) -> bytes:
+    """μ-law bytes of a loud tone (well above the barge-in gate's loudness)."""
+    import audioop
+
+    pcm = b"".join(int(8000 * (1 if (i // 8) % 2 else -1)).to_bytes(2, "little", signed=True) for i in range(n))
+    return audioop.lin2ulaw(pcm, 2)
+
+
+def test_lost_again_before_the_new_session_is_ready_sends_nothing_early_or_twice():
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}},
+            "server": {"url": "https://tools.example/hook"}}
+    call, rows, clock = live_call(dict(WAITS, model=dict(MINIMAL["model"], tools=[tool])))
+    sent(call)
+    call.on_model_text(ev("response.created", response={"id": "r1"}))
+    call.on_model_text(ev("response.output_item.done", response_id="r1", output_index=0, item={
+        "id": "f1", "type": "function_call", "status": "completed", "call_id": "call_1", "name": "lookup", "arguments": "{}"}))
+    call.on_model_text(ev("response.done", response={"id": "r1", "status": "completed"}))
+    call.on_model_closed(1006, "")
+    new_session(call)  # created (the replay went out)...
+    call.on_model_closed(1006, "")  # ...and lost again before session.updated
+    from shim_tools.results import ToolOutcome
+
+    call.on_tool_outcome(ToolOutcome("call_1", "ok", "open", None, None, None, 200))
+    assert sent(call) == []  # nothing for a socket that does not exist
+    frames = new_session(call)
+    outputs = [f for f in frames if f["type"] == "conversation.item.create" and f["item"]["type"] == "function_call_output"]
+    calls = [f for f in frames if f["type"] == "conversation.item.create" and f["item"]["type"] == "function_call"]
+    assert len(outputs) == len(calls) == 1 and frames.index(calls[0]) < frames.index(outputs[0])
+
+
+def test_what_the_caller_said_during_the_gap_comes_first_and_is_answered_not_talked_over():
+    call, rows, clock = live_call(WAITS)
+    sent(call)
+    call.on_model_text(ev("response.created", response={"id": "r1"}))
+    call.on_model_text(ev("response.output_audio.delta", response_id="r1", item_id="a1", delta=b64(b"\x10" * 800)))
+    call.on_model_closed(1011, "")
+    for i in range(20):  # 400 ms of voice while the model is away
+        twilio(call, media(loud(), ts=20 * i))
+    new_session(call)
+    clock.t += 3  # a long gap, and a cut-off answer: but the caller spoke, so neither is mentioned
+    frames = ready(call)
+    assert [f["type"] for f in frames] == ["input_audio_buffer.append"] * 20
+
+
+def test_a_caller_turn_cut_by_the_loss_mid_utterance_is_sent_again_from_its_start():
+    call, rows, clock = live_call(WAITS)
+    for i in range(100):  # 2 s of audio: silence, then the caller starts at 1 s
+        twilio(call, media(loud() if i >= 50 else b"\xff" * 160, ts=20 * i))
+    sent(call)
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=1000, item_id="u1"))
+    call.on_model_closed(1006, "")
+    new_session(call)
+    appends = [f for f in ready(call) if f["type"] == "input_audio_buffer.append"]
+    assert len(appends) == 65  # from 300 ms before the onset (the server's prefix padding) to the loss
+    assert appends[15]["audio"] == b64(loud())
+
+
+def test_a_transcribed_turn_the_lost_session_never_answered_is_answered_by_the_new_one():
+    call, rows, clock = live_call(WAITS)
+    sent(call)
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u1"))
+    call.on_model_text(ev("input_audio_buffer.speech_stopped", audio_end_ms=900, item_id="u1"))
+    call.on_model_text(ev("conversation.item.input_audio_transcription.completed", item_id="u1", content_index=0,
+                          transcript="Are you open today?"))
+    call.on_model_closed(1006, "")
+    items = new_session(call)[1:]
+    assert [i["item"]["content"][0]["text"] for i in items] == ["Are you open today?"]
+    frames = ready(call)
+    assert [f["response"]["metadata"]["purpose"] for f in frames if f["type"] == "response.create"] == ["reply"]
+
+
+def test_noise_judged_before_the_loss_does_not_cancel_a_real_reply_after_it():
+    call, rows, clock = live_call(dict(WAITS, stopSpeakingPlan={"voiceSeconds": 0.5}))
+    sent(call)
+    call.on_model_text(ev("response.created", response={"id": "r1"}))
+    call.on_model_text(ev("response.output_audio.delta", response_id="r1", item_id="a1", delta=b64(b"\x10" * 8000)))
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="n1"))
+    call.on_model_text(ev("input_audio_buffer.speech_stopped", audio_end_ms=300, item_id="n1"))  # a cough
+    call.on_model_closed(1006, "")
+    new_session(call)
+    ready(call)
+    call.on_model_text(ev("response.created", response={"id": "r2"}))  # the server answers a real turn
+    assert not [f for f in sent(call) if f["type"] == "response.cancel"]
+
+
+def test_replay_keeps_a_function_result_with_its_call_and_caps_huge_items():
+    conversation = Conversation()
+    for i in range(300):
+        conversation.add(Turn("user", f"question {i} " + "x" * 80))
+    conversation.add(Turn("function_call", "{}", call_id="c1", name="book"))
+    conversation.add(Turn("function_call_output", "y" * 1_000_000, call_id="c1"))
+    conversation.add(Turn("assistant", "Your booking is confirmed."))
+    replay = conversation.replay()
+    roles = [t.role for t in replay]
+    assert roles[-3:] == ["function_call", "function_call_output", "assistant"]
+    assert len(replay[-2].text) < 5000 and replay[-2].text.endswith("(cut)")
+    assert any(t.role == "user" for t in replay)  # one big item does not condense everything before it
+
+
+def test_a_cut_off_answers_replayed_words_are_those_its_audio_could_hold():
+    conversation = Conversation()
+    turn = conversation.assistant("a1")
+    turn.parts.append("On Saturdays we are open from nine in the morning until one in the afternoon.")
+    conversation.audio_bytes["a1"] = 8 * 1000  # 1 s of audio generated before the loss
+    assert conversation.text_of("a1", turn) == "On Saturdays we"  # ~16 characters a second, whole words
+
+
+def test_the_cut_off_answer_goes_on_before_requests_queued_during_the_gap():
+    call, rows, clock = live_call(WAITS)
+    sent(call)
+    call.on_model_text(ev("response.created", response={"id": "r1"}))
+    call.on_model_text(ev("response.output_audio.delta", response_id="r1", item_id="a1", delta=b64(b"\x10" * 800)))
+    call.on_model_closed(1006, "")
+    call._request_response("Say exactly: one moment", "tool-message")
+    new_session(call)
+    creates = [f["response"]["metadata"]["purpose"] for f in ready(call) if f["type"] == "response.create"]
+    assert creates == ["resume"]  # first; the tool message waits its turn
+
+
+def test_a_pending_goodbye_is_not_hung_up_during_the_gap():
+    call, rows, clock = live_call(WAITS)
+    sent(call)
+    call._end_after_playback("assistant-ended-call", say_first="Goodbye!")
+    call.on_model_closed(1006, "")
+    for _ in range(14):  # 7 s: past the goodbye's own deadline (text length + 5 s)
+        clock.t += 0.5
+        call.tick()
+    assert call.end is None
+    new_session(call)
+    frames = ready(call)
+    assert [f["response"]["metadata"]["purpose"] for f in frames if f["type"] == "response.create"] == ["goodbye"]
+
+
+def test_a_reconnect_note_is_for_that_session_only():
+    call, rows, clock = live_call(WAITS)
+    sent(call)
+    call.on_model_closed(1006, "")
+    clock.t += 3
+    new_session(call)
+    assert any(f["type"] == "conversation.item.create" for f in ready(call))  # the note about the gap
+    call.on_model_closed(1006, "")
+    items = [f for f in new_session(call) if f["type"] == "conversation.item.create"]
+    assert items == []  # not replayed into the next session
