@@ -70,6 +70,7 @@ from .call_effects import (
     ToolRequest,
 )
 from .config import Config
+from .prewarm_io import Prewarmer
 from .twilio_signature import TwilioSignatures
 
 log = structlog.get_logger("shim.bridge")
@@ -110,6 +111,8 @@ class BridgeState:
 
     def __post_init__(self) -> None:
         self.signatures = TwilioSignatures(self.config.twilio_auth_token)
+        # model sessions opened from /twilio/voice, adopted by the call's first connect (SHIM_PREWARM)
+        self.prewarm = Prewarmer(self, enabled=self.config.prewarm)
 
     async def tick_forever(self) -> None:
         """One timer for every call (max duration, silence, goodbyes, keypad timeouts): cheaper
@@ -357,6 +360,13 @@ class CallRunner:
 
     async def _connect_model(self) -> None:
         call, config = self.call, self.state.config
+        warm = await self.state.prewarm.take(call)  # first connect only (shim/prewarm_io.py); else None
+        if warm is not None:  # opened from /twilio/voice: its frames so far are replayed into the call
+            self.state.model_health = {"ok": True, "at": _now_ms(), "detail": "connected (pre-warmed)"}
+            call.on_model_connected()
+            self.model = warm.adopt(call, self.on_model_text, self.on_model_disconnected)
+            self.pump()
+            return
         url, headers = call.backend.connect_target(config.openai_realtime_url, config.openai_realtime_model,
                                                    config.openai_api_key)
         try:

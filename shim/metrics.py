@@ -25,6 +25,10 @@ class ShimMetrics:
             buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0),
             registry=self.registry,
         )
+        self._prewarm = Counter(
+            "shim_prewarm", "Model sessions opened from /twilio/voice: adopted by their call, expired or failed; "
+            "missed = a call's first model connect that found none on this process", ["outcome"], registry=self.registry,
+        )
         self.calls_total = Counter("shim_calls", "Calls handled, by how they ended", ["ended_reason"], registry=self.registry)
         self.registry.register(self)
 
@@ -37,6 +41,9 @@ class ShimMetrics:
 
     def turn_latency(self, seconds: float) -> None:
         self._turn_latency.observe(seconds)
+
+    def prewarm(self, outcome: str) -> None:
+        self._prewarm.labels(outcome).inc()
 
     def call_finished(self, call) -> None:
         self._finished_frames_in += call.frames_in
