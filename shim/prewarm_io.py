@@ -94,8 +94,8 @@ class Warm:
         self.owner.metrics_inc(outcome)
         if not self.opened.done():
             self.opened.set_result(False)
-        log.info(f"prewarm_{outcome}", call_sid=self.call_sid, age_ms=int((time.monotonic() - self.born) * 1000),
-                 **fields)
+        emit = log.warning if outcome == "failed" else log.info
+        emit(f"prewarm_{outcome}", call_sid=self.call_sid, age_ms=int((time.monotonic() - self.born) * 1000), **fields)
         return True
 
     def close(self) -> None:

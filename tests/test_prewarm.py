@@ -117,6 +117,32 @@ def test_a_diverging_answer_is_sent_rather_than_skipped():
     assert diverged and [orjson.loads(f)["type"] for f in send] == ["session.update"]
 
 
+async def test_only_a_calls_first_connect_can_adopt_a_session():
+    from types import SimpleNamespace
+
+    from shim.config import Config
+    from shim.prewarm_io import Prewarmer, Warm
+
+    counted: list[str] = []
+    prewarmer = Prewarmer(SimpleNamespace(config=Config(), metrics=SimpleNamespace(prewarm=counted.append)), enabled=True)
+    call = configuring_call()
+
+    def ready_session() -> Warm:
+        warm = Warm(prewarmer, call.call_sid)
+        warm.transport, warm.session = object(), WarmSession(OpenAIRealtime(), call.setup.session)
+        warm.opened.set_result(True)
+        prewarmer.registry.add(call.call_sid, warm)
+        return warm
+
+    first = ready_session()
+    assert await prewarmer.take(call) is first
+    ready_session()  # (a repeated webhook, say) ...
+    assert await prewarmer.take(call) is None  # ... a reconnect of the same call never adopts it
+    assert call.call_sid in prewarmer.registry  # left for the TTL to close
+    prewarmer.registry.drain()
+    assert await prewarmer.take(configuring_call()) is None and counted == ["missed"]  # a new call, no session
+
+
 # --- through the real server ----------------------------------------------------------------
 
 
@@ -218,3 +244,31 @@ async def test_shim_prewarm_off_opens_nothing_before_the_stream(tmp_path, db_dsn
         await keep_line_open(caller, caller.wait_for_audio(800, timeout=10))
         assert run.fake.connections_attempted == 1 and outcomes(run) == dict.fromkeys(outcomes(run), 0.0)
         await caller.stop()
+
+
+async def test_an_assistant_request_answer_is_pre_warmed_with_its_overrides(tmp_path, db_dsn):
+    import asyncpg
+
+    from shim.testing.fake_customer import FakeCustomer
+
+    from .harness import SHIM_NUMBER
+
+    async with FakeCustomer() as customer:
+        answer = {"assistant": {"name": "Inline", "model": {"provider": "openai", "model": "gpt-4o", "messages": [
+            {"role": "system", "content": "Inline prompt for {{caller_name}}."}]}, "firstMessage": "Hello from inline."},
+            "assistantOverrides": {"variableValues": {"caller_name": "Bo"}}}
+        customer.on("/route", lambda message: (200, answer if message.get("type") == "assistant-request" else {}))
+        async with running_shim(tmp_path, db_dsn, Script(), default_assistant="") as run:
+            conn = await asyncpg.connect(db_dsn)
+            await conn.execute("INSERT INTO numbers (number, server_url) VALUES ($1, $2)", SHIM_NUMBER, customer.url("/route"))
+            await conn.close()
+            caller = await webhook_then_stream(run, f"CA{uuid.uuid4().hex}")
+            assert caller.custom_parameters["assistant"] == "@request"
+            session = await run.fake.wait_for_session()
+            update = await session.wait_for("session.update")  # before the stream starts
+            assert update["session"]["instructions"] == "Inline prompt for Bo."
+            await caller.connect()
+            await keep_line_open(caller, caller.wait_for_audio(800, timeout=10))
+            assert run.fake.connections_attempted == 1 and outcomes(run)["adopted"] == 1
+            await caller.stop()
+    assert len(customer.matching("assistant-request")) == 1
