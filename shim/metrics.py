@@ -8,6 +8,8 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .prewarm import OUTCOMES as PREWARM_OUTCOMES
+
 
 class ShimMetrics:
     def __init__(self, live_calls: Callable[[], Iterable]):
@@ -29,6 +31,8 @@ class ShimMetrics:
             "shim_prewarm", "Model sessions opened from /twilio/voice: adopted by their call, expired or failed; "
             "missed = a call's first model connect that found none on this process", ["outcome"], registry=self.registry,
         )
+        for outcome in PREWARM_OUTCOMES:  # every series exists from the start
+            self._prewarm.labels(outcome)
         self.calls_total = Counter("shim_calls", "Calls handled, by how they ended", ["ended_reason"], registry=self.registry)
         self.registry.register(self)
 
