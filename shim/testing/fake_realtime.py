@@ -114,7 +114,8 @@ class Script:
     network_delay_ms: float = 0.0
     """One network round trip, injected (0 = loopback): the opening handshake costs
     `handshake_round_trips` of them, and every event travels half of one each way, in order and
-    pipelined (a reply to a client event arrives one round trip after it was sent)."""
+    pipelined (a reply to a client event arrives one round trip after it was sent). `sent` lists
+    an event when it leaves the server, half a round trip before the client has it."""
     handshake_round_trips: int = 3
     """TCP connect, TLS 1.3, HTTP upgrade (wss:// to the real API)."""
 
