@@ -171,6 +171,7 @@ class Shim:
 
     async def shutdown(self) -> None:
         await self.drain_calls()  # a no-op when `shim serve` drained already
+        self.bridge.prewarm.close_all()
         if self.media_server is not None:
             self.media_server.close()
         if self.metrics_server is not None:
@@ -361,12 +362,14 @@ async def twilio_voice(request: Request) -> Response:
     vr = VoiceResponse()
     connect = Connect(action=shim.config.http_url("/twilio/stream-ended"), method="POST")
     stream = connect.stream(url=shim.config.media_stream_url)
-    stream.parameter(name="assistant", value=assistant_id)
-    stream.parameter(name="from", value=from_)
-    stream.parameter(name="to", value=to)
+    parameters = {"assistant": assistant_id, "from": from_, "to": to}  # the stream's `start` carries them back
+    for name, value in parameters.items():
+        stream.parameter(name=name, value=value)
     stream.parameter(name="token", value=shim.bridge.stream_token(call_sid))
     vr.append(connect)
     bound.info("call_answered", assistant_id=assistant_id)
+    if not shim.draining:  # open the model session while Twilio sets up the stream (background task)
+        shim.bridge.prewarm.start(call_sid, params.get("AccountSid", ""), parameters)
     return twiml(vr)
 
 

@@ -70,6 +70,7 @@ from .call_effects import (
     ToolRequest,
 )
 from .config import Config
+from .prewarm_io import Prewarmer
 from .twilio_signature import TwilioSignatures
 
 log = structlog.get_logger("shim.bridge")
@@ -110,6 +111,8 @@ class BridgeState:
 
     def __post_init__(self) -> None:
         self.signatures = TwilioSignatures(self.config.twilio_auth_token)
+        # model sessions opened from /twilio/voice, adopted by the call's first connect (SHIM_PREWARM)
+        self.prewarm = Prewarmer(self, enabled=self.config.prewarm)
 
     async def tick_forever(self) -> None:
         """One timer for every call (max duration, silence, goodbyes, keypad timeouts): cheaper
@@ -180,6 +183,16 @@ class ModelListener(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+
+    # A pre-warmed socket (shim/prewarm_io.py) has a listener of its own, which calls these.
+    def relay_text(self, data: bytes) -> None:
+        runner = self.runner
+        if runner is not None:
+            runner.on_model_text(data)
+
+    def relay_closed(self, code: int | None, reason: str) -> None:
+        if self.runner is not None:
+            self.runner.on_model_disconnected(self, code, reason)
 
     def abandon(self) -> None:
         """This socket is not the call's (replaced, or its connect failed or was cancelled after
@@ -403,6 +416,15 @@ class CallRunner:
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         timeout_s = min(timeout_s or config.model_connect_timeout_s, config.model_connect_timeout_s)
+        warm = await self.state.prewarm.take(call)  # first connect only (shim/prewarm_io.py); else None
+        if warm is not None:  # opened from /twilio/voice: its frames so far are replayed into the call
+            self.state.model_health = {"ok": True, "at": _now_ms(), "detail": "connected (pre-warmed)"}
+            call.on_model_connected()
+            handle = ModelListener(self)  # the runner's handle on that socket, as for one it opens
+            self.model = handle.transport = warm.adopt(call, handle.relay_text, handle.relay_closed)
+            self._model_listener = handle
+            self.pump()
+            return
         url, headers = call.backend.connect_target(config.openai_realtime_url, config.openai_realtime_model,
                                                    config.openai_api_key)
 

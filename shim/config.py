@@ -47,6 +47,15 @@ def _seconds(raw: str, name: str) -> float:
     return value
 
 
+def _switch(raw: str, name: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected 1 or 0")
+
+
 def _port(raw: str, name: str) -> int | None:
     if not raw:
         return None
@@ -119,6 +128,8 @@ class Config:
     tool_url_allow: str = ""  # SHIM_TOOL_URL_ALLOW: where customer URLs may point (tools/egress.py)
     metrics_token: str = ""  # SHIM_METRICS_TOKEN: /metrics wants `Authorization: Bearer <it>`
     metrics_port: int | None = None  # SHIM_METRICS_PORT: /metrics only there (a private port)
+    # SHIM_PREWARM: open the model session from /twilio/voice, before the stream starts (shim/prewarm.py)
+    prewarm: bool = True
     public_url_set: bool = True  # False when PUBLIC_URL was left to its loopback default
     parse_problems: tuple[str, ...] = ()  # malformed values, when read with strict=False
 
@@ -196,6 +207,7 @@ class Config:
             tool_url_allow=parsed("SHIM_TOOL_URL_ALLOW", "", _allow_list, ""),
             metrics_token=get("SHIM_METRICS_TOKEN"),
             metrics_port=parsed("SHIM_METRICS_PORT", "", _port, None),
+            prewarm=parsed("SHIM_PREWARM", "1", lambda raw, name: _switch(raw or "1", name), True),
             parse_problems=tuple(problems),
         )
         if problems and strict:

@@ -8,6 +8,8 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .prewarm import OUTCOMES as PREWARM_OUTCOMES
+
 
 class ShimMetrics:
     def __init__(self, live_calls: Callable[[], Iterable]):
@@ -25,6 +27,12 @@ class ShimMetrics:
             buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0),
             registry=self.registry,
         )
+        self._prewarm = Counter(
+            "shim_prewarm", "Model sessions opened from /twilio/voice: adopted by their call, expired or failed; "
+            "missed = a call's first model connect that found none on this process", ["outcome"], registry=self.registry,
+        )
+        for outcome in PREWARM_OUTCOMES:  # every series exists from the start
+            self._prewarm.labels(outcome)
         self.calls_total = Counter("shim_calls", "Calls handled, by how they ended", ["ended_reason"], registry=self.registry)
         self._model_sessions = Counter(
             "shim_model_sessions_replaced",
@@ -44,6 +52,9 @@ class ShimMetrics:
 
     def model_session(self, outcome: str) -> None:
         self._model_sessions.labels(outcome).inc()
+
+    def prewarm(self, outcome: str) -> None:
+        self._prewarm.labels(outcome).inc()
 
     def call_finished(self, call) -> None:
         self._finished_frames_in += call.frames_in

@@ -72,11 +72,17 @@ def test_strict_parsing_raises_one_error_listing_all_malformed_values():
     ("SHIM_DEFAULT_ASSISTANT", "nobody", "no file"),
     ("SHIM_SECRETS_FILE", "/nonexistent/secrets.json", "cannot read it"),
     ("TWILIO_ACCOUNT_SID", "XY123", "expected AC followed by 32 hex digits"),
+    ("SHIM_PREWARM", "maybe", "SHIM_PREWARM='maybe': expected 1 or 0"),
 ])
 def test_each_misconfiguration_names_variable_value_and_expectation(tmp_path, name, value, expected):
     found = problems(good_env(tmp_path, **{name: value}))
     assert len(found) >= 1 and all(name in p for p in found), found
     assert any(expected in p for p in found), found
+
+
+def test_shim_prewarm_is_on_unless_switched_off():
+    assert Config.from_env({}).prewarm and Config.from_env({"SHIM_PREWARM": ""}).prewarm
+    assert not Config.from_env({"SHIM_PREWARM": "0"}).prewarm and Config.from_env({"SHIM_PREWARM": "true"}).prewarm
 
 
 def test_loopback_may_use_plain_http_and_ws(tmp_path):

@@ -119,6 +119,13 @@ class Script:
     the socket is closed with 1001 when it is reached, as the API does."""
     refuse_connections: frozenset[int] = frozenset()
     """Connection attempts (1-based, counted over the server's life) answered with HTTP 503."""
+    network_delay_ms: float = 0.0
+    """One network round trip, injected (0 = loopback): the opening handshake costs
+    `handshake_round_trips` of them, and every event travels half of one each way, in order and
+    pipelined (a reply to a client event arrives one round trip after it was sent). `sent` lists
+    an event when it leaves the server, half a round trip before the client has it."""
+    handshake_round_trips: int = 3
+    """TCP connect, TLS 1.3, HTTP upgrade (wss:// to the real API)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,6 +456,8 @@ class FakeSession:
         self.faulty = faulty is None or self.number <= faulty
         self._audio_output_started = False
         self._tokens_in_context = 0
+        self._half_rtt_s = self._script.network_delay_ms / 2000
+        self._downlink: asyncio.Queue[tuple[float, bytes]] | None = asyncio.Queue() if self._half_rtt_s > 0 else None
 
     # ---- public API -------------------------------------------------------------------
 
@@ -486,6 +495,9 @@ class FakeSession:
         if self._ws.state is State.OPEN:  # the frame is written synchronously: `sent` is wire order
             self.sent.append(orjson.loads(data))  # a snapshot: items are mutated as responses progress
             self._changes.notify()
+        if self._downlink is not None:  # network_delay_ms: on the wire half a round trip from now
+            self._downlink.put_nowait((asyncio.get_running_loop().time() + self._half_rtt_s, data))
+            return
         await self._ws.send(data, text=True)
 
     async def close(self, code: int = 1011, reason: str = "") -> None:
@@ -508,10 +520,12 @@ class FakeSession:
                 )
                 await self._ws.close(4000, "invalid_request_error.beta_api_shape_disabled")
                 return
+            if self._downlink is not None:
+                self._tasks.add(asyncio.create_task(self._deliver()))
             await self.send({"type": "session.created", "session": self.session})
             if self._script.session_max_s is not None:
                 self._spawn_expiry(self._script.session_max_s)
-            async for message in self._ws:
+            async for message in self._incoming():
                 await self._on_message(message)
                 await asyncio.sleep(0)  # a burst of client events must not starve a running response
         except ConnectionClosed:
@@ -533,6 +547,44 @@ class FakeSession:
         task = asyncio.get_running_loop().create_task(expire())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _incoming(self):
+        """Client messages, each handed over half a round trip after it arrived (network_delay_ms)."""
+        if self._downlink is None:
+            async for message in self._ws:
+                yield message
+            return
+        loop = asyncio.get_running_loop()
+        uplink: asyncio.Queue[tuple[float, str | bytes] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for message in self._ws:
+                    uplink.put_nowait((loop.time() + self._half_rtt_s, message))
+            except ConnectionClosed:
+                pass
+            finally:
+                uplink.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await uplink.get()) is not None:
+                await asyncio.sleep(max(0.0, item[0] - loop.time()))
+                yield item[1]
+        finally:
+            reader.cancel()
+
+    async def _deliver(self) -> None:
+        """The downlink of network_delay_ms: server events leave in order, each when it is due."""
+        assert self._downlink is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                due, data = await self._downlink.get()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                await self._ws.send(data, text=True)
+        except ConnectionClosed:
+            pass
 
     async def _on_message(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
@@ -1171,8 +1223,10 @@ class FakeRealtime:
         )
         return self.sessions[n - 1]
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         self.connections_attempted += 1
+        if self.script.network_delay_ms:  # the client's TCP/TLS/upgrade round trips
+            await asyncio.sleep(self.script.handshake_round_trips * self.script.network_delay_ms / 1000)
         if urlsplit(request.path).path.rstrip("/") != "/v1/realtime":
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
         if self.connections_attempted in self.script.refuse_connections:
