@@ -260,7 +260,8 @@ TABLES: dict[str, TableSpec] = {
             "numbers",
             key=("number",),
             columns={"number": TEXT, "assistant_id": TEXT, "stack": TEXT, "server_url": TEXT,
-                     "split_percent": INT, "previous_settings": JSON, "twilio_sid": TEXT, "migrated_at": TS},  # 0004
+                     "split_percent": INT, "previous_settings": JSON, "twilio_sid": TEXT, "migrated_at": TS,  # 0004
+                     "fallback_destination": JSON},  # 0008
             required=("number",),
             choices={"stack": _STACKS},
             managed=("updated_at",),
