@@ -250,7 +250,8 @@ class Shim:
             "status": "draining" if self.draining else "starting" if not self.started else
                       "ok" if database == "up" and model.get("ok", True) else "degraded",
             "draining": self.draining,
-            "live_calls": len(self.bridge.runners),
+            "live_calls": len(self.bridge.runners),  # this process's (under --workers: this worker's)
+            **({"worker": self.worker.index} if self.worker is not None else {}),
             "database": {"state": database, "pending_rows": recorder.pending if recorder else 0,
                          "spooled_rows": recorder.spooled if recorder else 0},
             "model": model or {"ok": None, "detail": "no call has connected yet"},

@@ -231,3 +231,50 @@ def test_shim_workers_invalid_exits_2_before_anything_starts(tmp_path):
     done = subprocess.run([sys.executable, "-m", "shim.cli", "serve"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "SHIM_WORKERS='0': expected a positive number" in done.stderr
     assert not (tmp_path / "pgdata").exists()
+
+
+def test_the_totals_keep_a_retired_workers_counts_but_not_its_gauges(monkeypatch):
+    from shim import metrics
+
+    monkeypatch.setattr(metrics, "PER_WORKER_GAUGES", {"shim_loop_lag_seconds"})
+
+    def text(calls: float, active: float, lag: float, le1: float) -> bytes:
+        return (f'# HELP shim_calls_total Calls\n# TYPE shim_calls_total counter\nshim_calls_total{{ended_reason="x"}} {calls}\n'
+                f'shim_calls_created{{ended_reason="x"}} 1.7e9\n'
+                f'# HELP shim_active_calls Live\n# TYPE shim_active_calls gauge\nshim_active_calls {active}\n'
+                f'# HELP shim_loop_lag_seconds Lag\n# TYPE shim_loop_lag_seconds gauge\nshim_loop_lag_seconds {lag}\n'
+                f'# HELP shim_turn_seconds Turns\n# TYPE shim_turn_seconds histogram\nshim_turn_seconds_bucket{{le="1.0"}} {le1}\n'
+                f'shim_turn_seconds_bucket{{le="+Inf"}} {le1 + 1}\nshim_turn_seconds_count {le1 + 1}\nshim_turn_seconds_sum 2.5\n').encode()
+
+    merged = metrics.merge_expositions([("0", True, text(2, 3, 0.01, 4)), ("1", True, text(5, 1, 0.2, 1)),
+                                        ("1", False, text(7, 9, 9.0, 2))])  # worker 1's predecessor
+    assert value(merged, "shim_calls_total", ended_reason="x") == 2 + 5 + 7
+    assert value(merged, "shim_active_calls") == 3 + 1  # the dead worker's calls are not live
+    assert value(merged, "shim_loop_lag_seconds", worker="0") == 0.01  # per worker, not summed
+    assert value(merged, "shim_loop_lag_seconds", worker="1") == 0.2
+    assert value(merged, "shim_turn_seconds_bucket", le="1.0") == 4 + 1 + 2
+    assert value(merged, "shim_turn_seconds_count") == 5 + 2 + 3
+    assert b"_created" not in merged  # a creation time summed would mean nothing
+
+
+async def test_spools_of_workers_that_no_longer_run_are_replayed_once(tmp_path, db_dsn):
+    from shim.store import Recorder, orphan_spools, replay_orphan_spools, spool_path
+
+    assert spool_path(tmp_path, 0).name == "spool.jsonl"  # worker 0 and the single process share it
+    # Last time, four workers ran and worker 3 spooled rows while Postgres was away.
+    down = Recorder("postgresql://shim@127.0.0.1:9/none", spool_path=spool_path(tmp_path, 3), connect_timeout=0.2)
+    await down.start()
+    for i in range(5):
+        down.upsert("calls", {"call_sid": f"CA-orphan-{i}", "status": "ringing"})
+    await down.close(timeout=0.2)
+    assert down.spooled == 5
+    spool_path(tmp_path, 1).write_bytes(b"")  # index 1 still runs: its spool is its own
+    assert orphan_spools(tmp_path, 0, 2) == [] and orphan_spools(tmp_path, 1, 2) == [spool_path(tmp_path, 3)]
+    assert orphan_spools(tmp_path, 0, 1) == [spool_path(tmp_path, 1), spool_path(tmp_path, 3)]  # one process: all
+    await asyncio.wait_for(replay_orphan_spools(db_dsn, orphan_spools(tmp_path, 1, 2)), 15)
+    assert not spool_path(tmp_path, 3).exists()
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM calls WHERE call_sid LIKE 'CA-orphan-%'") == 5
+    finally:
+        await conn.close()
