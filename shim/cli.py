@@ -66,9 +66,12 @@ def _workers_arg(raw: str) -> int:
     from .config import workers_count
 
     try:
-        return workers_count(raw, "--workers") or 0
+        count = workers_count(raw, "--workers")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--workers=")) from None
+    if count is None:
+        raise argparse.ArgumentTypeError("'': expected a positive number of worker processes")
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:

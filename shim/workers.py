@@ -56,7 +56,7 @@ RESTART_DELAY_S = 0.5  # doubled for each restart still in the window, at most R
 RESTART_DELAY_MAX_S = 10.0
 STOP_GRACE_S = 10.0  # beyond SHIM_DRAIN_TIMEOUT, before a worker that did not exit is killed
 MIGRATE_TIMEOUT_S = 15.0
-POLL_S = 0.05
+POLL_S = 0.1  # how soon a dead worker or a signal is noticed
 
 
 @dataclass(frozen=True)
