@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -60,6 +61,7 @@ def _port(raw: str, name: str) -> int | None:
 
 
 MAX_WORKERS = 256
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 
 
 def workers_count(raw: str, name: str = "SHIM_WORKERS") -> int | None:
@@ -77,13 +79,16 @@ def workers_count(raw: str, name: str = "SHIM_WORKERS") -> int | None:
 
 def default_workers() -> int:
     """One worker per core this process may run on: the CPU affinity mask, capped by a cgroup v2
-    CPU quota (`docker run --cpus`, Kubernetes limits), which the mask does not show."""
+    CPU quota (`docker run --cpus`, Kubernetes limits), which the mask does not show. Off Linux, 1:
+    elsewhere SO_REUSEPORT does not spread connections over the listeners."""
+    if not sys.platform.startswith("linux"):
+        return 1
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, -(-int(quota) // int(period))))
     except (OSError, ValueError):

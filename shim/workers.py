@@ -112,8 +112,10 @@ def reserve_port(host: str, port: int, what: str) -> socket.socket:
 
 def _exit_text(code: int) -> str:
     if code < 0:
-        with_name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
-        return f"killed by {with_name}"
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
     return f"exit {code}"
 
 
@@ -137,13 +139,8 @@ def supervise(config: Config, host: str, port: int, media_port: int | None, coun
     previous = {sig: signal.signal(sig, lambda s, _f: stop_signals.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
     env = dict(os.environ)
     env.pop(WORKER_ENV, None)
-    dsn, embedded = resolve_dsn(config.database_url, config.data_dir)  # the embedded server: once, here
-    if embedded is not None:
-        env["DATABASE_URL"] = dsn
-    _migrate_once(dsn)
+    embedded = None
     run_dir = Path(tempfile.mkdtemp(prefix="shim-workers-"))
-    log.info("workers_starting", workers=count, port=port, dsn=redact_dsn(dsn), run_dir=str(run_dir))
-
     procs: dict[int, subprocess.Popen | None] = {}
     restart_at: dict[int, float] = {}
     restarts: collections.deque[float] = collections.deque()
@@ -166,6 +163,11 @@ def supervise(config: Config, host: str, port: int, media_port: int | None, coun
     stopping_since: float | None = None
     seen_signals = 0
     try:
+        dsn, embedded = resolve_dsn(config.database_url, config.data_dir)  # the embedded server: once, here
+        if embedded is not None:
+            env["DATABASE_URL"] = dsn
+        _migrate_once(dsn)
+        log.info("workers_starting", workers=count, port=port, dsn=redact_dsn(dsn), run_dir=str(run_dir))
         for index in range(count):
             spawn(index)
         while True:
@@ -245,7 +247,7 @@ def _migrate_once(dsn: str) -> None:
 
     try:
         asyncio.run(run())
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         log.error("database_unavailable_at_start", error=str(exc) or type(exc).__name__)
 
 

@@ -278,3 +278,15 @@ async def test_spools_of_workers_that_no_longer_run_are_replayed_once(tmp_path, 
         assert await conn.fetchval("SELECT count(*) FROM calls WHERE call_sid LIKE 'CA-orphan-%'") == 5
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("cpu_max, expected", [("max 100000\n", 8), ("150000 100000\n", 2), ("50000 100000\n", 1), (None, 8)])
+def test_the_default_is_one_worker_per_usable_core(cpu_max, expected, tmp_path, monkeypatch):
+    from shim import config
+
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda _pid: set(range(8)))
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    monkeypatch.setattr(config, "CGROUP_CPU_MAX", path)
+    assert config.default_workers() == expected  # `docker run --cpus 1.5` on 8 cores: 2 workers
