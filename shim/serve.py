@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import signal
 import socket
 from collections.abc import Callable
@@ -261,3 +263,6 @@ async def serve(config: Config, host: str, port: int, media_port: int | None, wo
         app.state.shim, front,
     )
     await server.serve()
+    if worker is not None and os.getppid() != worker.parent:
+        # The parent was killed (this drain came from PR_SET_PDEATHSIG): nobody else removes it.
+        shutil.rmtree(worker.run_dir, ignore_errors=True)

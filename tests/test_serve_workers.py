@@ -290,3 +290,26 @@ def test_the_default_is_one_worker_per_usable_core(cpu_max, expected, tmp_path, 
         path.write_text(cpu_max)
     monkeypatch.setattr(config, "CGROUP_CPU_MAX", path)
     assert config.default_workers() == expected  # `docker run --cpus 1.5` on 8 cores: 2 workers
+
+
+async def test_workers_of_a_killed_parent_drain_and_leave_nothing_behind(tmp_path, db_dsn):
+    async with workers(tmp_path, db_dsn, SHIM_DRAIN_TIMEOUT="5") as s:
+        run_dir = s.run_dir
+        pids = [e["pid"] for e in s.events("worker_started")]
+        s.proc.kill()  # SIGKILL: the parent cannot forward anything
+        s.proc.wait()
+        await asyncio.sleep(0.2)
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids), "a worker outlived its parent"
+        assert len(s.events("drain_done")) == 2  # each drained (PR_SET_PDEATHSIG sent SIGTERM)
+        assert not run_dir.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
