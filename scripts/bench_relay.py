@@ -240,7 +240,7 @@ class Server:
     pg: psutil.Process | None = None  # embedded Postgres, when it is not a child of the server
 
 
-async def start_shim(model: ModelServer, tag: str, source: Path, media: str = "one-port") -> Server:
+async def start_shim(model: ModelServer, tag: str, source: Path, media: str = "one-port", workers: int = 1) -> Server:
     data_dir = REPO / ".shim" / "bench"
     data_dir.mkdir(parents=True, exist_ok=True)
     http_port, media_port = free_port(), free_port()
@@ -254,6 +254,7 @@ async def start_shim(model: ModelServer, tag: str, source: Path, media: str = "o
         SHIM_ASSISTANTS_DIR=str(source / "assistants"),
         SHIM_LOG_LEVEL="warning",
         SHIM_DRAIN_TIMEOUT="5",
+        SHIM_WORKERS=str(workers),  # (an env var: a checkout without --workers ignores it)
     )
     env.pop("DATABASE_URL", None)
     # Without an account SID the shim skips starting Twilio's call recording (one REST call per
@@ -373,7 +374,7 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
     tag = f"{stack}-{n}"
     await wait_quiet(args.quiet_wait, tag)
     say(f"[{tag}] starting server")
-    server = await (start_shim(model, tag, args.shim_dir, args.media) if stack == "shim" else start_bare(model, tag))
+    server = await (start_shim(model, tag, args.shim_dir, args.media, args.workers) if stack == "shim" else start_bare(model, tag))
     proc = psutil.Process(server.proc.pid)
     pacer = Pacer()
     pacer.start()
@@ -663,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="concurrent calls, a comma-separated list: one run per value (default 50,100)")
     parser.add_argument("--media", choices=("one-port", "media-port"), default="one-port",
                         help="one-port: media on the webhook port, as deployed (default); media-port: picows on its own port")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="`shim serve --workers` (default 1: one process; the CPU columns count all workers)")
     parser.add_argument("--seconds", type=float, default=20, help="steady-state window per run (default 20)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the bare picows relay for comparison (default on)")

@@ -76,7 +76,9 @@ def serve_env(model_url: str, http_port: int, media_port: int, data_dir: Path, *
         OPENAI_API_KEY="sk-drill", OPENAI_REALTIME_URL=model_url, TWILIO_AUTH_TOKEN=AUTH_TOKEN,
         PUBLIC_URL=f"http://127.0.0.1:{http_port}", PUBLIC_MEDIA_URL=f"ws://127.0.0.1:{media_port}/twilio/media",
         SHIM_DATA_DIR=str(data_dir), SHIM_ASSISTANTS_DIR=str(assistants), SHIM_DEFAULT_ASSISTANT=assistant,
-        SHIM_LOG_LEVEL=log_level, SHIM_TOOL_URL_ALLOW="127.0.0.1", OPENAI_BASE_URL="http://127.0.0.1:9/v1", **extra,
+        SHIM_LOG_LEVEL=log_level, SHIM_TOOL_URL_ALLOW="127.0.0.1", OPENAI_BASE_URL="http://127.0.0.1:9/v1",
+        SHIM_WORKERS="1",  # the drills kill and read the spool of the one serving process
+        **extra,
     )
 
 

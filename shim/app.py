@@ -30,11 +30,12 @@ from .assistant import ASSISTANT_ID_RE
 from .bridge import BridgeState, CallRunner, start_media_server
 from .config import Config
 from .db import redact_dsn, resolve_dsn
-from .metrics import ShimMetrics
+from .metrics import ShimMetrics, WorkerMetrics
 from . import store_queries
 from .numbers import redact_url
 from .routes import SNAPSHOT_NAME, NumberRoutes, RoutingUnavailable
-from .store import Recorder, migrate
+from .store import Recorder, migrate, orphan_spools, replay_orphan_spools, spool_path
+from .workers import read_drain_answers, share_drain_answer
 from shim_tools import envelope
 from shim_tools.delivery import WebhookSender
 from shim_tools.secrets import SecretsBook, resolve_server
@@ -74,8 +75,10 @@ def hangup_twiml(say: str | None = None) -> Response:
 class Shim:
     """The process: configuration, database, writer, metrics and the media listeners."""
 
-    def __init__(self, config: Config, *, media_host: str = "0.0.0.0", media_port: int | None = None):
+    def __init__(self, config: Config, *, media_host: str = "0.0.0.0", media_port: int | None = None,
+                 worker: Any = None):
         self.config = config
+        self.worker = worker  # workers.WorkerSlot under `shim serve --workers N`, else None
         self.media_host = media_host
         self.media_port = media_port if media_port is not None else config.media_port
         self.embedded = None
@@ -99,6 +102,9 @@ class Shim:
         self.stream_ended_answered: set[str] = set()  # during a drain: whose apology/<Dial> went out
         self.status_answered: set[str] = set()  # during a drain: whose final status arrived
         self.metrics_server: asyncio.Server | None = None
+        # --workers: this worker's metrics snapshot (the scrape sums all workers'), orphan spools
+        self.worker_metrics = WorkerMetrics(self.metrics.registry, worker.run_dir, worker.index) if worker else None
+        self.worker_tasks: list[asyncio.Task] = []
 
     async def startup(self) -> None:
         config = self.config
@@ -107,7 +113,8 @@ class Shim:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         # The writer migrates on every (re)connect and spools while Postgres is away, so calls
         # work even when the database is down at boot.
-        self.recorder = Recorder(self.dsn, spool_path=config.data_dir / "spool.jsonl",
+        index, count = (self.worker.index, self.worker.count) if self.worker else (0, 1)
+        self.recorder = Recorder(self.dsn, spool_path=spool_path(config.data_dir, index),
                                  max_memory_rows=config.writer_max_memory_rows)
         await self.recorder.start()
         self.bridge.sender = WebhookSender(self.bridge.http(), self.recorder)
@@ -121,8 +128,14 @@ class Shim:
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             log.error("database_unavailable_at_start", error=str(exc))
         await self.routes.start()
+        loop = asyncio.get_running_loop()
+        if orphans := orphan_spools(config.data_dir, index, count):
+            self.worker_tasks.append(loop.create_task(replay_orphan_spools(self.dsn, orphans), name="orphan-spools"))
+        if self.worker_metrics is not None:
+            self.worker_tasks.append(loop.create_task(self.worker_metrics.run(), name="metrics-snapshot"))
+        reuse_port = self.worker is not None  # the workers share every port (shim/workers.py)
         if self.media_port:
-            self.media_server = await start_media_server(self.bridge, self.media_host, self.media_port)
+            self.media_server = await start_media_server(self.bridge, self.media_host, self.media_port, reuse_port=reuse_port)
             log.info("media_listener", host=self.media_host, port=self.media_port, url=config.media_stream_url)
         if config.metrics_port:
             self.metrics_server = await start_metrics_server(self, self.media_host, config.metrics_port)
@@ -164,6 +177,8 @@ class Shim:
         while (self.bridge.runners or not seen <= self.stream_ended_answered or not seen <= self.status_answered) \
                 and loop.time() < until:
             await asyncio.sleep(0.05)
+            if self.worker is not None:  # under --workers, another worker may have answered them
+                read_drain_answers(self.worker.run_dir, self.stream_ended_answered, self.status_answered)
         log.info("drain_done", calls=len(seen), ended_by_shutdown=aborted,
                  unanswered_stream_ended=len(seen - self.stream_ended_answered),
                  unanswered_status=len(seen - self.status_answered),
@@ -188,6 +203,9 @@ class Shim:
             await self.bridge.sender.close(timeout=left(10))
         if self.ticker is not None:
             self.ticker.cancel()
+        for task in self.worker_tasks:
+            task.cancel()
+        await asyncio.gather(*self.worker_tasks, return_exceptions=True)
         await self.routes.stop()
         if self.recorder is not None:
             await self.recorder.close(timeout=left(10))
@@ -197,6 +215,22 @@ class Shim:
             await self.bridge._http.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
+        if self.worker_metrics is not None:  # the final counts, for the totals after this worker exits
+            with contextlib.suppress(OSError):
+                await self.worker_metrics.publish()
+
+    async def metrics_text(self) -> bytes:
+        """GET /metrics: this process's registry, or under --workers the totals of all workers."""
+        if self.worker_metrics is None:
+            return generate_latest(self.metrics.registry)
+        return await self.worker_metrics.exposition()
+
+    def note_drain_answer(self, kind: str, call_sid: str) -> None:
+        """During a drain: Twilio's callback `kind` of this call was answered (here, or under
+        --workers by any worker: every worker drains at once and waits for its calls' callbacks)."""
+        (self.stream_ended_answered if kind == "stream-ended" else self.status_answered).add(call_sid)
+        if self.worker is not None:
+            share_drain_answer(self.worker.run_dir, kind, call_sid)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether this instance takes new calls, and why (GET /readyz). A database outage or
@@ -217,7 +251,8 @@ class Shim:
             "status": "draining" if self.draining else "starting" if not self.started else
                       "ok" if database == "up" and model.get("ok", True) else "degraded",
             "draining": self.draining,
-            "live_calls": len(self.bridge.runners),
+            "live_calls": len(self.bridge.runners),  # this process's (under --workers: this worker's)
+            **({"worker": self.worker.index} if self.worker is not None else {}),
             "database": {"state": database, "pending_rows": recorder.pending if recorder else 0,
                          "spooled_rows": recorder.spooled if recorder else 0},
             "model": model or {"ok": None, "detail": "no call has connected yet"},
@@ -441,7 +476,7 @@ async def stream_ended(request: Request) -> Response:
     call_sid = params.get("CallSid", "")
     action = shim.endings.get(call_sid) or await _stored_action(shim, call_sid)
     if shim.draining:
-        shim.stream_ended_answered.add(call_sid)
+        shim.note_drain_answer("stream-ended", call_sid)
     if action and action.get("verb") == "dial":
         return twiml(dial_twiml(action, fallback_caller_id=params.get("To", "")))
     if action and action.get("verb") == "hangup":
@@ -492,7 +527,7 @@ async def twilio_status(request: Request) -> Response:
         return PlainTextResponse("invalid X-Twilio-Signature", status_code=403)
     call_sid, status = params.get("CallSid", ""), params.get("CallStatus", "")
     if shim.draining and status in STATUS_ENDED_REASON:
-        shim.status_answered.add(call_sid)
+        shim.note_drain_answer("status", call_sid)
     if call_sid and status in STATUS_ENDED_REASON:
         from datetime import datetime, timezone
 
@@ -524,7 +559,7 @@ async def metrics(request: Request) -> Response:
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return PlainTextResponse("unauthorized", status_code=401, headers={"WWW-Authenticate": "Bearer"})
-    return Response(generate_latest(shim.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(await shim.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def start_metrics_server(shim: Shim, host: str, port: int) -> asyncio.Server:
@@ -536,7 +571,7 @@ async def start_metrics_server(shim: Shim, host: str, port: int) -> asyncio.Serv
             line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             path = line.split(b" ", 2)[1].split(b"?", 1)[0] if line.count(b" ") >= 2 else b""
             if path == b"/metrics":
-                body, status, ctype = generate_latest(shim.metrics.registry), b"200 OK", CONTENT_TYPE_LATEST.encode()
+                body, status, ctype = await shim.metrics_text(), b"200 OK", CONTENT_TYPE_LATEST.encode()
             else:
                 body, status, ctype = b"Not Found", b"404 Not Found", b"text/plain"
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
@@ -547,7 +582,7 @@ async def start_metrics_server(shim: Shim, host: str, port: int) -> asyncio.Serv
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    return await asyncio.start_server(handle, host, port, reuse_port=shim.worker is not None)
 
 
 class QueueTwilioSink:
@@ -603,8 +638,9 @@ async def media_stream(websocket: WebSocket) -> None:
         send_task.cancel()
 
 
-def create_app(config: Config, *, media_host: str = "0.0.0.0", media_port: int | None = None) -> Starlette:
-    shim = Shim(config, media_host=media_host, media_port=media_port)
+def create_app(config: Config, *, media_host: str = "0.0.0.0", media_port: int | None = None,
+               worker: Any = None) -> Starlette:
+    shim = Shim(config, media_host=media_host, media_port=media_port, worker=worker)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

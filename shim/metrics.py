@@ -3,12 +3,18 @@ audio path pays one integer increment per frame instead of a locked counter upda
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+from pathlib import Path
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .prewarm import OUTCOMES as PREWARM_OUTCOMES
+log = structlog.get_logger("shim.metrics")
 
 
 class ShimMetrics:
@@ -74,3 +80,123 @@ class ShimMetrics:
         frames.add_metric(["model_to_caller"], self._finished_frames_out + sum(c.frames_out for c in calls))
         yield active
         yield frames
+
+
+# --- `shim serve --workers N`: one answer for all workers ---------------------------------------
+#
+# Each worker writes its whole registry's text (every metric, custom collectors included, so
+# metrics added later are covered without registering anything) to the run directory every
+# SNAPSHOT_S; whichever worker answers a scrape writes its own first, then sums all of them:
+# counters and histograms sample by sample, gauges over live workers (live calls: the sum). A
+# worker that exits leaves its file, renamed `retired.*` by the parent, whose counters and
+# histograms keep counting (the totals never go down, so Prometheus sees no reset) and whose
+# gauges are dropped. Gauges whose sum means nothing are named in PER_WORKER_GAUGES and kept
+# per worker with a `worker` label. Nothing on the audio path: the per-frame counts stay plain
+# integers on each call.
+
+SNAPSHOT_S = 1.0
+PER_WORKER_GAUGES: set[str] = set()  # e.g. an event-loop lag gauge: one series per worker, not a sum
+_SUMMED_WHEN_RETIRED = ("counter", "histogram", "summary", "gaugehistogram")
+
+
+def snapshot_path(run_dir: Path, index: int, pid: int) -> Path:
+    return run_dir / f"metrics.w{index}.{pid}.prom"
+
+
+def retire_snapshot(run_dir: Path, index: int, pid: int) -> None:
+    """The worker exited: its counters go on counting in the totals, its gauges no more."""
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(snapshot_path(run_dir, index, pid), run_dir / f"retired.w{index}.{pid}.prom")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _snapshots(run_dir: Path, skip: Path) -> list[tuple[str, bool, bytes]]:
+    """(worker index, live, text) of every snapshot but `skip`. A file renamed while being listed
+    (a worker just retired) is read again under its new name."""
+    for _attempt in range(5):
+        found, vanished = [], False
+        for path in sorted(run_dir.glob("*.prom")):
+            if path == skip:
+                continue
+            kind, worker = path.name.split(".")[:2]
+            try:
+                found.append((worker.lstrip("w"), kind == "metrics", path.read_bytes()))
+            except FileNotFoundError:
+                vanished = True
+        if not vanished:
+            break
+    return found
+
+
+def merge_expositions(texts: list[tuple[str, bool, bytes]]) -> bytes:
+    """One Prometheus text from several workers' (index, live, text): see the comment above."""
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, tuple[str, str, dict[tuple, float]]] = {}
+    for worker, live, text in texts:
+        for family in text_string_to_metric_families(text.decode("utf-8", "replace")):
+            if (not live and family.type not in _SUMMED_WHEN_RETIRED) or family.name.endswith("_created"):
+                continue  # (`_created`: a counter's creation time, which summing makes meaningless)
+            per_worker = family.type in ("gauge", "unknown") and family.name in PER_WORKER_GAUGES
+            _type, _doc, values = families.setdefault(family.name, (family.type, family.documentation, {}))
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                labels = {**sample.labels, "worker": worker} if per_worker else sample.labels
+                key = (sample.name, tuple(labels.items()))
+                if family.type in ("info", "stateset"):
+                    values[key] = max(values.get(key, sample.value), sample.value)
+                else:
+                    values[key] = values.get(key, 0.0) + sample.value
+    merged = []
+    for name, (typ, doc, values) in families.items():
+        if not values:
+            continue
+        metric = Metric(name, doc, typ)
+        for (sample_name, labels), value in values.items():
+            metric.add_sample(sample_name, dict(labels), value)
+        merged.append(metric)
+
+    class _Merged:
+        def collect(self):
+            return merged
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)
+
+
+class WorkerMetrics:
+    """A worker's side: publish its snapshot every SNAPSHOT_S, answer scrapes with the totals."""
+
+    def __init__(self, registry: CollectorRegistry, run_dir: Path, index: int):
+        self.registry = registry
+        self.run_dir = run_dir
+        self.index = index
+        self.path = snapshot_path(run_dir, index, os.getpid())
+        self._writing = asyncio.Lock()  # the ticker and a scrape: one writer, the newest text last
+
+    async def publish(self) -> bytes:
+        async with self._writing:
+            text = generate_latest(self.registry)  # on the loop: the live calls' counters are read here
+            await asyncio.to_thread(_write_atomic, self.path, text)
+        return text
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.publish()
+            except OSError as exc:  # the run directory is gone (the parent is exiting)
+                log.warning("metrics_snapshot_not_written", path=str(self.path), error=str(exc))
+            await asyncio.sleep(SNAPSHOT_S)
+
+    async def exposition(self) -> bytes:
+        own = await self.publish()  # what this answer counts is on disk before it is sent
+        others = await asyncio.to_thread(_snapshots, self.run_dir, self.path)
+        return await asyncio.to_thread(merge_expositions, [(str(self.index), True, own), *others])

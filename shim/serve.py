@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import signal
 import socket
 from collections.abc import Callable
@@ -98,10 +100,11 @@ class FrontDoor:
         self._routing: set[asyncio.Task] = set()
         self.routed = {"media": 0, "http": 0, "dropped": 0}
 
-    def bind(self, host: str, port: int) -> None:
-        """Take the port (before anything starts: a busy port fails the start at once)."""
+    def bind(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """Take the port (before anything starts: a busy port fails the start at once).
+        reuse_port: one of `shim serve --workers` (the parent holds the port, shim/workers.py)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=False)
+        self.sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=reuse_port)
         self.sock.setblocking(False)
 
     def start(self, http_factory: Callable[[], asyncio.BaseProtocol], media_factory: Callable[[], asyncio.BaseProtocol]) -> None:
@@ -234,16 +237,21 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-async def serve(config: Config, host: str, port: int, media_port: int | None) -> None:
+async def serve(config: Config, host: str, port: int, media_port: int | None, worker: Any = None) -> None:
+    """One process serving; `worker` (a workers.WorkerSlot): one of `shim serve --workers N`."""
     from .app import create_app
     from .errors import Failure
 
     front = FrontDoor()
     try:
-        front.bind(host, port)
+        front.bind(host, port, reuse_port=worker is not None)
     except OSError as exc:
         raise Failure(f"--port {port} on {host}: {exc.strerror or exc}") from None
-    app = create_app(config, media_host=host, media_port=media_port)
+    if worker is not None:
+        from .workers import die_with_parent
+
+        die_with_parent(worker)
+    app = create_app(config, media_host=host, media_port=media_port, worker=worker)
     server = DrainingServer(
         uvicorn.Config(
             app, host=host, port=port, lifespan="on", log_config=None, access_log=False,
@@ -255,3 +263,6 @@ async def serve(config: Config, host: str, port: int, media_port: int | None) ->
         app.state.shim, front,
     )
     await server.serve()
+    if worker is not None and os.getppid() != worker.parent:
+        # The parent was killed (this drain came from PR_SET_PDEATHSIG): nobody else removes it.
+        shutil.rmtree(worker.run_dir, ignore_errors=True)

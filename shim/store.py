@@ -1177,3 +1177,48 @@ class Recorder:
             log.error("recorder.row_rejected", table=None, error=error, file=str(self.rejected_path))
         await asyncio.to_thread(_append_lines, self.rejected_path, [orjson.dumps(record) + b"\n"])
         self.rejected += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Spools of `shim serve --workers N`
+# --------------------------------------------------------------------------------------------------
+
+_WORKER_SPOOL = re.compile(r"spool\.w(\d+)\.jsonl")
+
+
+def spool_path(data_dir: Path, worker: int = 0) -> Path:
+    """The spool of worker `worker`: `spool.jsonl` for worker 0 and the single process (so either
+    replays the other's), `spool.w<i>.jsonl` for the others. One Recorder per file (its lock), and
+    a restarted worker keeps its index, so it replays what its predecessor spooled."""
+    return Path(data_dir) / ("spool.jsonl" if worker == 0 else f"spool.w{worker}.jsonl")
+
+
+def orphan_spools(data_dir: Path, worker: int, count: int) -> list[Path]:
+    """Spools of worker indexes that no longer run (fewer workers than last time): index k goes to
+    worker k % count."""
+    found = []
+    for path in Path(data_dir).glob("spool.w*.jsonl"):
+        match = _WORKER_SPOOL.fullmatch(path.name)
+        if match and int(match[1]) >= count and int(match[1]) % count == worker:
+            found.append(path)
+    return sorted(found)
+
+
+async def replay_orphan_spools(dsn: str, paths: list[Path]) -> None:
+    """Replay each spool through a Recorder of its own, closed once it is written (the file is
+    then gone). Cancelled first (at shutdown, or Postgres still away): the rest stays for the next
+    start. A spool another process holds (its lock) is left alone."""
+    for path in paths:
+        recorder = Recorder(dsn, spool_path=path)
+        try:
+            await recorder.start()
+        except RuntimeError as exc:
+            log.warning("recorder.orphan_spool_busy", path=str(path), error=str(exc))
+            continue
+        log.info("recorder.orphan_spool", path=str(path), rows=recorder.spooled)
+        try:
+            await recorder.drain()
+        finally:
+            await recorder.close(timeout=2)
+        if not path.exists():
+            recorder._lock_path.unlink(missing_ok=True)

@@ -76,7 +76,9 @@ async def served(tmp_path: Path, dsn: str, **env: str):
         "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": "http://127.0.0.1:9",
         "PUBLIC_URL": f"http://127.0.0.1:{port}", "DATABASE_URL": dsn, "SHIM_DEFAULT_ASSISTANT": "demo",
         "SHIM_ASSISTANTS_DIR": str(assistants), "SHIM_DATA_DIR": str(tmp_path / "data"),
-        "SHIM_LOG_LEVEL": "warning", "SHIM_LOG_FORMAT": "console", **env,
+        "SHIM_LOG_LEVEL": "warning", "SHIM_LOG_FORMAT": "console",
+        "SHIM_WORKERS": "1",  # one process, as these tests read it (tests/test_serve_workers.py: several)
+        **env,
     }
     proc = subprocess.Popen([sys.executable, "-m", "shim.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                             env=full)
