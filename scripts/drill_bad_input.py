@@ -24,36 +24,21 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
-from xml.etree import ElementTree
 
-import asyncpg
 import httpx
 import orjson
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from drill_db_outage import AUTH_TOKEN, report, run_drill, serve_env, start_serve, stop_serve  # noqa: E402
+from drill_db_outage import AUTH_TOKEN, place_call, read_stopped_db, report, run_drill, serve_env, start_serve, stop_serve  # noqa: E402
 
-from shim.db import resolve_dsn  # noqa: E402
 from shim.testing.fake_realtime import FakeRealtime, Script  # noqa: E402
-from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, keep_line_open, post_twilio_webhook  # noqa: E402
+from shim.testing.twilio_caller import TwilioCaller, keep_line_open  # noqa: E402
 from shim.testing._serve import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIM_NUMBER = "+15550100400"
-
-
-async def answered(http: httpx.AsyncClient, env: dict[str, str], caller_number: str) -> TwilioCaller:
-    call_sid = "CA" + uuid.uuid4().hex
-    params = incoming_call_params(call_sid, caller_number, SHIM_NUMBER, "AC" + "0" * 32)
-    twiml = (await post_twilio_webhook(http, f"{env['PUBLIC_URL']}/twilio/voice", params, AUTH_TOKEN)).text
-    stream = ElementTree.fromstring(twiml).find("./Connect/Stream")
-    custom = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
-    caller = TwilioCaller(stream.attrib["url"], AUTH_TOKEN, custom_parameters=custom, call_sid=call_sid)
-    await caller.connect()
-    return caller
 
 
 async def main() -> int:
@@ -67,8 +52,8 @@ async def main() -> int:
     checks: dict[str, bool] = {}
     try:
         async with httpx.AsyncClient(timeout=30) as http:
-            a = await answered(http, env, "+15550100401")
-            b = await answered(http, env, "+15550100402")
+            a = await place_call(http, env, "+15550100401", SHIM_NUMBER)
+            b = await place_call(http, env, "+15550100402", SHIM_NUMBER)
             for _ in range(2):
                 await model.wait_for_session()
 
@@ -98,7 +83,7 @@ async def main() -> int:
             await forged.wait_closed(timeout=10)
             await asyncio.sleep(0.5)
             forged_sessions = model.connections_attempted - sessions_before
-            huge = await answered(http, env, "+15550100403")
+            huge = await place_call(http, env, "+15550100403", SHIM_NUMBER)
             t0 = time.monotonic()
             await huge._ws.send("x" * 1_000_000, text=True)
             await huge.wait_closed(timeout=10)
@@ -135,18 +120,14 @@ async def main() -> int:
         await stop_serve(server)
         await model.stop()
 
-    dsn, embedded = resolve_dsn("", work / "data")
+    async def read(conn):
+        rejected = await conn.fetch("SELECT detail FROM call_events WHERE call_sid = $1 AND kind = 'twilio_frames_rejected'",
+                                    b.call_sid)
+        return rejected, await conn.fetchrow("SELECT from_number, ended_reason FROM calls WHERE call_sid = $1", a.call_sid)
+
     try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            rejected = await conn.fetch("SELECT detail FROM call_events WHERE call_sid = $1 AND kind = 'twilio_frames_rejected'",
-                                        b.call_sid)
-            row_a = await conn.fetchrow("SELECT from_number, ended_reason FROM calls WHERE call_sid = $1", a.call_sid)
-        finally:
-            await conn.close()
+        rejected, row_a = await read_stopped_db(work / "data", read)
     finally:
-        if embedded is not None:
-            embedded.stop()
         shutil.rmtree(work, ignore_errors=True)
     heard = bytes(a.received_audio)
     model_said = [b"".join(bytes(v) for v in s.audio_out.values()) for s in model.sessions]

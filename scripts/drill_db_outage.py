@@ -98,6 +98,34 @@ def report(checks: dict[str, bool]) -> int:
     return 0 if all(checks.values()) else 1
 
 
+async def place_call(http: httpx.AsyncClient, env: dict[str, str], caller_number: str, shim_number: str,
+                     call_sid: str | None = None) -> TwilioCaller:
+    """What Twilio does for an incoming call: the signed /twilio/voice, then the <Stream> it
+    answered, with its <Parameter>s."""
+    call_sid = call_sid or "CA" + uuid.uuid4().hex
+    params = incoming_call_params(call_sid, caller_number, shim_number, "AC" + "0" * 32)
+    twiml = (await post_twilio_webhook(http, f"{env['PUBLIC_URL']}/twilio/voice", params, AUTH_TOKEN)).text
+    stream = ElementTree.fromstring(twiml).find("./Connect/Stream")
+    custom = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
+    caller = TwilioCaller(stream.attrib["url"], AUTH_TOKEN, custom_parameters=custom, call_sid=call_sid)
+    await caller.connect()
+    return caller
+
+
+async def read_stopped_db(data_dir: Path, read):
+    """After `shim serve` stopped: start its embedded Postgres on `data_dir`, `await read(conn)`, stop it."""
+    dsn, embedded = resolve_dsn("", data_dir)
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await read(conn)
+        finally:
+            await conn.close()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
 def run_drill(main) -> None:
     started = time.monotonic()
     code = asyncio.run(main())
@@ -122,16 +150,10 @@ async def main() -> int:
     call_sid = "CA" + uuid.uuid4().hex
     try:
         async with httpx.AsyncClient(timeout=10) as http:
-            params = incoming_call_params(call_sid, CALLER, SHIM_NUMBER, "AC" + "0" * 32)
-            twiml = (await post_twilio_webhook(http, f"{env['PUBLIC_URL']}/twilio/voice", params, AUTH_TOKEN)).text
-            stream = ElementTree.fromstring(twiml).find("./Connect/Stream")
-            custom = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
-            await asyncio.sleep(0.5)  # the ringing row reaches Postgres before the outage
             await proxy.pause()
             outage_at = time.monotonic()
             print("== Postgres cut off; placing the call")
-            caller = TwilioCaller(stream.attrib["url"], AUTH_TOKEN, custom_parameters=custom, call_sid=call_sid)
-            await caller.connect()
+            caller = await place_call(http, env, CALLER, SHIM_NUMBER, call_sid)
             session = await model.wait_for_session()
             await keep_line_open(caller, caller.wait_for_audio(1, timeout=10))
             await keep_line_open(caller, caller.wait_until_played(timeout=20))

@@ -24,38 +24,22 @@ import asyncio
 import shutil
 import sys
 import tempfile
-import time
-import uuid
 from pathlib import Path
-from xml.etree import ElementTree
 
-import asyncpg
 import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from drill_db_outage import AUTH_TOKEN, report, run_drill, serve_env, start_serve, stop_serve  # noqa: E402
+from drill_db_outage import place_call, read_stopped_db, report, run_drill, serve_env, start_serve, stop_serve  # noqa: E402
 
-from shim.db import resolve_dsn  # noqa: E402
 from shim.testing import CALLER_QUESTION_TEXT, load_asset  # noqa: E402
 from shim.testing.fake_realtime import FakeRealtime, Script  # noqa: E402
-from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, keep_line_open, post_twilio_webhook  # noqa: E402
+from shim.testing.twilio_caller import keep_line_open  # noqa: E402
 from shim.testing._serve import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIM_NUMBER = "+15550100500"
 ANSWER = "On Saturdays we are open from nine in the morning until one in the afternoon."
-
-
-async def answered(http: httpx.AsyncClient, env: dict[str, str]) -> TwilioCaller:
-    call_sid = "CA" + uuid.uuid4().hex
-    params = incoming_call_params(call_sid, "+15550100501", SHIM_NUMBER, "AC" + "0" * 32)
-    twiml = (await post_twilio_webhook(http, f"{env['PUBLIC_URL']}/twilio/voice", params, AUTH_TOKEN)).text
-    stream = ElementTree.fromstring(twiml).find("./Connect/Stream")
-    custom = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
-    caller = TwilioCaller(stream.attrib["url"], AUTH_TOKEN, custom_parameters=custom, call_sid=call_sid)
-    await caller.connect()
-    return caller
 
 
 async def scenario(name: str, script: Script, fault, work: Path, results: dict, *, mid_answer: bool = False) -> str:
@@ -70,7 +54,7 @@ async def scenario(name: str, script: Script, fault, work: Path, results: dict, 
     out: dict = {"name": name}
     try:
         async with httpx.AsyncClient(timeout=30) as http:
-            caller = await answered(http, env)
+            caller = await place_call(http, env, "+15550100501", SHIM_NUMBER)
             first = await model.wait_for_session(timeout=10)
             await keep_line_open(caller, caller.wait_for_audio(1, timeout=15))
             await keep_line_open(caller, fault(model, first, caller))
@@ -104,22 +88,16 @@ async def scenario(name: str, script: Script, fault, work: Path, results: dict, 
     finally:
         await stop_serve(server)
         await model.stop()
-    dsn, embedded = resolve_dsn("", work / "data")
-    try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            rows = await conn.fetch("SELECT kind, detail FROM call_events WHERE call_sid = $1 AND kind LIKE 'model_%' "
-                                    "ORDER BY at", caller.call_sid)
-            out["ended_reason"] = await conn.fetchval("SELECT ended_reason FROM calls WHERE call_sid = $1", caller.call_sid)
-            # the answer to the question asked on the new session: caller's end of speech -> first byte
-            out["turn_latency_ms"] = await conn.fetchval(
-                "SELECT latency_ms FROM utterances WHERE call_sid = $1 AND role = 'assistant' AND latency_ms IS NOT NULL "
-                "ORDER BY seq DESC LIMIT 1", caller.call_sid)
-        finally:
-            await conn.close()
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    async def read(conn):
+        out["ended_reason"] = await conn.fetchval("SELECT ended_reason FROM calls WHERE call_sid = $1", caller.call_sid)
+        # the answer to the question asked on the new session: caller's end of speech -> first byte
+        out["turn_latency_ms"] = await conn.fetchval(
+            "SELECT latency_ms FROM utterances WHERE call_sid = $1 AND role = 'assistant' AND latency_ms IS NOT NULL "
+            "ORDER BY seq DESC LIMIT 1", caller.call_sid)
+        return await conn.fetch("SELECT kind, detail FROM call_events WHERE call_sid = $1 AND kind LIKE 'model_%' "
+                                "ORDER BY at", caller.call_sid)
+
+    rows = await read_stopped_db(work / "data", read)
     out["events"] = [r["kind"] for r in rows]
     gaps = [orjson.loads(r["detail"]).get("gap_ms") for r in rows if r["kind"] in ("model_reconnected", "model_session_rolled_over")]
     out["gap_ms"] = gaps[0] if gaps else None

@@ -23,18 +23,17 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from xml.etree import ElementTree
 
 import asyncpg
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from drill_db_outage import AUTH_TOKEN, report, run_drill, serve_env, start_serve, stop_serve  # noqa: E402
+from drill_db_outage import place_call, report, run_drill, serve_env, start_serve, stop_serve  # noqa: E402
 
 from shim.db import resolve_dsn  # noqa: E402
 from shim.testing.fake_customer import FakeCustomer, delay, invalid_json, reply_results, status  # noqa: E402
 from shim.testing.fake_realtime import FakeRealtime, Script, calls  # noqa: E402
-from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, keep_line_open, post_twilio_webhook  # noqa: E402
+from shim.testing.twilio_caller import keep_line_open  # noqa: E402
 from shim.testing._serve import free_port, raw_http_server  # noqa: E402
 
 SHIM_NUMBER = "+15550100500"
@@ -92,12 +91,7 @@ async def main() -> int:
     call_sid = "CA" + uuid.uuid4().hex
     try:
         async with httpx.AsyncClient(timeout=10) as http:
-            params = incoming_call_params(call_sid, "+15550100501", SHIM_NUMBER, "AC" + "0" * 32)
-            twiml = (await post_twilio_webhook(http, f"{env['PUBLIC_URL']}/twilio/voice", params, AUTH_TOKEN)).text
-            stream = ElementTree.fromstring(twiml).find("./Connect/Stream")
-            custom = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
-            caller = TwilioCaller(stream.attrib["url"], AUTH_TOKEN, custom_parameters=custom, call_sid=call_sid)
-            await caller.connect()
+            caller = await place_call(http, env, "+15550100501", SHIM_NUMBER, call_sid)
             session = await model.wait_for_session()
             await keep_line_open(caller, session.wait_sent("response.done", count=1, timeout=15))
             t0 = time.monotonic()

@@ -50,6 +50,16 @@ async def fetchrow(dsn: str, sql: str, *args):
         await conn.close()
 
 
+async def model_events(dsn: str, call_sid: str) -> list[str]:
+    """The call's model_* call_events kinds, sorted (rows of one tick may share a timestamp)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return sorted(r["kind"] for r in await conn.fetch(
+            "SELECT kind FROM call_events WHERE call_sid = $1 AND kind LIKE 'model_%'", call_sid))
+    finally:
+        await conn.close()
+
+
 async def converse(caller, session) -> None:
     """Greeting, a question, then an interruption of the answer once it has played a little."""
     await keep_line_open(caller, caller.wait_for_audio(1, timeout=10))
@@ -286,14 +296,8 @@ async def test_a_lost_model_socket_is_reconnected_and_the_call_goes_on(tmp_path,
         await run.drain()
     call = await fetchrow(db_dsn, "SELECT ended_reason FROM calls WHERE call_sid = $1", caller.call_sid)
     assert call["ended_reason"] == "customer-ended-call"
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        kinds = [r["kind"] for r in await conn.fetch(
-            "SELECT kind FROM call_events WHERE call_sid = $1 AND kind LIKE 'model_%' ORDER BY at, id", caller.call_sid)]
-    finally:
-        await conn.close()
-    # one loss, one attempt, one recovery (rows written in the same tick may share a timestamp)
-    assert sorted(kinds) == ["model_reconnected", "model_reconnecting", "model_socket_closed"]
+    kinds = await model_events(db_dsn, caller.call_sid)
+    assert kinds == ["model_reconnected", "model_reconnecting", "model_socket_closed"]  # one loss, attempt, recovery
     assert run.fake.validation_errors == []
 
 
@@ -329,13 +333,8 @@ async def test_a_session_at_its_time_limit_is_rolled_over_at_a_pause(tmp_path, d
         assert not caller.closed
         await caller.stop()
         await run.drain()
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        kinds = [r["kind"] for r in await conn.fetch(
-            "SELECT kind FROM call_events WHERE call_sid = $1 AND kind LIKE 'model_%' ORDER BY at, id", caller.call_sid)]
-    finally:
-        await conn.close()
-    assert sorted(kinds) == ["model_rollover", "model_session_rolled_over"]  # before the cap: no socket lost
+    kinds = await model_events(db_dsn, caller.call_sid)
+    assert kinds == ["model_rollover", "model_session_rolled_over"]  # before the cap: no socket lost
     call = await fetchrow(db_dsn, "SELECT ended_reason FROM calls WHERE call_sid = $1", caller.call_sid)
     assert call["ended_reason"] == "customer-ended-call"
 
