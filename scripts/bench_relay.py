@@ -396,6 +396,7 @@ class Result:
     clears: int = 0  # `clear` frames the callers received for them
     clear_trigger: str = ""  # what triggers the bridge's barge-in decision (see BARGE_TRIGGER)
     clear_ms: list[float] = None  # that trigger -> `clear` at the caller
+    connect_ms: list[float] = None  # a loopback WebSocket connect to the model stand-in (probes)
 
 
 # What makes each bridge decide to cut the assistant off: the shim waits for 200 ms of voiced
@@ -459,6 +460,7 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         await asyncio.sleep(2.0)
         idle_pct = 100 * (tree_cpu(proc, _pg_pids(server)) - idle0) / (perf() - i0)
         rss_idle = tree_rss(proc, _pg_pids(server))
+        connect_ms = pct(await probe_connects(model.url, 20))
 
         say(f"[{tag}] ramping up {n} calls over {args.ramp:g} s")
         model.spread_phases = True
@@ -548,6 +550,7 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
             clears=len(clears),
             clear_trigger=trigger,
             clear_ms=pct(clears) if trigger else [float("nan")] * 3,
+            connect_ms=connect_ms,
         )
     finally:
         say(f"[{tag}] hanging up")
@@ -562,6 +565,22 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         code = await stop_server(server)
         if code not in (0, -signal.SIGTERM):
             say(f"[{tag}] server exited with {code}; log {server.log_path}:\n{tail(server.log_path)}")
+
+
+async def probe_connects(url: str, count: int) -> list[float]:
+    """How long opening a WebSocket to the model stand-in takes here (seconds, one at a time): what
+    the shim's `start` -> session.update includes that a real deployment replaces by its own
+    connect to OpenAI (TLS, ~100 ms away), so it can be taken out of the shim's part."""
+    from picows import WSListener, ws_connect
+
+    times = []
+    for _ in range(count):
+        t = perf()
+        transport, _ = await ws_connect(WSListener, url, extra_headers={"Authorization": "Bearer sk-bench"})
+        times.append(perf() - t)
+        transport.disconnect()
+        await asyncio.sleep(0.01)
+    return times
 
 
 async def wait_quiet(max_wait: float, tag: str) -> None:
@@ -656,6 +675,8 @@ def report(results: list[Result], meta: dict) -> str:
             start = "before `start` (connects on the WebSocket upgrade)"
         else:
             start = f"{fmt2(r.start_update_ms)} ({fmt2(r.start_connect_ms)} + {fmt2(r.created_update_ms)})"
+            if r.connect_ms and r.connect_ms[0] == r.connect_ms[0]:
+                start += f"; a loopback connect takes {fmt2(r.connect_ms)}"
         if r.clear_trigger and r.clears:
             clear = f"{' / '.join(f'{x:.2f}' for x in r.clear_ms)} (from {r.clear_trigger})"
         else:
