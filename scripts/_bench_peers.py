@@ -101,6 +101,11 @@ class Delays:
         self.late_in_window = 0  # sent > 20 ms after their schedule
         self.max_late = 0.0
         self.lates: list[float] = []  # how late the generator sent each frame in the window
+        # Frames a bridge may rightly drop: deltas the model sends after the caller started
+        # talking over the answer (the bridge has cut it off and discards what is still in
+        # flight). Their delay counts if they arrive; they are not "lost" if they do not.
+        self.optional: set[int] = set()
+        self.optional_recv = 0
 
     def reset(self) -> None:
         self.__init__()
@@ -108,9 +113,11 @@ class Delays:
     def window(self, t0: float, t1: float) -> None:
         self.t0, self.t1 = t0, t1
 
-    def on_send(self, tag: int, t: float, late: float) -> None:
+    def on_send(self, tag: int, t: float, late: float, optional: bool = False) -> None:
         self.sent[tag] = t
-        if self.t0 <= t <= self.t1:
+        if optional:
+            self.optional.add(tag)
+        elif self.t0 <= t <= self.t1:
             self.sent_in_window += 1
             self.lates.append(late)
             if late > self.max_late:
@@ -124,7 +131,13 @@ class Delays:
             return False
         if self.t0 <= ts <= self.t1:
             self.samples.append(t - ts)
+            if self.optional and tag in self.optional:
+                self.optional.discard(tag)
+                self.optional_recv += 1
         return True
+
+    def lost(self) -> int:
+        return self.sent_in_window - (len(self.samples) - self.optional_recv)
 
 
 # --- the Realtime stand-in ---------------------------------------------------------------------
@@ -288,7 +301,7 @@ class ModelSession(WSListener):
                 tag, payload = tagger.next()
                 data = (head + str(i) + '","delta":"' + payload + '"}').encode()
                 t = perf()
-                m2c.on_send(tag, t, t - due)
+                m2c.on_send(tag, t, t - due, barged)
                 if i == 0:
                     SESSIONS[tag] = self
                 self.transport.send(TEXT, data)

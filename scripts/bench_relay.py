@@ -507,6 +507,7 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         trigger = BARGE_TRIGGER[stack]
         clears = [(cf if trigger == "caller frame" else cs) for c in callers for (t, cf, cs) in c.clears
                   if t0 <= t <= t1 + args.grace]
+        clears = [d for d in clears if d == d]  # nan: the caller was never paired with its session
         sys_total = sum(sys1) - sum(sys0)
         busy = 1 - ((sys1.idle + getattr(sys1, "iowait", 0)) - (sys0.idle + getattr(sys0, "iowait", 0))) / sys_total
         rss_live = statistics.median(rss_samples)
@@ -527,8 +528,8 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
             m2c_ms=pct(m2c.samples),
             c2m_frames=len(c2m.samples),
             m2c_frames=len(m2c.samples),
-            c2m_lost=c2m.sent_in_window - len(c2m.samples),
-            m2c_lost=m2c.sent_in_window - len(m2c.samples),
+            c2m_lost=c2m.lost(),
+            m2c_lost=m2c.lost(),
             late_frames=c2m.late_in_window + m2c.late_in_window,
             max_late_ms=max(c2m.max_late, m2c.max_late) * 1000,
             server_cpu_pct=server_pct,
@@ -848,8 +849,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--talk", type=float, default=3.0, help="seconds the assistant talks per cycle (default 3)")
     parser.add_argument("--shim-dir", type=lambda p: Path(p).resolve(), default=REPO,
                         help="source tree of the shim to run (default: this checkout), e.g. a `git archive` of a commit")
-    parser.add_argument("--quiet-wait", type=float, default=15,
-                        help="before each run, wait up to this long for other processes to go idle (default 15)")
+    parser.add_argument("--quiet-wait", type=float, default=5,
+                        help="before each run, wait up to this long for other processes to go idle (default 5)")
     parser.add_argument("--json", type=Path, default=REPO / ".shim" / "bench" / "bench.json",
                         help="write the results here (default .shim/bench/bench.json)")
     parser.add_argument("--svg", type=Path, default=REPO / ".shim" / "bench" / "bench.svg",
