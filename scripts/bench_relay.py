@@ -656,8 +656,8 @@ def report(results: list[Result], meta: dict) -> str:
     out = []
     bare = {r.calls: r for r in results if r.stack == "bare"}
     out.append("| stack | N | CPU-s / call-min | × bare | MiB / call | up p50 / p99 ms | down p50 / p99 ms "
-               "| set-up p50 / p99 ms | generator late p99 / max ms |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+               "| set-up p50 / p99 ms | generator late p99 / max ms | CPU % of a core: generator / others |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(results, key=lambda r: r.calls):
         cpu = f"{r.cpu_per_call_min:.3f}"
         if r.pg_cpu_per_call_min is not None:
@@ -666,7 +666,8 @@ def report(results: list[Result], meta: dict) -> str:
         ratio = f"{r.cpu_per_call_min / b.cpu_per_call_min:.2f}" if b and r is not b else ("1" if r is b else "—")
         late = r.late_ms or [float("nan")] * 3
         out.append(f"| {name_of(r, meta)} | {r.calls} | {cpu} | {ratio} | {r.mib_per_call:.3f} | {fmt2(r.c2m_ms)} "
-                   f"| {fmt2(r.m2c_ms)} | {fmt2(r.setup_ms)} | {late[1]:.1f} / {late[2]:.1f} |")
+                   f"| {fmt2(r.m2c_ms)} | {fmt2(r.setup_ms)} | {late[1]:.1f} / {late[2]:.1f} "
+                   f"| {r.gen_cpu_pct:.0f} / {r.other_cpu_pct:.0f} |")
     out.append("")
     out.append("| stack | N | `start` → session.update p50 / p99 ms (→ model socket open + session.created → update) "
                "| barge-ins / clears | barge-in trigger → `clear` at caller p50 / p99 / max ms |")

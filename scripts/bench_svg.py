@@ -33,8 +33,10 @@ def cpu_chart(series: dict[str, list[tuple[int, float]]], *, subtitle: str = "",
         xs = [0]
     span = (xs[-1] - xs[0]) or 1
 
+    pad = 28  # keep the first and last points off the axes
+
     def x(n: float) -> float:
-        return left + (pw * (n - xs[0]) / span if len(xs) > 1 else pw / 2)
+        return left + (pad + (pw - 2 * pad) * (n - xs[0]) / span if len(xs) > 1 else pw / 2)
 
     def y(v: float) -> float:
         return top + ph * (1 - v / ymax)
