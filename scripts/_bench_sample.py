@@ -7,7 +7,8 @@ served by uvicorn (FastAPI's WebSocket *is* Starlette's), the `websockets` clien
 two tasks per call (Twilio -> model, model -> Twilio), `json.loads` / `json.dumps` of every
 event, the base64 decode + re-encode of every audio delta, a mark after every delta, the
 event-type prints, and its barge-in (on speech_started: truncate + `clear`). Left out: the
-TwiML webhook and the optional greeting (neither is on the media path). Run by
+TwiML webhook and the optional greeting (neither is on the media path), and the print of every
+message that some versions of the sample carry (it would only make the sample slower). Run by
 scripts/bench_relay.py as `bench_relay.py --serve-sample PORT --model-url URL`; stdout (the
 sample's prints) goes to the run's log file, as it would go to a container log.
 """
