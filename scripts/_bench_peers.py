@@ -196,7 +196,7 @@ class ModelSession(WSListener):
         self.t_connected = self.t_update = math.nan  # perf() of the upgrade and the first session.update
         self.interrupt = True  # server VAD's interrupt_response (the API's default)
         self.cancelled = False  # response.cancel seen for the answer being sent
-        self.barge_sent = math.nan  # perf() of the last barge-in speech_started
+        self.barge_sent = math.nan  # perf() of the last speech_started (a bridge may clear on any)
 
     def _send(self, s: str) -> None:
         self.transport.send(TEXT, s.encode())
@@ -318,6 +318,7 @@ class ModelSession(WSListener):
             if not barged:
                 # the caller's turn: starts once the answer has played, ends before the next answer
                 await sleep_until(base + server.talk_s + 0.5)
+                self.barge_sent = perf()
                 self._event({"type": "input_audio_buffer.speech_started",
                              "audio_start_ms": max(self._in_ms() - 300, 0), "item_id": uid})
             await sleep_until(base + server.cycle_s - 0.8)

@@ -505,9 +505,9 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         call_min = n * window / 60
         paired = [c for c in callers if c.session is not None and c.session.t_update == c.session.t_update]
         trigger = BARGE_TRIGGER[stack]
+        # counted by when the caller started talking (nan: the caller was never paired with its session)
         clears = [(cf if trigger == "caller frame" else cs) for c in callers for (t, cf, cs) in c.clears
-                  if t0 <= t <= t1 + args.grace]
-        clears = [d for d in clears if d == d]  # nan: the caller was never paired with its session
+                  if t0 <= t - cs <= t1]
         sys_total = sum(sys1) - sum(sys0)
         busy = 1 - ((sys1.idle + getattr(sys1, "iowait", 0)) - (sys0.idle + getattr(sys0, "iowait", 0))) / sys_total
         rss_live = statistics.median(rss_samples)
