@@ -397,6 +397,7 @@ class Result:
     clear_trigger: str = ""  # what triggers the bridge's barge-in decision (see BARGE_TRIGGER)
     clear_ms: list[float] = None  # that trigger -> `clear` at the caller
     connect_ms: list[float] = None  # a loopback WebSocket connect to the model stand-in (probes)
+    round: int = 0  # with --repeat: which pass over the plan
 
 
 # What makes each bridge decide to cut the assistant off: the shim waits for 200 ms of voiced
@@ -651,10 +652,38 @@ def name_of(r: Result, meta: dict) -> str:
     return f"shim ({meta['media']})" if r.stack == "shim" and meta.get("media") != "one-port" else STACK_NAMES[r.stack]
 
 
+def shown(results: list[Result]) -> tuple[list[Result], dict[tuple[str, int], str]]:
+    """One row per (stack, N), and its CPU ratio to the bare relay. With several rounds, each
+    ratio is taken within its round (bare and the other stack measured minutes apart) and the
+    row shown is the round with the median ratio, labelled with the range over the rounds."""
+    bare = {(r.round, r.calls): r for r in results if r.stack == "bare"}
+    groups: dict[tuple[str, int], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.stack, r.calls), []).append(r)
+    rows, ratios = [], {}
+    for key, rs in groups.items():
+        if key[0] == "bare":
+            rs = sorted(rs, key=lambda r: r.cpu_per_call_min)
+            rows.append(rs[(len(rs) - 1) // 2])
+            ratios[key] = "1"
+            continue
+        pairs = sorted(((r.cpu_per_call_min / bare[(r.round, r.calls)].cpu_per_call_min, r) for r in rs
+                        if (r.round, r.calls) in bare), key=lambda p: p[0])
+        if not pairs:
+            rows.append(rs[0])
+            ratios[key] = "—"
+            continue
+        ratio, row = pairs[(len(pairs) - 1) // 2]
+        rows.append(row)
+        ratios[key] = f"{ratio:.2f}" + (f" ({pairs[0][0]:.2f}–{pairs[-1][0]:.2f}, {len(pairs)} rounds)"
+                                        if len(pairs) > 1 else "")
+    return sorted(rows, key=lambda r: r.calls), ratios
+
+
 def report(results: list[Result], meta: dict) -> str:
     """The Markdown the README's Performance section shows (stacks in run order, sizes ascending)."""
     out = []
-    bare = {r.calls: r for r in results if r.stack == "bare"}
+    results, ratios = shown(results)
     out.append("| stack | N | CPU-s / call-min | × bare | MiB / call | up p50 / p99 ms | down p50 / p99 ms "
                "| set-up p50 / p99 ms | generator late p99 / max ms | CPU % of a core: generator / others |")
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -662,8 +691,7 @@ def report(results: list[Result], meta: dict) -> str:
         cpu = f"{r.cpu_per_call_min:.3f}"
         if r.pg_cpu_per_call_min is not None:
             cpu += f" (+{r.pg_cpu_per_call_min:.3f} PG)"
-        b = bare.get(r.calls)
-        ratio = f"{r.cpu_per_call_min / b.cpu_per_call_min:.2f}" if b and r is not b else ("1" if r is b else "—")
+        ratio = ratios[(r.stack, r.calls)]
         late = r.late_ms or [float("nan")] * 3
         out.append(f"| {name_of(r, meta)} | {r.calls} | {cpu} | {ratio} | {r.mib_per_call:.3f} | {fmt2(r.c2m_ms)} "
                    f"| {fmt2(r.m2c_ms)} | {fmt2(r.setup_ms)} | {late[1]:.1f} / {late[2]:.1f} "
@@ -709,6 +737,11 @@ def report(results: list[Result], meta: dict) -> str:
         "played; every other turn the caller barges in 1.2 s into the answer. Calls ramp up over "
         f"{meta['ramp']:g} s; window {meta['seconds']:g} s per run. Shim source: {meta['source_version']}."
     )
+    if any("rounds)" in v for v in ratios.values()):
+        out.append("")
+        out.append("Several rounds: × bare is the median of the ratios taken within each round (bare relay and "
+                   "the stack measured minutes apart), with their range; the rest of each row is from the round "
+                   "with that median ratio (for the bare relay, its median-CPU round).")
     late = [r for r in results if r.late_frames]
     if late:
         out.append("")
@@ -754,7 +787,7 @@ def save(results: list[Result], meta: dict, json_path: Path | None, svg_path: Pa
     if svg_path is not None:
         svg_path.parent.mkdir(parents=True, exist_ok=True)
         series = {}
-        for r in results:
+        for r in shown(results)[0]:
             series.setdefault(name_of(r, meta), []).append((r.calls, r.cpu_per_call_min))
         svg_path.write_text(cpu_chart(series, subtitle=f"{meta['cpus']} cores shared with the load generator, "
                                                        f"{meta['when']}"))
@@ -769,12 +802,17 @@ def load(path: Path) -> tuple[list[Result], dict]:
     return [Result(**r) for r in rows], data["meta"]
 
 
-def plan(args) -> list[tuple[str, int]]:
-    """(stack, N) in run order: at each size the floor first, then the others."""
+def plan(args) -> list[tuple[str, int, int]]:
+    """(stack, N, round) in run order: at each size the floor first, then the others; with
+    --repeat, every other round in reverse, so drift in the machine's load does not always
+    favour the same stack."""
     stacks = [s for s in args.stacks if args.baseline or s != "bare"]
-    runs = [(s, n) for n in args.calls for s in stacks]
-    runs += [(s, n) for n in args.delay_calls if n not in args.calls for s in args.delay_stacks
-             if s in stacks]
+    runs = []
+    for k in range(args.repeat):
+        order = stacks if k % 2 == 0 else stacks[::-1]
+        runs += [(s, n, k) for n in args.calls for s in order]
+        runs += [(s, n, k) for n in args.delay_calls if n not in args.calls for s in order
+                 if s in args.delay_stacks]
     return runs
 
 
@@ -788,11 +826,13 @@ async def bench(args) -> int:
     failures: list[str] = []
     started = perf()
     runs = plan(args)
-    say(f"{len(runs)} runs: " + ", ".join(f"{s}/{n}" for s, n in runs))
+    say(f"{len(runs)} runs: " + ", ".join(f"{s}/{n}" for s, n, _ in runs))
     try:
-        for stack, n in runs:
+        for stack, n, k in runs:
             try:
-                results.append(await run_stack(stack, n, model, c2m, m2c, args))
+                result = await run_stack(stack, n, model, c2m, m2c, args)
+                result.round = k
+                results.append(result)
             except Exception as exc:  # one failed run must not lose the others
                 failures.append(f"{stack}/{n}: {type(exc).__name__}: {exc}")
                 say(f"[{stack}-{n}] FAILED: {exc}")
@@ -832,6 +872,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="stacks to run at each size, in order (default bare,sample,shim)")
     parser.add_argument("--delay-stacks", default="bare,shim", type=_stacks,
                         help="stacks run at the --delay-calls sizes (default bare,shim)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="passes over the whole plan (default 1); with more, each ratio is the median of "
+                             "per-pass ratios, shown with its range: steadier figures on a busy machine")
     parser.add_argument("--quick", action="store_true",
                         help="a ~1.5 min smoke run: 50 calls, every stack, 8 s windows, nothing at 150")
     parser.add_argument("--media", choices=("one-port", "media-port"), default="one-port",
@@ -877,6 +920,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.calls, args.delay_calls, args.seconds, args.ramp, args.warmup = [50], [], 8.0, 2.0, 2.0
         args.quiet_wait = min(args.quiet_wait, 10)
+    if args.repeat < 1:
+        parser.error("--repeat: expected a positive integer")
     if not args.calls or min(args.calls + args.delay_calls) < 1:
         parser.error("--calls: expected positive integers, e.g. 50,100")
     if not 0 < args.talk < args.cycle - 1:

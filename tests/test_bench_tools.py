@@ -67,3 +67,13 @@ def test_report_takes_each_ratio_against_the_bare_relay_of_the_same_size(tmp_pat
     again, meta2 = bench_relay.load(tmp_path / "b.json")
     assert bench_relay.report(again, meta2) == bench_relay.report(results, meta)
     ET.fromstring((tmp_path / "b.svg").read_text())
+
+
+def test_with_several_rounds_each_ratio_is_taken_within_its_round():
+    results = [_result("bare", 50, 0.10, round=0), _result("shim", 50, 0.15, round=0),
+               _result("bare", 50, 0.20, round=1), _result("shim", 50, 0.24, round=1),
+               _result("bare", 50, 0.10, round=2), _result("shim", 50, 0.17, round=2)]
+    rows, ratios = bench_relay.shown(results)
+    assert ratios[("shim", 50)] == "1.50 (1.20–1.70, 3 rounds)"
+    assert [(r.stack, r.round) for r in rows] == [("bare", 0), ("shim", 0)] or \
+        [(r.stack, r.round) for r in rows] == [("bare", 2), ("shim", 0)]
