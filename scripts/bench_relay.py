@@ -1,6 +1,7 @@
-"""`make bench`: load benchmark of the media relay, the real `shim serve` against a bare relay.
+"""`make bench`: load benchmark of the media relay: the real `shim serve` beside a bare relay
+(the floor) and Twilio's sample bridge, in one run, so ratios hold on a shared machine.
 
-For each --calls value, runs N concurrent simulated calls (Twilio caller + Realtime stand-in,
+For each --calls value (and --delay-calls for --delay-stacks), runs N concurrent simulated calls (Twilio caller + Realtime stand-in,
 both lightweight and in this one uvloop process, see scripts/_bench_peers.py) through:
 
 * shim: `python -m shim.cli serve` as a subprocess, as scripts/demo.py starts it (media on the
@@ -28,6 +29,7 @@ to stdout (Markdown tables), to --json and to --svg (CPU per call-minute by N);
 
     make bench                                  # 50 and 100 calls, every stack; 150 for bare + shim
     .venv/bin/python scripts/bench_relay.py --quick
+    .venv/bin/python scripts/bench_relay.py --repeat 2   # twice over, alternating order: steadier ratios
 """
 
 from __future__ import annotations
