@@ -656,29 +656,27 @@ def name_of(r: Result, meta: dict) -> str:
 
 def shown(results: list[Result]) -> tuple[list[Result], dict[tuple[str, int], str]]:
     """One row per (stack, N), and its CPU ratio to the bare relay. With several rounds, each
-    ratio is taken within its round (bare and the other stack measured minutes apart) and the
-    row shown is the round with the median ratio, labelled with the range over the rounds."""
+    ratio is taken within its round (bare and the other stack measured minutes apart), the
+    column shows their median and range, and the row shown is the stack's quietest round (least
+    CPU used by other processes): its delays are the least disturbed."""
     bare = {(r.round, r.calls): r for r in results if r.stack == "bare"}
     groups: dict[tuple[str, int], list[Result]] = {}
     for r in results:
         groups.setdefault((r.stack, r.calls), []).append(r)
     rows, ratios = [], {}
     for key, rs in groups.items():
+        rows.append(min(rs, key=lambda r: r.other_cpu_pct))
         if key[0] == "bare":
-            rs = sorted(rs, key=lambda r: r.cpu_per_call_min)
-            rows.append(rs[(len(rs) - 1) // 2])
             ratios[key] = "1"
             continue
-        pairs = sorted(((r.cpu_per_call_min / bare[(r.round, r.calls)].cpu_per_call_min, r) for r in rs
-                        if (r.round, r.calls) in bare), key=lambda p: p[0])
-        if not pairs:
-            rows.append(rs[0])
+        each = sorted(r.cpu_per_call_min / bare[(r.round, r.calls)].cpu_per_call_min for r in rs
+                      if (r.round, r.calls) in bare)
+        if not each:
             ratios[key] = "—"
-            continue
-        ratio, row = pairs[(len(pairs) - 1) // 2]
-        rows.append(row)
-        ratios[key] = f"{ratio:.2f}" + (f" ({pairs[0][0]:.2f}–{pairs[-1][0]:.2f}, {len(pairs)} rounds)"
-                                        if len(pairs) > 1 else "")
+        elif len(each) == 1:
+            ratios[key] = f"{each[0]:.2f}"
+        else:
+            ratios[key] = f"{statistics.median(each):.2f} ({each[0]:.2f}–{each[-1]:.2f}, {len(each)} rounds)"
     return sorted(rows, key=lambda r: r.calls), ratios
 
 
@@ -742,8 +740,8 @@ def report(results: list[Result], meta: dict) -> str:
     if any("rounds)" in v for v in ratios.values()):
         out.append("")
         out.append("Several rounds: × bare is the median of the ratios taken within each round (bare relay and "
-                   "the stack measured minutes apart), with their range; the rest of each row is from the round "
-                   "with that median ratio (for the bare relay, its median-CPU round).")
+                   "the stack measured minutes apart), with their range; the rest of each row is from that "
+                   "stack's quietest round (least CPU used by other processes).")
     late = [r for r in results if r.late_frames]
     if late:
         out.append("")
