@@ -7,7 +7,15 @@ process, and time-stamp tagged frames with time.perf_counter:
 * every caller media frame carries a unique counter in its first 64 μ-law samples; the model
   stand-in reads it back when the matching input_audio_buffer.append arrives;
 * every model audio delta (100 ms, 800 bytes) is tagged the same way and read back when the
-  caller receives the Twilio media frame carrying it.
+  caller receives the Twilio media frame carrying it;
+* the first delta of each response also pairs the caller with its model session (SESSIONS), so
+  set-up times (caller connects / sends `start` -> session.update reaches the model) and
+  barge-in times (trigger -> Twilio `clear` reaches the caller) are measured per call.
+
+Every other turn the caller barges in: the stand-in bursts the first 500 ms of the answer (as
+the real API streams faster than real time, so the caller has audio queued), then sends
+speech_started mid-answer; it stops the answer at once when the session asked for
+interrupt_response (the API's default), else when the bridge sends response.cancel.
 
 Tags are carried by the signs of full-scale samples (see Tagger), so they survive the shim's
 background-ambience mixing; the caller audio is relayed untouched anyway.
@@ -36,6 +44,12 @@ TEXT = WSMsgType.TEXT
 FRAME_S = 0.020  # Twilio's inbound cadence
 FRAME_BYTES = 160
 DELTA_BYTES = 800  # 100 ms of μ-law
+BURST_CHUNKS = 5  # a barge-in turn's answer starts with 500 ms sent at once
+BARGE_AT_S = 1.2  # ... and the caller starts talking over it this far into the answer
+
+# tag of a response's first delta -> its ModelSession: the caller that receives it learns its
+# session (popped on receipt; cleared between runs)
+SESSIONS: dict[int, "ModelSession"] = {}
 
 
 class Tagger:
@@ -86,6 +100,12 @@ class Delays:
         self.sent_in_window = 0
         self.late_in_window = 0  # sent > 20 ms after their schedule
         self.max_late = 0.0
+        self.lates: list[float] = []  # how late the generator sent each frame in the window
+        # Frames a bridge may rightly drop: deltas the model sends after the caller started
+        # talking over the answer (the bridge has cut it off and discards what is still in
+        # flight). Their delay counts if they arrive; they are not "lost" if they do not.
+        self.optional: set[int] = set()
+        self.optional_recv = 0
 
     def reset(self) -> None:
         self.__init__()
@@ -93,10 +113,13 @@ class Delays:
     def window(self, t0: float, t1: float) -> None:
         self.t0, self.t1 = t0, t1
 
-    def on_send(self, tag: int, t: float, late: float) -> None:
+    def on_send(self, tag: int, t: float, late: float, optional: bool = False) -> None:
         self.sent[tag] = t
-        if self.t0 <= t <= self.t1:
+        if optional:
+            self.optional.add(tag)
+        elif self.t0 <= t <= self.t1:
             self.sent_in_window += 1
+            self.lates.append(late)
             if late > self.max_late:
                 self.max_late = late
             if late > 0.020:
@@ -108,7 +131,13 @@ class Delays:
             return False
         if self.t0 <= ts <= self.t1:
             self.samples.append(t - ts)
+            if self.optional and tag in self.optional:
+                self.optional.discard(tag)
+                self.optional_recv += 1
         return True
+
+    def lost(self) -> int:
+        return self.sent_in_window - (len(self.samples) - self.optional_recv)
 
 
 # --- the Realtime stand-in ---------------------------------------------------------------------
@@ -126,6 +155,8 @@ class ModelServer:
         # random phase, so the assistant of about half the calls is talking at any moment
         # instead of all of them in step.
         self.spread_phases = False
+        self.barge_in = True  # every other turn, the caller talks over the answer
+        self.barge_times: list[float] = []  # perf() of every barge-in speech_started
         self.rng = random.Random(1)
         self.sessions: set[ModelSession] = set()
         self.live = 0  # sessions configured (session.update seen) and still connected
@@ -162,6 +193,10 @@ class ModelSession(WSListener):
         self.in_chars = 0  # base64 characters of caller audio appended
         self.live = False
         self._ev = itertools.count(1)
+        self.t_connected = self.t_update = math.nan  # perf() of the upgrade and the first session.update
+        self.interrupt = True  # server VAD's interrupt_response (the API's default)
+        self.cancelled = False  # response.cancel seen for the answer being sent
+        self.barge_sent = math.nan  # perf() of the last speech_started (a bridge may clear on any)
 
     def _send(self, s: str) -> None:
         self.transport.send(TEXT, s.encode())
@@ -171,6 +206,7 @@ class ModelSession(WSListener):
         self.transport.send(TEXT, orjson.dumps(event))
 
     def on_ws_connected(self, transport: WSTransport) -> None:
+        self.t_connected = perf()
         self.transport = transport
         self.server.sessions.add(self)
         self.server.connections += 1
@@ -190,8 +226,13 @@ class ModelSession(WSListener):
                 self.in_chars += len(audio)
                 self.server.c2m.on_recv(tag_of(audio), now)
             elif typ == "session.update":
+                if self.t_update != self.t_update:  # first one (nan)
+                    self.t_update = now
                 session = dict(msg.get("session") or {})
                 audio = session.get("audio") or {}
+                turn = (audio.get("input") or {}).get("turn_detection")
+                if isinstance(turn, dict):
+                    self.interrupt = turn.get("interrupt_response", True) is not False
                 session["audio"] = {
                     "input": {**(audio.get("input") or {}), "format": {"type": "audio/pcmu"}},
                     "output": {**(audio.get("output") or {}), "format": {"type": "audio/pcmu"}},
@@ -202,7 +243,9 @@ class ModelSession(WSListener):
                     self.live = True
                     self.server.live += 1
                     self.task = asyncio.get_running_loop().create_task(self._run())
-            # response.create, cancel, truncate, ...: the schedule ignores them
+            elif typ == "response.cancel":
+                self.cancelled = True
+            # response.create, truncate, ...: the schedule ignores them
         elif kind == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()
@@ -230,33 +273,54 @@ class ModelSession(WSListener):
         start = perf() + (server.rng.uniform(0, server.cycle_s) if server.spread_phases else 0.0)
         for k in itertools.count():
             base = start + k * server.cycle_s
+            barge = server.barge_in and k % 2 == 1
             rid, iid, uid = f"resp_{self.sid}_{k}", f"item_{self.sid}_{k}", f"item_{self.sid}_u{k}"
             await sleep_until(base)
+            self.cancelled = False
             self._event({"type": "response.created", "response": {
                 "id": rid, "object": "realtime.response", "status": "in_progress", "output": []}})
             head = ('{"type":"response.output_audio.delta","response_id":"' + rid + '","item_id":"' + iid
                     + '","output_index":0,"content_index":0,"event_id":"ev_' + self.sid + "_" + str(k) + "_")
+            status, barged = "completed", False
             for i in range(chunks):
-                due = base + i * 0.1
+                due = base + (max(i - BURST_CHUNKS, 0) * 0.1 if barge else i * 0.1)
+                if barge and not barged and due >= base + BARGE_AT_S:
+                    await sleep_until(base + BARGE_AT_S)
+                    barged = True
+                    self.barge_sent = perf()
+                    server.barge_times.append(self.barge_sent)
+                    self._event({"type": "input_audio_buffer.speech_started",
+                                 "audio_start_ms": max(self._in_ms() - 300, 0), "item_id": uid})
+                    if self.interrupt:
+                        status = "cancelled"
+                        break
                 await sleep_until(due)
+                if self.cancelled:
+                    status = "cancelled"
+                    break
                 tag, payload = tagger.next()
                 data = (head + str(i) + '","delta":"' + payload + '"}').encode()
                 t = perf()
-                m2c.on_send(tag, t, t - due)
+                m2c.on_send(tag, t, t - due, barged)
+                if i == 0:
+                    SESSIONS[tag] = self
                 self.transport.send(TEXT, data)
                 if i % 5 == 4:
                     self._event({"type": "response.output_audio_transcript.delta", "response_id": rid,
                                  "item_id": iid, "output_index": 0, "content_index": 0, "delta": "words "})
             ids = {"response_id": rid, "item_id": iid, "output_index": 0, "content_index": 0}
-            self._event({"type": "response.output_audio.done", **ids})
-            self._event({"type": "response.output_audio_transcript.done", **ids,
-                         "transcript": "words " * (chunks // 5)})
+            if status == "completed":
+                self._event({"type": "response.output_audio.done", **ids})
+                self._event({"type": "response.output_audio_transcript.done", **ids,
+                             "transcript": "words " * (chunks // 5)})
             self._event({"type": "response.done", "response": {
-                "id": rid, "object": "realtime.response", "status": "completed", "output": []}})
-            # the caller's turn: starts once the answer has played, ends before the next answer
-            await sleep_until(base + server.talk_s + 0.5)
-            self._event({"type": "input_audio_buffer.speech_started", "audio_start_ms": max(self._in_ms() - 300, 0),
-                         "item_id": uid})
+                "id": rid, "object": "realtime.response", "status": status, "output": []}})
+            if not barged:
+                # the caller's turn: starts once the answer has played, ends before the next answer
+                await sleep_until(base + server.talk_s + 0.5)
+                self.barge_sent = perf()
+                self._event({"type": "input_audio_buffer.speech_started",
+                             "audio_start_ms": max(self._in_ms() - 300, 0), "item_id": uid})
             await sleep_until(base + server.cycle_s - 0.8)
             self._event({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self._in_ms(), "item_id": uid})
             await sleep_until(base + server.cycle_s - 0.5)
@@ -293,13 +357,20 @@ class Caller(WSListener):
         self.media_in = 0
         self.media_untagged = 0
         self.marks_echoed = 0
+        self.t_connect = self.t_start = math.nan  # perf(): upgrade requested; `start` sent
+        self.last_sent = math.nan  # perf() of the last media frame sent
+        self.session: ModelSession | None = None  # paired by the first tagged answer received
+        # (perf() the clear arrived, since the last media frame sent, since the model's speech_started)
+        self.clears: list[tuple[float, float, float]] = []
 
     async def connect(self, url: str, auth_token: str) -> None:
         signature = RequestValidator(auth_token).compute_signature(url, {})
+        self.t_connect = perf()
         await ws_connect(lambda: self, url, extra_headers={"X-Twilio-Signature": signature},
                          websocket_handshake_timeout=10)
         self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         self.seq += 1
+        self.t_start = perf()
         self._send({"event": "start", "sequenceNumber": str(self.seq), "streamSid": self.stream_sid, "start": {
             "accountSid": "AC" + "0" * 32, "streamSid": self.stream_sid, "callSid": self.call_sid,
             "tracks": ["inbound"], "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
@@ -320,7 +391,7 @@ class Caller(WSListener):
         data = ('{"event":"media","sequenceNumber":"' + str(self.seq) + '","media":{"track":"inbound","chunk":"'
                 + str(self.chunk) + '","timestamp":"' + str((self.chunk - 1) * 20) + '","payload":"' + payload
                 + '"},"streamSid":"' + self.stream_sid + '"}').encode()
-        t = perf()
+        t = self.last_sent = perf()
         self.c2m.on_send(tag, t, t - due)
         self.transport.send(TEXT, data)
 
@@ -358,8 +429,11 @@ class Caller(WSListener):
             event = msg.get("event")
             if event == "media":
                 payload = msg["media"]["payload"]
-                if self.m2c.on_recv(tag_of(payload), now):
+                tag = tag_of(payload)
+                if self.m2c.on_recv(tag, now):
                     self.media_in += 1
+                    if self.session is None:
+                        self.session = SESSIONS.pop(tag, None)
                 else:
                     self.media_untagged += 1  # e.g. ambience the shim plays between answers
                 nbytes = len(payload) * 3 // 4 - (2 if payload.endswith("==") else 1 if payload.endswith("=") else 0)
@@ -373,6 +447,8 @@ class Caller(WSListener):
                     self._marks.append(name)
                     asyncio.get_running_loop().call_later(max(wait, 0), self._echo, self._gen)
             elif event == "clear":
+                self.clears.append((now, now - self.last_sent,
+                                    now - self.session.barge_sent if self.session is not None else math.nan))
                 self.play_end = now
                 self._gen += 1
                 while self._marks:

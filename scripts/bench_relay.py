@@ -1,6 +1,7 @@
-"""`make bench`: load benchmark of the media relay, the real `shim serve` against a bare relay.
+"""`make bench`: load benchmark of the media relay: the real `shim serve` beside a bare relay
+(the floor) and Twilio's sample bridge, in one run, so ratios hold on a shared machine.
 
-For each --calls value, runs N concurrent simulated calls (Twilio caller + Realtime stand-in,
+For each --calls value (and --delay-calls for --delay-stacks), runs N concurrent simulated calls (Twilio caller + Realtime stand-in,
 both lightweight and in this one uvloop process, see scripts/_bench_peers.py) through:
 
 * shim: `python -m shim.cli serve` as a subprocess, as scripts/demo.py starts it (media on the
@@ -9,16 +10,26 @@ both lightweight and in this one uvloop process, see scripts/_bench_peers.py) th
   skipped, by leaving TWILIO_ACCOUNT_SID unset, so nothing leaves 127.0.0.1);
 * bare relay (--baseline): a ~60-line picows relay, also a subprocess of this script
   (`--serve-bare`), that forwards media -> input_audio_buffer.append and
-  response.output_audio.delta -> media + mark, with no other logic.
+  response.output_audio.delta -> media + mark, with no other logic: the floor;
+* twilio-samples: the media path of Twilio's Python example bridge (uvicorn + `websockets`,
+  scripts/_bench_sample.py, `--serve-sample`), what most people start from.
 
 Measured on the server process only, over a steady window where all N calls are live:
 CPU seconds (user+system of the server PID and its children) per call-minute, RSS per call
 (live minus idle-after-warm-up, divided by N), and the delay each tagged frame spends between
 the two peers (caller -> model and model -> caller; p50/p99/max). Callers send 20 ms frames
 on a fixed schedule; the assistant talks half the time (3 s of 100 ms deltas every 6 s), and
-the caller "talks" the other half (speech_started/stopped + a transcript).
+the caller "talks" the other half (speech_started/stopped + a transcript), and every other
+turn it barges in (speech_started mid-answer; the bridge sends Twilio `clear`).
 
-    .venv/bin/python scripts/bench_relay.py --calls 50,100 --seconds 20
+Also measured per call: set-up (the caller opens the WebSocket -> session.update reaches the
+model), `start` -> session.update, and barge-in trigger -> `clear` reaches the caller. Results go
+to stdout (Markdown tables), to --json and to --svg (CPU per call-minute by N);
+`--from-json FILE` re-renders both from an earlier run.
+
+    make bench                                  # 50 and 100 calls, every stack; 150 for bare + shim
+    .venv/bin/python scripts/bench_relay.py --quick
+    .venv/bin/python scripts/bench_relay.py --repeat 2   # twice over, alternating order: steadier ratios
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_peers import (  # noqa: E402
     DELTA_BYTES,
     FRAME_BYTES,
+    SESSIONS,
     Caller,
     Delays,
     ModelServer,
@@ -309,6 +321,25 @@ async def start_bare(model: ModelServer, tag: str) -> Server:
     return server
 
 
+async def start_sample(model: ModelServer, tag: str) -> Server:
+    port = free_port()
+    log_path = REPO / ".shim" / "bench" / f"serve-{tag}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve-sample", str(port), "--model-url", model.url],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+    server = Server(proc, f"ws://127.0.0.1:{port}/media-stream", log_path)
+    deadline = perf() + 30
+    while not await port_open(port):
+        if proc.poll() is not None or perf() > deadline:
+            await stop_server(server)
+            raise RuntimeError(f"twilio-samples bridge did not start; see {log_path}:\n{tail(log_path)}")
+        await asyncio.sleep(0.05)
+    return server
+
+
 async def stop_server(server: Server) -> int | None:
     proc = server.proc
     if proc.poll() is None:
@@ -358,6 +389,26 @@ class Result:
     user_share: float = 0.0  # share of the server's CPU spent in user mode
     switches_per_s: float = 0.0  # context switches of the server
     idle_cpu_pct: float = 0.0  # the server with no call, after the warm-up (% of a core)
+    late_ms: list[float] = None  # how late the generator sent frames: p50, p99, max (ms)
+    setup_ms: list[float] = None  # caller opens the WebSocket -> session.update at the model
+    start_update_ms: list[float] = None  # caller sends `start` -> session.update at the model
+    start_connect_ms: list[float] = None  # ... of which `start` -> model socket accepted
+    created_update_ms: list[float] = None  # ... and session.created sent -> session.update received
+    paired_calls: int = 0  # calls whose model session was identified (set-up figures are over these)
+    barges: int = 0  # barge-in turns (speech_started mid-answer) in the window
+    clears: int = 0  # `clear` frames the callers received for them
+    clear_trigger: str = ""  # what triggers the bridge's barge-in decision (see BARGE_TRIGGER)
+    clear_ms: list[float] = None  # that trigger -> `clear` at the caller
+    connect_ms: list[float] = None  # a loopback WebSocket connect to the model stand-in (probes)
+    round: int = 0  # with --repeat: which pass over the plan
+
+
+# What makes each bridge decide to cut the assistant off: the shim waits for 200 ms of voiced
+# caller audio after speech_started (Vapi's stopSpeakingPlan), so its trigger is the caller frame
+# that completes it (the last frame the caller sent before the clear arrived, since frames are
+# 20 ms apart and the clear takes far less); the sample acts on speech_started itself.
+BARGE_TRIGGER = {"shim": "caller frame", "sample": "speech_started", "bare": ""}
+STACK_NAMES = {"shim": "shim", "sample": "twilio-samples", "bare": "bare relay"}
 
 
 def pct(samples: list[float]) -> list[float]:
@@ -374,8 +425,13 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
     tag = f"{stack}-{n}"
     await wait_quiet(args.quiet_wait, tag)
     say(f"[{tag}] starting server")
-    server = await (start_shim(model, tag, args.shim_dir, args.media, args.workers) if stack == "shim" else start_bare(model, tag))
+    starter = {"shim": lambda: start_shim(model, tag, args.shim_dir, args.media, args.workers),
+               "bare": lambda: start_bare(model, tag), "sample": lambda: start_sample(model, tag)}[stack]
+    server = await starter()
+    # the sample never closes on Twilio's `stop` (it waits for the socket to close): don't wait long
+    stop_wait = 1.0 if stack == "sample" else 5.0
     proc = psutil.Process(server.proc.pid)
+    say(f"[{tag}] server pid {proc.pid}")
     pacer = Pacer()
     pacer.start()
     callers: list[Caller] = []
@@ -401,17 +457,19 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         warm = await asyncio.gather(*(open_call(perf()) for _ in range(min(n, 4))))
         await wait_until(lambda: model.live >= len(warm), 30, "warm-up sessions", server.proc)
         await asyncio.sleep(args.warmup)
-        await asyncio.gather(*(c.stop() for c in warm))
+        await asyncio.gather(*(c.stop(stop_wait) for c in warm))
         await wait_until(lambda: not model.sessions, 15, "warm-up sessions to close", server.proc)
         await asyncio.sleep(0.5)
         idle0, i0 = tree_cpu(proc, _pg_pids(server)), perf()
         await asyncio.sleep(2.0)
         idle_pct = 100 * (tree_cpu(proc, _pg_pids(server)) - idle0) / (perf() - i0)
         rss_idle = tree_rss(proc, _pg_pids(server))
+        connect_ms = pct(await probe_connects(model.url, 20))
 
         say(f"[{tag}] ramping up {n} calls over {args.ramp:g} s")
         model.spread_phases = True
         model.rng = random.Random(n)  # the same phases for every stack at this size
+        SESSIONS.clear()
         start = perf()
         callers = await asyncio.gather(*(open_call(start + args.ramp * i / n) for i in range(n)))
         try:
@@ -440,6 +498,7 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         t1 = perf()
         c2m.window(t0, t1)
         m2c.window(t0, t1)
+        barges = sum(t0 <= t <= t1 for t in model.barge_times)
         cnt1 = tree_counters(proc, exclude)
         cpu1 = cnt1[0] + cnt1[1]
         pg1 = tree_cpu(server.pg) if server.pg else None
@@ -448,6 +507,11 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         await asyncio.sleep(args.grace)  # frames in flight at t1 still count
         window = t1 - t0
         call_min = n * window / 60
+        paired = [c for c in callers if c.session is not None and c.session.t_update == c.session.t_update]
+        trigger = BARGE_TRIGGER[stack]
+        # counted by when the caller started talking (nan: the caller was never paired with its session)
+        clears = [(cf if trigger == "caller frame" else cs) for c in callers for (t, cf, cs) in c.clears
+                  if t0 <= t - cs <= t1]
         sys_total = sum(sys1) - sum(sys0)
         busy = 1 - ((sys1.idle + getattr(sys1, "iowait", 0)) - (sys0.idle + getattr(sys0, "iowait", 0))) / sys_total
         rss_live = statistics.median(rss_samples)
@@ -468,8 +532,8 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
             m2c_ms=pct(m2c.samples),
             c2m_frames=len(c2m.samples),
             m2c_frames=len(m2c.samples),
-            c2m_lost=c2m.sent_in_window - len(c2m.samples),
-            m2c_lost=m2c.sent_in_window - len(m2c.samples),
+            c2m_lost=c2m.lost(),
+            m2c_lost=m2c.lost(),
             late_frames=c2m.late_in_window + m2c.late_in_window,
             max_late_ms=max(c2m.max_late, m2c.max_late) * 1000,
             server_cpu_pct=server_pct,
@@ -481,10 +545,21 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
             user_share=(cnt1[0] - cnt0[0]) / max(cpu1 - cpu0, 1e-9),
             switches_per_s=(cnt1[2] - cnt0[2]) / window,
             idle_cpu_pct=idle_pct,
+            late_ms=pct(c2m.lates + m2c.lates),
+            setup_ms=pct([c.session.t_update - c.t_connect for c in paired]),
+            start_update_ms=pct([c.session.t_update - c.t_start for c in paired]),
+            start_connect_ms=pct([c.session.t_connected - c.t_start for c in paired]),
+            created_update_ms=pct([c.session.t_update - c.session.t_connected for c in paired]),
+            paired_calls=len(paired),
+            barges=barges,
+            clears=len(clears),
+            clear_trigger=trigger,
+            clear_ms=pct(clears) if trigger else [float("nan")] * 3,
+            connect_ms=connect_ms,
         )
     finally:
         say(f"[{tag}] hanging up")
-        await asyncio.gather(*(c.stop() for c in callers if not c.closed), return_exceptions=True)
+        await asyncio.gather(*(c.stop(stop_wait) for c in callers if not c.closed), return_exceptions=True)
         await pacer.stop()
         try:
             await wait_until(lambda: not model.sessions, 15, "model sessions to close")
@@ -495,6 +570,22 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
         code = await stop_server(server)
         if code not in (0, -signal.SIGTERM):
             say(f"[{tag}] server exited with {code}; log {server.log_path}:\n{tail(server.log_path)}")
+
+
+async def probe_connects(url: str, count: int) -> list[float]:
+    """How long opening a WebSocket to the model stand-in takes here (seconds, one at a time): what
+    the shim's `start` -> session.update includes that a real deployment replaces by its own
+    connect to OpenAI (TLS, ~100 ms away), so it can be taken out of the shim's part."""
+    from picows import WSListener, ws_connect
+
+    times = []
+    for _ in range(count):
+        t = perf()
+        transport, _ = await ws_connect(WSListener, url, extra_headers={"Authorization": "Bearer sk-bench"})
+        times.append(perf() - t)
+        transport.disconnect()
+        await asyncio.sleep(0.01)
+    return times
 
 
 async def wait_quiet(max_wait: float, tag: str) -> None:
@@ -553,58 +644,105 @@ def source_version(path: Path) -> str:
         return str(path)
 
 
-def fmt_ms(v: list[float]) -> str:
-    return " / ".join(f"{x:.2f}" for x in v)
+def fmt2(v: list[float] | None) -> str:
+    """p50 / p99 of a [p50, p99, max] triple."""
+    if not v or v[0] != v[0]:
+        return "—"
+    return f"{v[0]:.2f} / {v[1]:.2f}"
 
 
-def report(results: list[Result], args) -> str:
+def name_of(r: Result, meta: dict) -> str:
+    return f"shim ({meta['media']})" if r.stack == "shim" and meta.get("media") != "one-port" else STACK_NAMES[r.stack]
+
+
+def shown(results: list[Result]) -> tuple[list[Result], dict[tuple[str, int], str]]:
+    """One row per (stack, N), and its CPU ratio to the bare relay. With several rounds, each
+    ratio is taken within its round (bare and the other stack measured minutes apart), the
+    column shows their median and range, and the row shown is the stack's quietest round (least
+    CPU used by other processes): its delays are the least disturbed."""
+    bare = {(r.round, r.calls): r for r in results if r.stack == "bare"}
+    groups: dict[tuple[str, int], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.stack, r.calls), []).append(r)
+    rows, ratios = [], {}
+    for key, rs in groups.items():
+        rows.append(min(rs, key=lambda r: r.other_cpu_pct))
+        if key[0] == "bare":
+            ratios[key] = "1"
+            continue
+        each = sorted(r.cpu_per_call_min / bare[(r.round, r.calls)].cpu_per_call_min for r in rs
+                      if (r.round, r.calls) in bare)
+        if not each:
+            ratios[key] = "—"
+        elif len(each) == 1:
+            ratios[key] = f"{each[0]:.2f}"
+        else:
+            ratios[key] = f"{statistics.median(each):.2f} ({each[0]:.2f}–{each[-1]:.2f}, {len(each)} rounds)"
+    return sorted(rows, key=lambda r: r.calls), ratios
+
+
+def report(results: list[Result], meta: dict) -> str:
+    """The Markdown the README's Performance section shows (stacks in run order, sizes ascending)."""
     out = []
-    out.append("| stack | calls | CPU-s / call-min | MiB / call | caller→model ms p50 / p99 / max "
-               "| model→caller ms p50 / p99 / max | frames relayed c→m / m→c |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|")
-    by = {(r.stack, r.calls): r for r in results}
-    for n in args.calls:
-        shim, bare = by.get(("shim", n)), by.get(("bare", n))
-        for r, name in ((shim, f"shim ({args.media})"), (bare, "bare relay")):
-            if r is None:
-                continue
-            cpu = f"{r.cpu_per_call_min:.3f}"
-            if r.pg_cpu_per_call_min is not None:
-                cpu += f" (+{r.pg_cpu_per_call_min:.3f} PG)"
-            out.append(f"| {name} | {n} | {cpu} | {r.mib_per_call:.3f} | {fmt_ms(r.c2m_ms)} | {fmt_ms(r.m2c_ms)} "
-                       f"| {r.c2m_frames:,} / {r.m2c_frames:,} |")
-        if shim and bare:
-            d = lambda a, b: " / ".join(f"{x - y:+.2f}" for x, y in zip(a, b))  # noqa: E731
-            out.append(f"| **shim − bare** | {n} | {shim.cpu_per_call_min - bare.cpu_per_call_min:+.3f} "
-                       f"| {shim.mib_per_call - bare.mib_per_call:+.3f} | {d(shim.c2m_ms, bare.c2m_ms)} "
-                       f"| {d(shim.m2c_ms, bare.m2c_ms)} | |")
+    results, ratios = shown(results)
+    out.append("| stack | N | CPU-s / call-min | × bare | MiB / call | up p50 / p99 ms | down p50 / p99 ms "
+               "| set-up p50 / p99 ms | generator late p99 / max ms | CPU % of a core: generator / others |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in sorted(results, key=lambda r: r.calls):
+        cpu = f"{r.cpu_per_call_min:.3f}"
+        if r.pg_cpu_per_call_min is not None:
+            cpu += f" (+{r.pg_cpu_per_call_min:.3f} PG)"
+        ratio = ratios[(r.stack, r.calls)]
+        late = r.late_ms or [float("nan")] * 3
+        out.append(f"| {name_of(r, meta)} | {r.calls} | {cpu} | {ratio} | {r.mib_per_call:.3f} | {fmt2(r.c2m_ms)} "
+                   f"| {fmt2(r.m2c_ms)} | {fmt2(r.setup_ms)} | {late[1]:.1f} / {late[2]:.1f} "
+                   f"| {r.gen_cpu_pct:.0f} / {r.other_cpu_pct:.0f} |")
     out.append("")
-    out.append("| stack | calls | window s | RSS idle → live MiB | lost c→m / m→c | frames sent >20 ms late "
-               "(max late ms) | calls dropped | untagged media | CPU % of a core: server / PG / load-gen / other "
+    out.append("| stack | N | `start` → session.update p50 / p99 ms | of which `start` → model socket open "
+               "| and session.created → update | a loopback connect (probe) | barge-ins / clears "
+               "| barge-in trigger → `clear` at the caller p50 / p99 / max ms |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in sorted(results, key=lambda r: r.calls):
+        if r.clear_trigger and r.clears:
+            clear = f"{' / '.join(f'{x:.2f}' for x in r.clear_ms)} (from {r.clear_trigger})"
+        else:
+            clear = "— (no barge-in)" if not r.clear_trigger else "— (no clear sent)"
+        out.append(f"| {name_of(r, meta)} | {r.calls} | {fmt2(r.start_update_ms)} | {fmt2(r.start_connect_ms)} "
+                   f"| {fmt2(r.created_update_ms)} | {fmt2(r.connect_ms)} | {r.barges} / {r.clears} | {clear} |")
+    out.append("")
+    out.append("| stack | N | window s | RSS idle → live MiB | lost up / down | frames sent >20 ms late "
+               "| calls dropped | untagged media | CPU % of a core: server / PG / load-gen / other "
                "| server CPU in user mode | server ctx switches/s | server idle CPU % |")
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        out.append(f"| {'shim' if r.stack == 'shim' else 'bare relay'} | {r.calls} | {r.window_s:.1f} "
+    for r in sorted(results, key=lambda r: r.calls):
+        out.append(f"| {name_of(r, meta)} | {r.calls} | {r.window_s:.1f} "
                    f"| {r.rss_idle_mib:.1f} → {r.rss_live_mib:.1f} | {r.c2m_lost} / {r.m2c_lost} "
-                   f"| {r.late_frames} ({r.max_late_ms:.1f}) | {r.dropped_calls} | {r.untagged_media} "
+                   f"| {r.late_frames} | {r.dropped_calls} | {r.untagged_media} "
                    f"| {r.server_cpu_pct:.0f} / {r.pg_cpu_pct:.0f} / {r.gen_cpu_pct:.0f} / {r.other_cpu_pct:.0f} "
                    f"| {100 * r.user_share:.0f}% | {r.switches_per_s:,.0f} | {r.idle_cpu_pct:.1f} |")
     out.append("")
-    ncpu = os.cpu_count()
+    ncpu = meta["cpus"]
     out.append(
-        f"Machine: {ncpu} CPU ({cpu_model()}), Python {platform.python_version()}, uvloop; everything on 127.0.0.1. "
-        f"The load generator (all callers and model stand-ins, one process) shares the {ncpu} cores with the "
-        "server under test (and, for the shim, its embedded PostgreSQL), so the figures are upper bounds. "
-        "CPU = user+system of the server process and its children over the window, per minute of live call; "
-        "'+PG' is the embedded PostgreSQL's own processes (not children of the server) over the same window. "
-        "MiB/call = (median RSS with all calls live − RSS idle after a warm-up) / calls. Delay = load generator "
-        "writes a tagged frame → the other peer receives it (perf_counter, one process), so it includes two "
-        "loopback hops and both event loops; 'shim − bare' isolates what the shim adds. "
-        f"Traffic: 20 ms caller frames ({FRAME_BYTES} B) all call long; the assistant talks "
-        f"{args.talk:g} s of every {args.cycle:g} s in {DELTA_BYTES} B (100 ms) deltas, each relayed as media + mark "
-        "and echoed when played; calls ramp up over "
-        f"{args.ramp:g} s; window {args.seconds:g} s per run. Shim source: {args.source_version}."
+        f"Machine: {ncpu} CPU ({meta['cpu']}), Python {meta['python']}, uvloop; everything on 127.0.0.1; "
+        f"{meta['when']}. The load generator (all callers and model stand-ins, one process) shares the {ncpu} cores "
+        "with the server under test (and, for the shim, its embedded PostgreSQL), so the figures are upper bounds; "
+        "every stack ran in this one run, so the ratios are like for like. "
+        "CPU = user+system of the server process and its children over the window, per minute of live call "
+        "('+PG': the embedded PostgreSQL's own processes). MiB/call = (median RSS with all calls live − RSS idle "
+        "after a warm-up) / N. up = caller frame written → input_audio_buffer.append at the model; down = model "
+        "delta written → Twilio media at the caller: two loopback hops and both event loops each. "
+        "Set-up = the caller opens the WebSocket → session.update reaches the model. Generator late = how long "
+        "after its schedule the load generator wrote a frame (if it grows, the generator, not the bridge, is slow). "
+        f"Traffic: 20 ms caller frames ({FRAME_BYTES} B) all call long; the assistant talks {meta['talk']:g} s of every "
+        f"{meta['cycle']:g} s in {DELTA_BYTES} B (100 ms) deltas, each relayed as media + mark and echoed when "
+        "played; every other turn the caller barges in 1.2 s into the answer. Calls ramp up over "
+        f"{meta['ramp']:g} s; window {meta['seconds']:g} s per run. Shim source: {meta['source_version']}."
     )
+    if any("rounds)" in v for v in ratios.values()):
+        out.append("")
+        out.append("Several rounds: × bare is the median of the ratios taken within each round (bare relay and "
+                   "the stack measured minutes apart), with their range; the rest of each row is from that "
+                   "stack's quietest round (least CPU used by other processes).")
     late = [r for r in results if r.late_frames]
     if late:
         out.append("")
@@ -621,31 +759,90 @@ def report(results: list[Result], args) -> str:
     if bad:
         out.append("")
         out.append("WARNING: calls dropped or frames lost in "
-                   + ", ".join(f"{r.stack}/{r.calls}" for r in bad) + " (see the second table).")
+                   + ", ".join(f"{r.stack}/{r.calls}" for r in bad) + " (see the last table).")
     return "\n".join(out)
+
+
+def run_meta(args) -> dict:
+    import datetime
+
+    return {
+        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(),
+        "media": args.media, "talk": args.talk, "cycle": args.cycle, "ramp": args.ramp, "seconds": args.seconds,
+        "source_version": args.source_version,
+        "command": "scripts/bench_relay.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "make bench",
+    }
+
+
+def save(results: list[Result], meta: dict, json_path: Path | None, svg_path: Path | None) -> None:
+    from dataclasses import asdict
+
+    from bench_svg import cpu_chart
+
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_bytes(orjson.dumps({"meta": meta, "results": [asdict(r) for r in results]},
+                                           option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        say(f"results written to {json_path}")
+    if svg_path is not None:
+        svg_path.parent.mkdir(parents=True, exist_ok=True)
+        series = {}
+        for r in shown(results)[0]:
+            series.setdefault(name_of(r, meta), []).append((r.calls, r.cpu_per_call_min))
+        svg_path.write_text(cpu_chart(series, subtitle=f"{meta['cpus']} cores shared with the load generator, "
+                                                       f"{meta['when']}"))
+        say(f"plot written to {svg_path}")
+
+
+def load(path: Path) -> tuple[list[Result], dict]:
+    data = orjson.loads(path.read_bytes())
+    nan = float("nan")
+    rows = [{k: [nan if x is None else x for x in v] if isinstance(v, list) else v for k, v in r.items()}
+            for r in data["results"]]  # JSON has no NaN: orjson wrote null
+    return [Result(**r) for r in rows], data["meta"]
+
+
+def plan(args) -> list[tuple[str, int, int]]:
+    """(stack, N, round) in run order: at each size the floor first, then the others; with
+    --repeat, every other round in reverse, so drift in the machine's load does not always
+    favour the same stack."""
+    stacks = [s for s in args.stacks if args.baseline or s != "bare"]
+    runs = []
+    for k in range(args.repeat):
+        order = stacks if k % 2 == 0 else stacks[::-1]
+        runs += [(s, n, k) for n in args.calls for s in order]
+        runs += [(s, n, k) for n in args.delay_calls if n not in args.calls for s in order
+                 if s in args.delay_stacks]
+    return runs
 
 
 async def bench(args) -> int:
     args.source_version = source_version(args.shim_dir)
     c2m, m2c = Delays(), Delays()
     model = ModelServer(c2m, m2c, cycle_s=args.cycle, talk_s=args.talk)
+    model.barge_in = args.barge_in
     await model.start()
     results: list[Result] = []
     failures: list[str] = []
     started = perf()
+    runs = plan(args)
+    say(f"{len(runs)} runs: " + ", ".join(f"{s}/{n}" for s, n, _ in runs))
     try:
-        for n in args.calls:
-            stacks = ["shim", "bare"] if args.baseline else ["shim"]
-            for stack in stacks:
-                try:
-                    results.append(await run_stack(stack, n, model, c2m, m2c, args))
-                except Exception as exc:  # one failed run must not lose the others
-                    failures.append(f"{stack}/{n}: {type(exc).__name__}: {exc}")
-                    say(f"[{stack}-{n}] FAILED: {exc}")
+        for stack, n, k in runs:
+            try:
+                result = await run_stack(stack, n, model, c2m, m2c, args)
+                result.round = k
+                results.append(result)
+            except Exception as exc:  # one failed run must not lose the others
+                failures.append(f"{stack}/{n}: {type(exc).__name__}: {exc}")
+                say(f"[{stack}-{n}] FAILED: {exc}")
     finally:
         await model.stop()
     say(f"(bench took {perf() - started:.0f} s)")
-    print(report(results, args))
+    meta = run_meta(args)
+    save(results, meta, args.json, args.svg)
+    print(report(results, meta))
     for failure in failures:
         print(f"\nFAILED RUN {failure}")
     return 1 if failures else 0
@@ -658,34 +855,77 @@ def _calls(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 50,100") from None
 
 
+def _stacks(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in STACK_NAMES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{','.join(bad)}: expected stacks among {','.join(STACK_NAMES)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", default="50,100", type=_calls,
-                        help="concurrent calls, a comma-separated list: one run per value (default 50,100)")
+                        help="concurrent calls, a comma-separated list: one run per value and stack (default 50,100)")
+    parser.add_argument("--delay-calls", default="150", type=_calls,
+                        help="further sizes run only for --delay-stacks (default 150; '' for none)")
+    parser.add_argument("--stacks", default="bare,sample,shim", type=_stacks,
+                        help="stacks to run at each size, in order (default bare,sample,shim)")
+    parser.add_argument("--delay-stacks", default="bare,shim", type=_stacks,
+                        help="stacks run at the --delay-calls sizes (default bare,shim)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="passes over the whole plan (default 1); with more, each ratio is the median of "
+                             "per-pass ratios, shown with its range: steadier figures on a busy machine")
+    parser.add_argument("--quick", action="store_true",
+                        help="a ~1.5 min smoke run: 50 calls, every stack, 8 s windows, nothing at 150")
     parser.add_argument("--media", choices=("one-port", "media-port"), default="one-port",
                         help="one-port: media on the webhook port, as deployed (default); media-port: picows on its own port")
     parser.add_argument("--workers", type=int, default=1,
                         help="`shim serve --workers` (default 1: one process; the CPU columns count all workers)")
-    parser.add_argument("--seconds", type=float, default=20, help="steady-state window per run (default 20)")
+    parser.add_argument("--seconds", type=float, default=15, help="steady-state window per run (default 15)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run the bare picows relay for comparison (default on)")
+                        help="run the bare picows relay, the floor the ratios are taken against (default on)")
+    parser.add_argument("--barge-in", action=argparse.BooleanOptionalAction, default=True,
+                        help="the caller talks over every other answer (default on)")
     parser.add_argument("--ramp", type=float, default=3.0, help="seconds over which calls start (default 3)")
     parser.add_argument("--cycle", type=float, default=6.0, help="seconds per assistant+caller turn (default 6)")
     parser.add_argument("--talk", type=float, default=3.0, help="seconds the assistant talks per cycle (default 3)")
     parser.add_argument("--shim-dir", type=lambda p: Path(p).resolve(), default=REPO,
                         help="source tree of the shim to run (default: this checkout), e.g. a `git archive` of a commit")
-    parser.add_argument("--quiet-wait", type=float, default=60,
-                        help="before each run, wait up to this long for other processes to go idle (default 60)")
+    parser.add_argument("--quiet-wait", type=float, default=5,
+                        help="before each run, wait up to this long for other processes to go idle (default 5)")
+    parser.add_argument("--json", type=Path, default=REPO / ".shim" / "bench" / "bench.json",
+                        help="write the results here (default .shim/bench/bench.json)")
+    parser.add_argument("--svg", type=Path, default=REPO / ".shim" / "bench" / "bench.svg",
+                        help="write the CPU plot here (default .shim/bench/bench.svg)")
+    parser.add_argument("--from-json", type=Path, metavar="FILE",
+                        help="no run: print the tables of an earlier run's --json (and write --svg from it)")
     parser.add_argument("--warmup", type=float, default=3.5, help=argparse.SUPPRESS)
     parser.add_argument("--settle", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--grace", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-sample", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--model-url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_bare:
         serve_bare(args.serve_bare, args.model_url)
         return 0
-    if not args.calls or min(args.calls) < 1:
+    if args.serve_sample:
+        from _bench_sample import serve_sample
+
+        serve_sample(args.serve_sample, args.model_url)
+        return 0
+    if args.from_json:
+        results, meta = load(args.from_json)
+        save(results, meta, None, args.svg)
+        print(report(results, meta))
+        return 0
+    if args.quick:
+        args.calls, args.delay_calls, args.seconds, args.ramp, args.warmup = [50], [], 8.0, 2.0, 2.0
+        args.quiet_wait = min(args.quiet_wait, 10)
+    if args.repeat < 1:
+        parser.error("--repeat: expected a positive integer")
+    if not args.calls or min(args.calls + args.delay_calls) < 1:
         parser.error("--calls: expected positive integers, e.g. 50,100")
     if not 0 < args.talk < args.cycle - 1:
         parser.error("--talk must be positive and at least 1 s shorter than --cycle")
