@@ -226,6 +226,7 @@ class CallRunner:
         self._model_listener: ModelListener | None = None
         self._connecting: asyncio.Task | None = None
         self._pending_listener: ModelListener | None = None  # the socket being opened
+        self._setup_done = asyncio.Event()  # the assistant is resolved (or could not be)
         self.call = Call(state.records, log=log, metrics=state.metrics, admit_start=state.admit_start)
         self.task: asyncio.Task | None = None
         self.ended = asyncio.Event()
@@ -393,6 +394,8 @@ class CallRunner:
             call.on_setup_failed(exc)
         else:
             call.on_setup(setup, fallback)
+        finally:
+            self._setup_done.set()
         self.pump()
 
     def _drop_model(self) -> None:
@@ -416,6 +419,10 @@ class CallRunner:
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         timeout_s = min(timeout_s or config.model_connect_timeout_s, config.model_connect_timeout_s)
+        if call.call_sid in self.state.prewarm.registry and call.setup is None:
+            # A session was pre-warmed for this call: adopting it needs the call's own set-up
+            # (shim/prewarm.py compares the two), so wait for the assistant instead of connecting.
+            await self._setup_done.wait()
         warm = await self.state.prewarm.take(call)  # first connect only (shim/prewarm_io.py); else None
         if warm is not None:  # opened from /twilio/voice: its frames so far are replayed into the call
             self.state.model_health = {"ok": True, "at": _now_ms(), "detail": "connected (pre-warmed)"}

@@ -386,6 +386,9 @@ class Call:
         self.start = start
         self.phase = Phase.RESOLVING  # caller audio waits while the shell loads the assistant
         self.effects.append(ResolveAssistant(start))
+        # The model socket opens while the assistant is resolved (the URL does not depend on
+        # it): `session.update` goes out as soon as both are done, not one after the other.
+        self.effects.append(ConnectModel())
 
     def on_setup(self, setup: CallSetup, fallback_destination: dict[str, Any] | None = None) -> None:
         """The assistant is loaded and translated: open the model connection. The number's
@@ -415,7 +418,6 @@ class Call:
         # loads while the model socket opens.
         if setup.policy.recording:
             self.effects.append(StartRecording(self.account_sid, self.call_sid))
-        self.effects.append(ConnectModel())
         if setup.policy.background_sound != "off":
             self.effects.append(LoadBackground(setup.policy.background_sound))
 
@@ -517,7 +519,7 @@ class Call:
         """The model session is gone mid-call: open a new one and carry the conversation over
         (the backend re-sends it), keeping the Twilio stream up; or, beyond the bounded window
         and attempts, the spoken apology and an orderly end."""
-        if self.phase is not Phase.LIVE and self.phase is not Phase.RESUMING and self.phase is not Phase.CONFIGURING:
+        if self.phase not in (Phase.LIVE, Phase.RESUMING, Phase.CONFIGURING, Phase.RESOLVING):
             self._finish("pipeline-error-openai-llm-failed", {"verb": "hangup", "say": APOLOGY})
             return
         decision = self._link.lost(self.clock(), cause, recoverable=recoverable)

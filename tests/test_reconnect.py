@@ -602,3 +602,22 @@ def test_a_reconnect_note_is_for_that_session_only():
     call.on_model_closed(1006, "")
     items = [f for f in new_session(call) if f["type"] == "conversation.item.create"]
     assert items == []  # not replayed into the next session
+
+
+def test_the_model_socket_opens_while_the_assistant_is_resolved():
+    """start → session.update is max(connect, resolve), not their sum: the socket is asked for
+    with the assistant, and a session.created that comes first waits for the configuration."""
+    from shim.call_effects import ResolveAssistant
+
+    from .test_call import _SHELL, make_call, start_frame
+
+    call, rows, clock = make_call(WAITS)
+    call.on_twilio_text(start_frame())
+    effects = call.take_effects()
+    assert [type(e) for e in effects] == [ResolveAssistant, ConnectModel]
+    call.on_model_text(ev("session.created", session={}))  # the socket won the race
+    assert sent(call) == []  # nothing to configure yet
+    call.on_setup(_SHELL[call][0](effects[0].start))
+    (update,) = sent(call)
+    assert update["type"] == "session.update" and update["session"]["instructions"].startswith("Be brief.")
+    assert not [e for e in call.take_effects() if type(e) is ConnectModel]  # one socket, not two
