@@ -99,6 +99,7 @@ class Shim:
         self.stream_ended_answered: set[str] = set()  # during a drain: whose apology/<Dial> went out
         self.status_answered: set[str] = set()  # during a drain: whose final status arrived
         self.metrics_server: asyncio.Server | None = None
+        self.lag_monitor: asyncio.Task | None = None
 
     async def startup(self) -> None:
         config = self.config
@@ -127,6 +128,7 @@ class Shim:
         if config.metrics_port:
             self.metrics_server = await start_metrics_server(self, self.media_host, config.metrics_port)
             log.info("metrics_listener", host=self.media_host, port=config.metrics_port)
+        self.lag_monitor = asyncio.get_running_loop().create_task(self.metrics.watch_loop_lag(), name="loop-lag")
         self.started = True
 
     def drain_plan(self) -> tuple[float, float]:
@@ -187,6 +189,9 @@ class Shim:
             await self.bridge.sender.close(timeout=left(10))
         if self.ticker is not None:
             self.ticker.cancel()
+        if self.lag_monitor is not None:
+            self.lag_monitor.cancel()
+            await asyncio.gather(self.lag_monitor, return_exceptions=True)
         await self.routes.stop()
         if self.recorder is not None:
             await self.recorder.close(timeout=left(10))
