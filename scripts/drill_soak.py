@@ -60,23 +60,23 @@ METRICS_TOKEN = "drill-metrics-token"
 # playing: the model is silent then (until the next answer, --cycle minus --talk >= 2 s after).
 QUIET_S = 1.0
 
-# A tag is MAGIC (32 bits) | owner (12 bits) | sequence (20 bits: 5.8 h of 20 ms frames). Owner
-# 1..2047 is a caller (call number n), 2048.. a model session. The magic tells a tag from the
-# office ambience the shim plays between answers (random signs: 1 in 2**32 would pass).
-MAGIC = 0x5A0D_50AC
-SESSION_OWNER = 2048
-MAX_CALLS = SESSION_OWNER - 1
+# A tag is MAGIC (28 bits) | owner (16 bits) | sequence (20 bits: 5.8 h of 20 ms frames). Owner
+# 1..32767 is a call (its number n), 32768.. a model session. The magic tells a tag from
+# anything else the shim might send (e.g. background sound alone: random signs pass 1 in 2**28).
+MAGIC = 0x5A0_D50A
+SESSION_OWNER = 1 << 15
+MAX_CALLS = SESSION_OWNER - 1  # calls in one run, churn included
 
 
 def first_tag(owner: int) -> int:
-    return (MAGIC << 32) | (owner << 20) | 1
+    return (MAGIC << 36) | (owner << 20) | 1
 
 
 def parse_tag(tag: int | None) -> tuple[int, int] | None:
     """(owner, sequence) of a drill tag, None for anything else."""
-    if tag is None or tag >> 32 != MAGIC:
+    if tag is None or tag >> 36 != MAGIC:
         return None
-    return (tag >> 20) & 0xFFF, tag & 0xFFFFF
+    return (tag >> 20) & 0xFFFF, tag & 0xFFFFF
 
 
 class Lateness:
@@ -188,57 +188,81 @@ class SoakModel(ModelServer):
 
 
 async def callers_child(spec: dict) -> None:
-    """`drill_soak.py --callers-child SPEC`: place spec["count"] calls, numbered from spec["first"],
-    over spec["ramp_s"]; say "ready"; on "stop" (stdin) or at spec["deadline_s"], go quiet, hang up
-    and print one JSON line: each call's streams and the send lateness.
+    """`drill_soak.py --callers-child SPEC`: keep spec["count"] calls up (slots numbered from
+    spec["first"], started over spec["ramp_s"]); each call lasts spec["call_s"] x 0.5-1.5, then
+    its slot places the next one (numbers first + i + k * slots). Says "ready" once every slot has
+    a call; on "stop" (stdin) or at spec["deadline_s"], hangs every call up and prints one JSON
+    line: each call's streams and the send lateness.
 
-    Each call hangs up in its caller's turn, QUIET_S after its assistant's answer finished playing
+    A call hangs up in its caller's turn, QUIET_S after its assistant's answer finished playing
     (the model is silent until its next answer): every frame the model sent before the hang-up
-    must have been heard."""
+    must have been heard. It sends no frame after deciding to hang up."""
     lateness = Lateness()
     pacer = Pacer()
     pacer.start()
     rng = random.Random(spec["first"])
-    calls: list[tuple[Caller, Stream, Stream]] = []
-    started = perf()
+    reports: list[dict] = []
+    stopping, ready = asyncio.Event(), asyncio.Event()
+    count, started = spec["count"], perf()
+    connected = 0
 
-    async def place(n: int, due: float) -> None:
-        await asyncio.sleep(max(0.0, due - perf()))
-        out, back = Stream(n), Stream(n)
-        caller = Caller(n, _End(out, lateness), _End(back, lateness), Tagger(FRAME_BYTES, first=first_tag(n)))
-        await asyncio.wait_for(caller.connect(spec["media_url"], spec["auth_token"]), 15)
-        pacer.add(caller, perf() + rng.uniform(0, 0.020))  # calls' 20 ms frames are not in step
-        calls.append((caller, out, back))
+    async def hang_up(caller: Caller, out: Stream, back: Stream) -> None:
+        closed_early = caller.closed
+        caller.stopped = True
+        give_up = perf() + 2 * spec["cycle_s"] + 10
+        while perf() < give_up and not caller.closed and not QUIET_S <= perf() - caller.play_end <= QUIET_S + 0.5:
+            await asyncio.sleep(0.02)
+        hangup_at = perf()
+        await caller.stop(timeout=10)
+        reports.append({"n": caller.n, "call_sid": caller.call_sid, "out": asdict(out), "back": asdict(back),
+                        "closed_early": closed_early, "hangup_at": hangup_at, "error": None})
 
-    count, ramp = spec["count"], spec["ramp_s"]
-    await asyncio.gather(*(place(spec["first"] + i, started + ramp * i / count) for i in range(count)))
-    print("ready", flush=True)
+    async def slot(i: int) -> None:
+        nonlocal connected
+        await asyncio.sleep(max(0.0, started + spec["ramp_s"] * i / count - perf()))
+        for k in itertools.count():
+            n = spec["first"] + i + k * spec["slots"]
+            if (k and stopping.is_set()) or n > MAX_CALLS:
+                return
+            out, back = Stream(n), Stream(n)
+            caller = Caller(n, _End(out, lateness), _End(back, lateness), Tagger(FRAME_BYTES, first=first_tag(n)))
+            try:
+                await asyncio.wait_for(caller.connect(spec["media_url"], spec["auth_token"]), 15)
+            except Exception as exc:  # reported against the call; the slot goes on
+                reports.append({"n": n, "call_sid": caller.call_sid, "out": asdict(out), "back": asdict(back),
+                                "closed_early": False, "hangup_at": perf(), "error": f"connect: {exc!r}"})
+                await asyncio.sleep(1.0)
+                continue
+            pacer.add(caller, perf() + rng.uniform(0, 0.020))  # calls' 20 ms frames are not in step
+            if k == 0:
+                connected += 1
+                if connected == count:
+                    ready.set()
+            length = spec["call_s"] * rng.uniform(0.5, 1.5) if spec["call_s"] else math.inf
+            try:
+                await asyncio.wait_for(stopping.wait(), length)
+            except TimeoutError:
+                pass
+            await hang_up(caller, out, back)
+
+    slots = [asyncio.create_task(slot(i)) for i in range(count)]
+    try:
+        await asyncio.wait_for(ready.wait(), spec["ramp_s"] + 60)
+        print("ready", flush=True)
+    except TimeoutError:
+        print(f"not ready: {connected} of {count} calls connected", flush=True)
     reader = asyncio.StreamReader()
     await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     try:
         await asyncio.wait_for(reader.readline(), max(1.0, spec["deadline_s"] - (perf() - started)))
     except TimeoutError:
         print("callers: no stop from the drill before the deadline; hanging up", file=sys.stderr)
-    closed_early = {c.n for c, _, _ in calls if c.closed}
-    for caller, _, _ in calls:
-        caller.stopped = True  # no more frames: what was sent reaches the model before the hang-up
-    hangup_at: dict[int, float] = {}
-
-    async def hang_up(caller: Caller) -> None:
-        give_up = perf() + 2 * spec["cycle_s"] + 10
-        while perf() < give_up and not QUIET_S <= perf() - caller.play_end <= QUIET_S + 0.5:
-            await asyncio.sleep(0.02)
-        hangup_at[caller.n] = perf()
-        await caller.stop(timeout=10)
-
-    await asyncio.gather(*(hang_up(c) for c, _, _ in calls), return_exceptions=True)
+    stopping.set()
+    _, pending = await asyncio.wait(slots, timeout=2 * spec["cycle_s"] + 30)
+    for task in pending:
+        task.cancel()
     await pacer.stop()
-    print(json.dumps({
-        "calls": [{"n": c.n, "call_sid": c.call_sid, "out": asdict(out), "back": asdict(back),
-                   "closed_early": c.n in closed_early, "marks_echoed": c.marks_echoed, "hangup_at": hangup_at[c.n]}
-                  for c, out, back in calls],
-        "lateness": {"buckets": lateness.buckets, "max": lateness.max},
-    }), flush=True)
+    print(json.dumps({"calls": reports, "lateness": {"buckets": lateness.buckets, "max": lateness.max}}), flush=True)
 
 
 # --- judging ----------------------------------------------------------------------------------------
@@ -255,10 +279,12 @@ def judge(calls: list[dict], sessions: list[dict]) -> dict[str, list[str]]:
     for call in calls:
         out, back, sid = call["out"], call["back"], call["call_sid"]
         found = by_caller.get(call["n"], [])
-        p = []
+        p = [call["error"]] if call.get("error") else []
         if call["closed_early"]:
             p.append("the shim closed the stream before the caller hung up")
-        if len(found) != 1:
+        if call.get("error"):
+            pass
+        elif len(found) != 1:
             p.append(f"{len(found)} model sessions heard this call, expected 1")
         else:
             heard, said = found[0]["heard"], found[0]["said"]
@@ -374,7 +400,8 @@ async def main(args) -> int:
             if count <= 0:
                 continue
             spec = {"first": first, "count": count, "media_url": env["PUBLIC_MEDIA_URL"], "auth_token": AUTH_TOKEN,
-                    "ramp_s": args.ramp, "cycle_s": args.cycle, "deadline_s": args.ramp + args.minutes * 60 + 120}
+                    "ramp_s": args.ramp, "cycle_s": args.cycle, "call_s": args.call_seconds, "slots": args.calls,
+                    "deadline_s": args.ramp + args.minutes * 60 + 120}
             children.append(await asyncio.create_subprocess_exec(
                 sys.executable, str(Path(__file__).resolve()), "--callers-child", json.dumps(spec),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO, limit=64 * MiB))
@@ -395,7 +422,7 @@ async def main(args) -> int:
             gen0 = [sum(p.cpu_times()[:2]) for p in gen]
             sys0, t0 = psutil.cpu_times(), perf()
             rss: list[tuple[float, float]] = []
-            lag_max, live_min = 0.0, model.live
+            lag_max, live = 0.0, [model.live]
             end = t0 + args.minutes * 60
             step = min(args.sample, args.minutes * 60 / 6)
             next_at = t0
@@ -409,7 +436,7 @@ async def main(args) -> int:
                     if args.verbose:
                         say(f"   t={now - t0:6.1f} s  RSS {rss[-1][1]:7.1f} MiB  live {model.live}  "
                             f"lag max {lag_max * 1000:.1f} ms")
-                live_min = min(live_min, model.live)
+                live.append(model.live)
                 if server.poll() is not None or any(c.returncode is not None for c in children):
                     raise SystemExit("shim serve or a caller process exited during the soak")
                 if now >= end:
@@ -465,7 +492,7 @@ async def main(args) -> int:
 
     # --- figures ---
     window = t1 - t0
-    call_min = args.calls * window / 60
+    call_min = statistics.mean(live) * window / 60  # minutes of live call (slots being refilled excluded)
     sessions = [{"heard": asdict(s.heard), "said": asdict(s.said)} for s in model.all_sessions]
     problems = judge(calls, sessions)
     c2m_sent = sum(c["out"]["sent"] for c in calls)
@@ -491,7 +518,9 @@ async def main(args) -> int:
     relayed_final = (metric(final, "shim_frames_relayed_total", direction="caller_to_model"),
                      metric(final, "shim_frames_relayed_total", direction="model_to_caller"))
 
-    say(f"== {len(calls)} calls, {window / 60:.1f} min steady (all {args.calls} live; fewest live: {live_min})")
+    churn = f"each ~{args.call_seconds:g} s, then replaced" if args.call_seconds else "each for the whole soak"
+    say(f"== {len(calls)} calls placed ({args.calls} at a time, {churn}); {window / 60:.1f} min steady; live calls "
+        f"min {min(live)}, median {statistics.median(live):.0f} (a call's slot is empty while it is replaced)")
     say(f"   caller -> model: {c2m_sent:,} frames sent, {c2m_recv:,} received by the model "
         f"(lost {c2m_sent - c2m_recv:,})")
     say(f"   model -> caller: {m2c_sent:,} frames sent, {m2c_recv:,} heard by the callers "
@@ -511,9 +540,10 @@ async def main(args) -> int:
         f"{' + '.join(f'{p:.0f}%' for p in gen_pct)} of a core (callers..., model); other processes "
         f"{other_pct:.0f}% of a core; load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
     checks[f"every frame each way arrived, in order, at its own call ({len(calls)} calls)"] = \
-        not problems and len(calls) == args.calls
-    checks["no call dropped during the soak"] = live_min >= args.calls
-    checks["every call row in Postgres, ended customer-ended-call"] = good_rows == args.calls == len(rows)
+        not problems and len(calls) >= args.calls
+    checks["no call dropped by the shim (every call ended when its caller hung up)"] = \
+        not any(c["closed_early"] or c["error"] for c in calls)
+    checks["every call row in Postgres, ended customer-ended-call"] = good_rows == len(calls) == len(rows)
     checks[f"RSS flat: {growth:+.1f} MiB from the first to the last {span:.0f} s"] = \
         growth <= max(10.0, 0.10 * first)
     checks["the load generator kept up (sent late p99 <= 20 ms): the figures are the shim's"] = late99 <= 0.020
@@ -524,7 +554,10 @@ async def main(args) -> int:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=200, help=f"concurrent calls (default 200, at most {MAX_CALLS})")
+    parser.add_argument("--calls", type=int, default=200, help="concurrent calls (default 200)")
+    parser.add_argument("--call-seconds", type=float, default=90.0,
+                        help="mean call length: a call that ends is replaced by a new one (default 90; 0 = calls "
+                             "last the whole soak)")
     parser.add_argument("--minutes", type=float, default=10.0, help="steady soak once all calls are live (default 10)")
     parser.add_argument("--ramp", type=float, help="seconds over which calls start (default calls/20, at least 1)")
     parser.add_argument("--generators", type=int, help="caller processes (default: one per 100 calls)")
@@ -537,8 +570,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.callers_child:
         return args
-    if not 1 <= args.calls <= MAX_CALLS:
-        parser.error(f"--calls: expected 1..{MAX_CALLS}, got {args.calls}")
+    if not 1 <= args.calls <= 2000:
+        parser.error(f"--calls: expected 1..2000, got {args.calls}")
+    if args.call_seconds and args.calls * (args.minutes * 60 / (args.call_seconds * 0.5) + 2) > MAX_CALLS:
+        parser.error(f"--call-seconds {args.call_seconds:g}: too many calls for one run (at most {MAX_CALLS})")
     if args.minutes <= 0:
         parser.error(f"--minutes: expected > 0, got {args.minutes}")
     if not 0 < args.talk <= args.cycle - 2:
