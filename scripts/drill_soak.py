@@ -547,7 +547,10 @@ async def main(args) -> int:
     say(f"   model -> caller: {m2c_sent:,} frames sent, {m2c_recv:,} heard by the callers "
         f"({m2c_sent - m2c_recv:,} not heard: sent after the call hung up, or lost)")
     say(f"   the shim counted {relayed_final[0]:,.0f} caller frames and {relayed_final[1]:,.0f} model frames relayed")
-    say(f"   calls with a problem: {len(problems)}")
+    errors = sum(bool(c["error"]) for c in calls)
+    early = sum(c["closed_early"] for c in calls)
+    say(f"   calls with a problem: {len(problems)} (streams refused or not opened in 15 s: {errors}; "
+        f"closed by the shim before the caller hung up: {early})")
     for sid, p in list(problems.items())[:10]:
         say(f"     {sid}: {'; '.join(p)}")
     say(f"   Postgres: {len(rows)} of {len(calls)} call rows; status/ended_reason {dict(ended)}; {turns:,} utterances")
