@@ -536,8 +536,8 @@ async def main(args) -> int:
     other_pct = max(0.0, 100 * busy * (os.cpu_count() or 1) - shim_pct - pg_pct - sum(gen_pct))
     late99, late_max = lateness.quantile(0.99), lateness.max
     load_after = os.getloadavg()
-    relayed_final = (metric(final, "shim_frames_relayed_total", direction="caller_to_model"),
-                     metric(final, "shim_frames_relayed_total", direction="model_to_caller"))
+    relayed_final = (metric(final, "shim_frames_relayed_total", direction="caller_to_model") or 0,
+                     metric(final, "shim_frames_relayed_total", direction="model_to_caller") or 0)
 
     churn = f"each ~{args.call_seconds:g} s, then replaced" if args.call_seconds else "each for the whole soak"
     say(f"== {len(calls)} calls placed ({args.calls} at a time, {churn}); {window / 60:.1f} min steady; live calls "
@@ -546,7 +546,9 @@ async def main(args) -> int:
         f"(lost {c2m_sent - c2m_recv:,})")
     say(f"   model -> caller: {m2c_sent:,} frames sent, {m2c_recv:,} heard by the callers "
         f"({m2c_sent - m2c_recv:,} not heard: sent after the call hung up, or lost)")
-    say(f"   the shim counted {relayed_final[0]:,.0f} caller frames and {relayed_final[1]:,.0f} model frames relayed")
+    say(f"   the shim counted {relayed_final[0]:,.0f} caller frames and {relayed_final[1]:,.0f} model frames relayed, "
+        f"{metric(final, 'shim_barge_ins_total') or 0:,.0f} barge-ins (the callers never talk over the answer), "
+        f"{metric(final, 'shim_model_errors_total') or 0:,.0f} model errors")
     errors = sum(bool(c["error"]) for c in calls)
     early = sum(c["closed_early"] for c in calls)
     say(f"   calls with a problem: {len(problems)} (streams refused or not opened in 15 s: {errors}; "
