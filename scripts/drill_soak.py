@@ -6,7 +6,8 @@ Bounded, loopback only: `shim serve` as a subprocess (embedded PostgreSQL unless
 200 calls x 10 min, and would measure themselves). The model runs in this process; the callers
 in --generators child processes, so the shim is not starved by its own load.
 
-Each call: a signed stream, 20 ms μ-law frames at real time for the whole call; the model
+Each call: a signed stream, 20 ms μ-law frames at real time for the whole call, ~--call-seconds
+long (then its slot places a new call, so the soak also covers calls ending and starting); the model
 answers on a fixed cycle (it talks --talk s of every --cycle s in 100 ms deltas, then the caller
 talks: speech_started / stopped / transcript); the caller plays the answer at 8 bytes/ms and
 echoes each mark once played. Every frame carries a tag naming its call (or model session) and
@@ -16,7 +17,8 @@ Reported: frames the caller sent vs frames its model session received, frames th
 vs frames the caller received, per call; every call's end reason and row in Postgres; the
 shim's RSS every --sample s (first vs last minute); event-loop lag p50/p99/max from
 /metrics (shim_event_loop_lag_seconds); CPU-s per call-minute; how late the load generator
-sent its frames (a saturated generator is not the shim's fault, and fails the drill).
+sent its frames, and how long the shim's loop waited for a CPU (/proc/PID/schedstat): a
+saturated generator or a busy machine is not the shim's fault, and fails the drill as such.
 
 Usage: .venv/bin/python scripts/drill_soak.py [--calls 200] [--minutes 10]
        .venv/bin/python scripts/drill_soak.py --calls 20 --minutes 0.5   (a quick run, ~1 min)
@@ -36,7 +38,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -294,9 +295,12 @@ def judge(calls: list[dict], sessions: list[dict]) -> dict[str, list[str]]:
                 p.append(f"the model heard {heard['foreign']} frames of another call, {heard['gaps']} out of sequence")
             if back["source"] is not None and back["source"] != said["owner"]:
                 p.append(f"the caller heard model session {back['source']}, not its own ({said['owner']})")
+            # More than `due` is fine: frames sent just after the hang-up began, relayed before the
+            # stop was handled (the caller misread a stall of the shim as the end of the answer).
             due = said["sent"] - sum(t >= call["hangup_at"] for t in said["recent_sends"])
-            if back["received"] != due:
-                p.append(f"the model sent {due} frames before the hang-up, the caller received {back['received']}")
+            if not due <= back["received"] <= said["sent"]:
+                p.append(f"the model sent {due} frames before the hang-up ({said['sent']} in all), "
+                         f"the caller received {back['received']}")
         if back["foreign"] or back["gaps"]:
             p.append(f"the caller heard {back['foreign']} frames of another call, {back['gaps']} out of sequence")
         if p:
@@ -362,7 +366,6 @@ def postgres_tree(data_dir: Path) -> psutil.Process | None:
         return psutil.Process(int((data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()[0]))
     except (OSError, ValueError, IndexError, psutil.Error):
         return None
-
 
 
 def runq_wait(pid: int) -> float:

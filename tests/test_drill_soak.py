@@ -32,13 +32,17 @@ def test_a_lost_frame_each_way_is_named_for_its_call():
     mb["heard"]["received"] -= 1
     a["back"]["received"] -= 1
     problems = judge([a, b], [ma, mb])
-    assert problems == {"CA1": ["the model sent 10 frames before the hang-up, the caller received 9"],
+    assert problems == {"CA1": ["the model sent 10 frames before the hang-up (10 in all), the caller received 9"],
                         "CA2": ["caller sent 50 frames, the model received 49"]}
 
 def test_audio_sent_after_the_hang_up_is_not_a_loss():
     a, ma = whole_call(1)
     ma["said"].update(sent=11, recent_sends=[95.0, 100.5])  # the model's next answer began after the hang-up
     assert judge([a], [ma]) == {}
+    a["back"]["received"] = 11  # ...and its first frame was relayed before the shim handled the stop
+    assert judge([a], [ma]) == {}
+    a["back"]["received"] = 12  # more than the model ever sent
+    assert judge([a], [ma])["CA1"] == ["the model sent 10 frames before the hang-up (11 in all), the caller received 12"]
 
 def test_crossed_and_reordered_frames_fail_the_call():
     (a, ma), (b, mb) = whole_call(1), whole_call(2)
