@@ -63,8 +63,10 @@ class Tagger:
 
     _counter = itertools.count(0x5A00_0000_0000_0001)
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, first: int | None = None):
         self.tail = base64.b64encode(b"\xff" * (size - TAG_BYTES)).decode()
+        if first is not None:  # a counter of its own (scripts/drill_soak.py: the tag names its call)
+            self._counter = itertools.count(first)
 
     def next(self) -> tuple[int, str]:
         n = next(self._counter)
@@ -148,6 +150,8 @@ class ModelServer:
     assistant talks for `talk_s` (100 ms deltas at real-time pace), then the "caller" talks
     (speech_started / speech_stopped / transcription.completed), then the next response."""
 
+    session_class: type[ModelSession]  # ModelSession; scripts/drill_soak.py counts per session
+
     def __init__(self, c2m: Delays, m2c: Delays, *, cycle_s: float = 6.0, talk_s: float = 3.0):
         self.c2m, self.m2c = c2m, m2c
         self.cycle_s, self.talk_s = cycle_s, talk_s
@@ -170,7 +174,7 @@ class ModelServer:
         def factory(request: WSUpgradeRequest):
             if not request.path.startswith(b"/v1/realtime"):
                 return None
-            return ModelSession(self, next(self._ids))
+            return self.session_class(self, next(self._ids))
 
         self.server = await ws_create_server(factory, "127.0.0.1", 0, enable_auto_pong=True)
         port = self.server.sockets[0].getsockname()[1]
@@ -187,6 +191,7 @@ class ModelServer:
 class ModelSession(WSListener):
     def __init__(self, server: ModelServer, n: int):
         self.server = server
+        self.c2m, self.m2c, self.tagger = server.c2m, server.m2c, server.tagger
         self.sid = f"sess_{n}"
         self.transport: WSTransport | None = None
         self.task: asyncio.Task | None = None
@@ -224,7 +229,7 @@ class ModelSession(WSListener):
             if typ == "input_audio_buffer.append":
                 audio = msg["audio"]
                 self.in_chars += len(audio)
-                self.server.c2m.on_recv(tag_of(audio), now)
+                self.c2m.on_recv(tag_of(audio), now)
             elif typ == "session.update":
                 if self.t_update != self.t_update:  # first one (nan)
                     self.t_update = now
@@ -268,7 +273,7 @@ class ModelSession(WSListener):
 
     async def _run(self) -> None:
         server = self.server
-        m2c, tagger = server.m2c, server.tagger
+        m2c, tagger = self.m2c, self.tagger
         chunks = int(round(server.talk_s / 0.1))
         start = perf() + (server.rng.uniform(0, server.cycle_s) if server.spread_phases else 0.0)
         for k in itertools.count():
@@ -326,6 +331,9 @@ class ModelSession(WSListener):
             await sleep_until(base + server.cycle_s - 0.5)
             self._event({"type": "conversation.item.input_audio_transcription.completed", "item_id": uid,
                          "content_index": 0, "transcript": "I would like to book a cleaning."})
+
+
+ModelServer.session_class = ModelSession
 
 
 async def sleep_until(t: float) -> None:

@@ -105,6 +105,7 @@ class Shim:
         # --workers: this worker's metrics snapshot (the scrape sums all workers'), orphan spools
         self.worker_metrics = WorkerMetrics(self.metrics.registry, worker.run_dir, worker.index) if worker else None
         self.worker_tasks: list[asyncio.Task] = []
+        self.lag_monitor: asyncio.Task | None = None
 
     async def startup(self) -> None:
         config = self.config
@@ -140,6 +141,7 @@ class Shim:
         if config.metrics_port:
             self.metrics_server = await start_metrics_server(self, self.media_host, config.metrics_port)
             log.info("metrics_listener", host=self.media_host, port=config.metrics_port)
+        self.lag_monitor = asyncio.get_running_loop().create_task(self.metrics.watch_loop_lag(), name="loop-lag")
         self.started = True
 
     def drain_plan(self) -> tuple[float, float]:
@@ -206,6 +208,9 @@ class Shim:
         for task in self.worker_tasks:
             task.cancel()
         await asyncio.gather(*self.worker_tasks, return_exceptions=True)
+        if self.lag_monitor is not None:
+            self.lag_monitor.cancel()
+            await asyncio.gather(self.lag_monitor, return_exceptions=True)
         await self.routes.stop()
         if self.recorder is not None:
             await self.recorder.close(timeout=left(10))
