@@ -53,7 +53,9 @@ def spool_rows(path: Path) -> int:
 async def start_serve(env: dict[str, str], http_port: int, media_port: int) -> subprocess.Popen:
     server = subprocess.Popen(
         [sys.executable, "-m", "shim.cli", "serve", "--host", "127.0.0.1", "--port", str(http_port),
-         "--media-port", str(media_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--media-port", str(media_port)], env=env, stdout=subprocess.DEVNULL,
+        # SHIM_DRILL_LOG=FILE keeps the server's log (stderr) for a drill that fails
+        stderr=open(os.environ["SHIM_DRILL_LOG"], "ab") if os.environ.get("SHIM_DRILL_LOG") else subprocess.DEVNULL,
     )
     async with httpx.AsyncClient(timeout=2) as http:
         for _ in range(300):
@@ -68,7 +70,7 @@ async def start_serve(env: dict[str, str], http_port: int, media_port: int) -> s
 
 
 def serve_env(model_url: str, http_port: int, media_port: int, data_dir: Path, *, assistants: Path,
-              assistant: str, log_level: str = "warning", **extra: str) -> dict[str, str]:
+              assistant: str, log_level: str = os.environ.get("SHIM_DRILL_LOG_LEVEL", "warning"), **extra: str) -> dict[str, str]:
     """The environment of a drill's `shim serve`: stand-in model, loopback URLs, the stand-in tool
     servers allowed (they listen on loopback), no post-call analysis reachable."""
     return dict(

@@ -152,7 +152,7 @@ class _End:
     def __init__(self, stream: Stream, lateness: Lateness):
         self.stream, self.lateness = stream, lateness
 
-    def on_send(self, tag: int, t: float, late: float) -> None:
+    def on_send(self, tag: int, t: float, late: float, optional: bool = False) -> None:
         self.stream.on_send(tag, t, late, self.lateness)
 
     def on_recv(self, tag: int | None, t: float) -> bool:
@@ -182,6 +182,9 @@ class SoakModel(ModelServer):
         self.lateness = Lateness()
         self.all_sessions: list[SoakSession] = []
         self.spread_phases = True  # about half the assistants talk at any moment, not all in step
+        # Turns as the soak's callers take them (they never talk over an answer): the benchmark's
+        # barge-in turns would make the deltas a bridge rightly drops count as lost here.
+        self.barge_in = False
         self.rng = random.Random(seed)
 
 

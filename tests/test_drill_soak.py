@@ -69,8 +69,8 @@ def test_tags_carry_their_owner_and_sequence_and_ambience_is_not_a_tag():
 
 def test_a_short_soak_through_the_real_server_passes(db_dsn):
     run = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "drill_soak.py"), "--calls", "5", "--minutes", "0.08",
-         "--ramp", "0.5", "--cycle", "2.5", "--talk", "0.5", "--call-seconds", "2", "--database-url", db_dsn],
+        [sys.executable, str(REPO / "scripts" / "drill_soak.py"), "--calls", "5", "--minutes", "0.12",
+         "--ramp", "0.5", "--cycle", "2.5", "--talk", "0.5", "--call-seconds", "1", "--database-url", db_dsn],
         cwd=REPO, capture_output=True, text=True, timeout=110,
     )
     out = run.stdout
