@@ -72,6 +72,19 @@ def parse_media_fast(data: bytes) -> tuple[str, int] | None:
     return None
 
 
+# The other frame of every chunk: the echo of the mark the shim sent after it (the shim names its
+# marks with a counter: digits). Same rule as the media fast path: a subset of `parse`.
+_MARK_FRAME = re.compile(
+    rb'\{"event":"mark","sequenceNumber":"[0-9]{1,20}","streamSid":"[A-Za-z0-9]{1,64}","mark":\{"name":"([0-9]{1,20})"\}\}'
+).fullmatch
+
+
+def parse_mark_fast(data: bytes) -> str | None:
+    """The name of a mark echo in Twilio's own shape with a name of digits, else None (`parse` decides)."""
+    match = _MARK_FRAME(data)
+    return None if match is None else match.group(1).decode()
+
+
 def _timestamp(value: object) -> int:
     """Twilio's media.timestamp: ms since the stream started, as a string of ASCII digits."""
     if value is None or value == "":

@@ -1,6 +1,6 @@
-"""The media fast path (shim.twilio_media.parse_media_fast) against the full parser: whatever the
-fast path accepts, `parse` accepts with the same payload and timestamp; it never accepts what
-`parse` rejects; and Twilio's own frame shape does take it (else it would be dead code)."""
+"""The fast paths (shim.twilio_media.parse_media_fast, parse_mark_fast) against the full parser:
+whatever a fast path accepts, `parse` accepts with the same result; a fast path never accepts what
+`parse` rejects; and Twilio's own frame shapes do take them (else they would be dead code)."""
 
 from __future__ import annotations
 
@@ -34,12 +34,39 @@ def twilio_frame(seq: str, track: str, chunk: str, ts: str, payload: str, sid: s
 
 
 def agrees(data: bytes) -> bool:
-    """The fast path's answer, checked against `parse`; True when it took the frame."""
+    """The media fast path's answer, checked against `parse`; True when it took the frame."""
     fast = tw.parse_media_fast(data)
     if fast is None:
         return False
     assert tw.parse(data) == tw.Media(*fast), data  # would raise ProtocolError if parse rejected it
     return True
+
+
+def mark_agrees(data: bytes) -> bool:
+    fast = tw.parse_mark_fast(data)
+    if fast is None:
+        return False
+    assert tw.parse(data) == tw.Mark(fast), data
+    return True
+
+
+def mark_frame(seq: str, sid: str, name: str) -> bytes:
+    return ('{"event":"mark","sequenceNumber":"' + seq + '","streamSid":"' + sid + '","mark":{"name":"' + name
+            + '"}}').encode()
+
+
+@given(seq=fields, sid=st.sampled_from(["MZ" + "a1" * 16, ""]) | fields, name=fields)
+@FUZZ
+def test_mark_fast_path_accepts_only_what_parse_accepts_and_agrees(seq, sid, name) -> None:
+    mark_agrees(mark_frame(seq, sid, name))
+
+
+@given(st.integers(1, 10**20 - 1))
+@FUZZ
+def test_twilio_mark_echo_takes_the_fast_path(n: int) -> None:
+    assert mark_agrees(mark_frame("9", "MZ" + "0" * 32, str(n)))
+    assert tw.parse_mark_fast(mark_frame("9", "MZ1", str(n))) == str(n)
+    assert tw.parse_mark_fast(mark_frame("9", "MZ1", "goodbye")) is None  # not ours: parse() takes it
 
 
 @given(seq=fields, track=st.sampled_from(["inbound", "outbound", "", "In", "x" * 17]) | fields, chunk=fields,
@@ -53,6 +80,8 @@ def test_fast_path_accepts_only_what_parse_accepts_and_agrees(seq, track, chunk,
 @FUZZ
 def test_fast_path_on_arbitrary_bytes(data: bytes) -> None:
     agrees(data)
+    mark_agrees(data)
+    mark_agrees(b'{"event":"mark","sequenceNumber":"1","streamSid":"MZ1","mark":{"name":"' + data + b'"}}')
     agrees(b'{"event":"media","sequenceNumber":"1","media":{"track":"inbound","chunk":"1","timestamp":"0",'
            b'"payload":"' + data + b'"},"streamSid":"MZ1"}')
 
