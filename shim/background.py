@@ -165,7 +165,15 @@ class BackgroundMixer:
 
     def mix_b64(self, voice_b64: str) -> str:
         """`mix` for base64 payloads, as the Realtime API sends them and Twilio expects them."""
-        return binascii.b2a_base64(self.mix(binascii.a2b_base64(voice_b64)), newline=False).decode("ascii")
+        voice = binascii.a2b_base64(voice_b64)
+        k = len(voice)
+        if 0 < k <= _EXTENSION:  # mix's table path, inlined: this runs for every chunk of every call
+            p = self._pos
+            self._pos = (p + k) % self._n
+            index = _VOICE_INDEX.take(np.frombuffer(voice, dtype=np.uint8))
+            index |= self._codes[p : p + k]
+            return binascii.b2a_base64(self._table.take(index), newline=False).decode("ascii")
+        return binascii.b2a_base64(self.mix(voice), newline=False).decode("ascii")
 
     def silence(self, n_bytes: int) -> bytes:
         """n_bytes of ambience alone (what `mix` gives for mu-law silence), e.g. to fill gaps."""
