@@ -11,12 +11,16 @@ peak-normalized to -6 dBFS, measure -23/-27 dBFS). AMBIENCE_GAIN_DB = -2 dB puts
 -40 dBFS, 20 dB under that speech: clearly audible in pauses, never competing with words, and far
 enough down that G.711's own quantisation noise (~-60 dBFS around speech) doesn't mask it either.
 
-Cost. `BackgroundMixer.mix` runs on every assistant audio chunk, so it does no per-sample Python
-and no numpy calls at all: the ambience is precomputed once (per ambience and gain, shared by every
-call) as int16 samples at the mixing gain, extended past the loop end so a chunk never needs to
-wrap, and a chunk is ulaw2lin -> audioop.add (saturating, i.e. the clipping protection) with a
-zero-copy view of the ambience -> lin2ulaw: three C calls. `silence` is a slice of the
-precomputed mu-law ambience. See tests/test_background.py for the numbers this module promises.
+Cost. `BackgroundMixer.mix` runs on every assistant audio chunk, so it does no per-sample Python.
+The mix of one sample is lin2ulaw(saturate(ulaw2lin(voice) + ambience at the gain)), and the
+ambience at the gain is a function of its own mu-law byte: so the whole mix is a function of two
+bytes, precomputed once per gain as a 256 x 256 table (64 KB, shared by every call; built with the
+same ulaw2lin / saturating add / lin2ulaw, so the bytes are exactly those of mixing sample by
+sample). A chunk is then one table lookup per sample in numpy, about half the time of
+ulaw2lin -> audioop.add -> lin2ulaw (lin2ulaw searches segments per sample). The ambience's own
+bytes are precomputed too, extended past the loop end so a chunk never needs to wrap; chunks
+longer than that extension take the audioop path. `silence` is a slice of the precomputed mu-law
+ambience. See tests/test_background.py for the numbers this module promises.
 """
 
 from __future__ import annotations
@@ -90,13 +94,36 @@ def _prepare(ambience_ulaw: bytes, gain_db: float) -> tuple[np.ndarray, bytes]:
     return extended, audioop.lin2ulaw(extended.tobytes(), 2)
 
 
+@functools.lru_cache(maxsize=16)
+def _mix_table(gain_db: float) -> np.ndarray:
+    """mixed[voice << 8 | ambience] for every pair of mu-law bytes at this gain (see Cost above)."""
+    codes = bytes(range(256))
+    lin = np.frombuffer(audioop.ulaw2lin(codes, 2), dtype=np.int16)
+    scaled = np.clip(np.rint(lin * 10 ** (gain_db / 20)), -32768, 32767).astype(np.int16)  # as _prepare
+    pairs = [audioop.add(bytes(np.full(256, v, np.int16).data), scaled.tobytes(), 2) for v in lin.tolist()]
+    table = np.frombuffer(audioop.lin2ulaw(b"".join(pairs), 2), dtype=np.uint8).copy()
+    table.flags.writeable = False
+    return table
+
+
+@functools.lru_cache(maxsize=16)
+def _ambience_codes(ambience_ulaw: bytes) -> np.ndarray:
+    """The ambience's mu-law bytes as uint16 (the low byte of a table index), extended like _prepare."""
+    codes = np.resize(np.frombuffer(ambience_ulaw, dtype=np.uint8), len(ambience_ulaw) + _EXTENSION).astype(np.uint16)
+    codes.flags.writeable = False
+    return codes
+
+
+_VOICE_INDEX = np.arange(256, dtype=np.uint16) << 8  # a voice byte -> the high byte of a table index
+
+
 class BackgroundMixer:
     """Ambience for one call: mixes a looping ambience under the assistant's audio.
 
     The loop position belongs to the mixer, so create one per call; chunk boundaries don't matter
     (mixing a stream in any split gives the same bytes as mixing it whole)."""
 
-    __slots__ = ("_n", "_pos", "_lin", "_lin_bytes", "_ulaw")
+    __slots__ = ("_n", "_pos", "_lin", "_lin_bytes", "_ulaw", "_codes", "_table")
 
     def __init__(self, ambience_ulaw: bytes, gain_db: float = AMBIENCE_GAIN_DB) -> None:
         if not ambience_ulaw:
@@ -105,6 +132,8 @@ class BackgroundMixer:
         self._pos = 0
         self._lin, self._ulaw = _prepare(bytes(ambience_ulaw), float(gain_db))
         self._lin_bytes = memoryview(self._lin).cast("B")  # zero-copy byte view for audioop
+        self._codes = _ambience_codes(bytes(ambience_ulaw))
+        self._table = _mix_table(float(gain_db))
 
     @property
     def position(self) -> int:
@@ -124,13 +153,27 @@ class BackgroundMixer:
         k = len(voice_ulaw)
         if not k:
             return b""
+        if k <= _EXTENSION:  # every chunk of a call: the table (same bytes as the path below)
+            p = self._pos
+            self._pos = (p + k) % self._n
+            index = _VOICE_INDEX.take(np.frombuffer(voice_ulaw, dtype=np.uint8))
+            index |= self._codes[p : p + k]
+            return self._table.take(index).tobytes()
         voice = audioop.ulaw2lin(voice_ulaw, 2)
         # audioop.add saturates at the int16 limits instead of wrapping: that's the clipping protection.
         return audioop.lin2ulaw(audioop.add(voice, self._ambience_lin(k), 2), 2)
 
     def mix_b64(self, voice_b64: str) -> str:
         """`mix` for base64 payloads, as the Realtime API sends them and Twilio expects them."""
-        return binascii.b2a_base64(self.mix(binascii.a2b_base64(voice_b64)), newline=False).decode("ascii")
+        voice = binascii.a2b_base64(voice_b64)
+        k = len(voice)
+        if 0 < k <= _EXTENSION:  # mix's table path, inlined: this runs for every chunk of every call
+            p = self._pos
+            self._pos = (p + k) % self._n
+            index = _VOICE_INDEX.take(np.frombuffer(voice, dtype=np.uint8))
+            index |= self._codes[p : p + k]
+            return binascii.b2a_base64(self._table.take(index), newline=False).decode("ascii")
+        return binascii.b2a_base64(self.mix(voice), newline=False).decode("ascii")
 
     def silence(self, n_bytes: int) -> bytes:
         """n_bytes of ambience alone (what `mix` gives for mu-law silence), e.g. to fill gaps."""

@@ -37,7 +37,6 @@ from .model_events import (
     UserTranscript,
 )
 from .playback import heard_text
-from .twilio_media import b64_decoded_len
 
 PCMU = "audio/pcmu"
 # What a new session gets of a long conversation: the newest items verbatim up to this many
@@ -253,7 +252,9 @@ class OpenAIRealtime:
             if type(delta) is str and type(item_id) is str and type(response_id) is str:
                 sink.on_model_audio(response_id, item_id, delta)
                 audio = self.conversation.audio_bytes  # how much was generated: where a cut falls in the text
-                audio[item_id] = audio.get(item_id, 0) + b64_decoded_len(delta)
+                # b64_decoded_len, inlined (one Python call fewer per delta)
+                pad = 2 if delta.endswith("==") else 1 if delta.endswith("=") else 0
+                audio[item_id] = audio.get(item_id, 0) + len(delta) * 3 // 4 - pad
                 return
         try:
             event = rt.parse_object(msg)

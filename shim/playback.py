@@ -69,11 +69,12 @@ class Playback:
 
     def sent(self, item: AssistantItem, nbytes: int, now: float) -> str:
         """`nbytes` more of `item` go to Twilio now: the name of the mark to send after them."""
-        item.sent_bytes += nbytes
-        self.free_at = max(self.free_at, now) + nbytes / 8000
-        self._counter += 1
-        name = str(self._counter)
-        self._marks[name] = (item, item.sent_bytes)
+        sent = item.sent_bytes = item.sent_bytes + nbytes
+        free_at = self.free_at
+        self.free_at = (free_at if free_at > now else now) + nbytes / 8000  # max(), without the call
+        counter = self._counter = self._counter + 1
+        name = str(counter)
+        self._marks[name] = (item, sent)
         return name
 
     def tones_sent(self, nbytes: int, now: float) -> str:

@@ -168,6 +168,20 @@ def test_loud_voice_clips_instead_of_wrapping() -> None:
     assert np.all(np.sign(lin(mixed)) == np.sign(square))
 
 
+@pytest.mark.parametrize("gain_db", [-2.0, 12.0, -30.0])
+def test_mix_table_gives_the_bytes_of_mixing_sample_by_sample(gain_db: float) -> None:
+    """Every (voice byte, ambience byte) pair: the precomputed table (chunks up to 2 s) gives
+    exactly lin2ulaw(saturate(voice + ambience at the gain)), as the audioop path (longer
+    chunks) does."""
+    amb = bytes(range(256)) * 256  # ambience byte i % 256 under voice byte i // 256: all pairs
+    voice = bytes(v for v in range(256) for _ in range(256))
+    ambience = np.clip(np.rint(lin(amb) * 10 ** (gain_db / 20)), -32768, 32767)
+    expected = ulaw(np.clip(lin(voice) + ambience, -32768, 32767))
+    m = BackgroundMixer(amb, gain_db=gain_db)
+    assert b"".join(m.mix(voice[i : i + 8_000]) for i in range(0, len(voice), 8_000)) == expected  # table
+    assert BackgroundMixer(amb, gain_db=gain_db).mix(voice) == expected  # 65,536 bytes: the audioop path
+
+
 def test_mix_b64() -> None:
     amb = load_office_ambience()
     payload = base64.b64encode(SPEECH[:800]).decode()
