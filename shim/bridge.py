@@ -419,14 +419,11 @@ class CallRunner:
 
     def _drop_model(self) -> None:
         listener, self._model_listener = self._model_listener, None
-        model, self.model = self.model, None
+        self.model = None
         for old in (listener, self._pending_listener):
             if old is not None:
                 old.abandon()
         self._pending_listener = None
-        if model is not None and listener is None:
-            model.send_close(WSCloseCode.OK)
-            model.disconnect()
 
     def _abandon_pending(self) -> None:
         listener, self._pending_listener = self._pending_listener, None

@@ -94,7 +94,11 @@ RESUME_CUT_OFF = ("The phone line dropped for a moment while you were speaking; 
 RESUME_AFTER_ROLLOVER = "Continue naturally from where the conversation above ends."
 PAUSE_S = 1.0  # a rollover waits for this long without the caller's voice starting or stopping
 VOICED_HELD_MS = 200  # the caller said something while the model was away
-RECENT_AUDIO_FRAMES = 1500  # 30 s of 20 ms caller frames: a turn cut by a lost session is sent again
+# The caller's recent frames, so that a turn cut by a lost model session can be sent again: up to
+# what the held audio can take while a turn is in flight, else only the last 1.5 s (the onset
+# of the next turn, with the server's prefix padding, lies in it). Memory per call stays small.
+RECENT_AUDIO_FRAMES = MAX_EARLY_FRAMES
+RECENT_IDLE_FRAMES = 75
 RESUME_AFTER_GAP = ("The phone line dropped for a few seconds. Briefly tell the caller the line broke up "
                     "and ask them to go on; do not repeat yourself.")
 
@@ -258,6 +262,7 @@ class Call:
         # the model session is lost is sent again to the new one)
         self._recent_audio: deque[tuple[float, str, int]] = deque(maxlen=RECENT_AUDIO_FRAMES)
         self._fallback: dict[str, Any] | None = None
+        self._end_when_set_up: tuple[GiveUp, str] | None = None
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -414,6 +419,10 @@ class Call:
             return
         self.setup = setup
         self._fallback = fallback_destination
+        if self._end_when_set_up is not None:  # the model could not be reached while this loaded
+            self.phase = Phase.CONFIGURING
+            self._reconnect_or_give_up(*self._end_when_set_up)
+            return
         assert self.start is not None
         params = self.start.custom_parameters
         self.info = envelope.CallInfo(
@@ -465,7 +474,10 @@ class Call:
             if len(self._breaks_at) < 10_000:
                 self._breaks_at.append(input_ms)
                 self._breaks_offset.append(offset)
-        self._recent_audio.append((input_ms, payload, timestamp_ms))
+        recent = self._recent_audio
+        recent.append((input_ms, payload, timestamp_ms))
+        if len(recent) > RECENT_IDLE_FRAMES and not self._caller_speaking and self._turn_end is None:
+            recent.popleft()  # no turn in flight: keep a second only
         # tw.b64_decoded_len, inlined (the payload is canonical base64: `=` only at the end)
         self._input_ms = input_ms + (len(payload) * 3 // 4 - payload.count("=", -2)) / tw.MULAW_BYTES_PER_MS
         self.backend.append_audio(payload)
@@ -550,6 +562,10 @@ class Call:
         self._reconnect_or_give_up(decision)
 
     def _reconnect_or_give_up(self, decision: Any, reason: str = "pipeline-error-openai-llm-failed") -> None:
+        if type(decision) is GiveUp and self.phase is Phase.RESOLVING:
+            # The number's fallback destination comes with the set-up: end once it is known.
+            self._end_when_set_up = (decision, reason)
+            return
         if type(decision) is GiveUp:
             if self._link.outage:
                 self.metrics.model_session("abandoned")
@@ -588,8 +604,9 @@ class Call:
         in_flight = self._caller_speaking or self._turn_end is not None
         self._reply_on_resume = False
         if in_flight and self._user_turns:
-            self._early_audio.extendleft(reversed([
-                (payload, ts) for at_ms, payload, ts in self._recent_audio if at_ms >= self._turn_onset_ms - 300]))
+            turn = [(payload, ts) for at_ms, payload, ts in self._recent_audio if at_ms >= self._turn_onset_ms - 300]
+            # the turn, then what came during the gap; if more than can be held, the newest
+            self._early_audio = deque([*turn, *self._early_audio][-MAX_EARLY_FRAMES:], maxlen=MAX_EARLY_FRAMES)
             self._turn_end = None  # the new session's voice detection places the turn again
         elif self._turn_end is not None and dropped is None:
             self._reply_on_resume = True  # its words are in the conversation: ask for the reply

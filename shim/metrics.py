@@ -62,7 +62,6 @@ class ShimMetrics:
             "shim_event_loop_lag_max_seconds",
             f"The largest event-loop lag seen in the last {LAG_WINDOW_S:.0f}-{2 * LAG_WINDOW_S:.0f} s",
             registry=self.registry,
-            multiprocess_mode="max",  # across worker processes, the worst loop is the figure
         )
         self._lag_window_max = 0.0  # the current window's max
         self._lag_previous_max = 0.0  # the last complete window's max

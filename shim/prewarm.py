@@ -56,7 +56,9 @@ class Registry(Generic[H]):
         return len(self._entries)
 
     def __contains__(self, call_sid: str) -> bool:
-        return call_sid in self._entries
+        """A session `take` would hand out (present and within its TTL)."""
+        entry = self._entries.get(call_sid)
+        return entry is not None and self.clock() - entry.born < self.ttl_s
 
     def add(self, call_sid: str, handle: H) -> list[H]:
         """Register `handle`; returns what it displaces: an earlier one for the same CallSid

@@ -139,6 +139,12 @@ def supervise(config: Config, host: str, port: int, media_port: int | None, coun
     previous = {sig: signal.signal(sig, lambda s, _f: stop_signals.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
     env = dict(os.environ)
     env.pop(WORKER_ENV, None)
+    if "SHIM_PREWARM" not in env:
+        # A pre-warmed model session lives in the worker that answered /twilio/voice; the stream's
+        # connection lands on any worker (the kernel picks), so it would be adopted 1 time in
+        # `count` and the others left open until they expire. Off unless asked for.
+        env["SHIM_PREWARM"] = "0"
+        log.info("prewarm_off", workers=count, why="the stream lands on the webhook's worker 1 time in N")
     embedded = None
     run_dir = Path(tempfile.mkdtemp(prefix="shim-workers-"))
     procs: dict[int, subprocess.Popen | None] = {}

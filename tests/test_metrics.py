@@ -78,7 +78,7 @@ async def test_loop_lag_is_sampled_and_a_blocked_loop_shows():
         blocked = scrape(metrics)
     finally:
         watcher.cancel()
-    assert sample(calm, "shim_event_loop_lag_seconds_count") >= 5
+    assert sample(calm, "shim_event_loop_lag_seconds_count") >= 2
     assert sample(calm, "shim_event_loop_lag_max_seconds") < 0.25
     assert sample(blocked, "shim_event_loop_lag_max_seconds") >= 0.25
     # the blocked wake-up is in the histogram's tail, above 250 ms
@@ -101,8 +101,11 @@ def test_the_lag_max_is_over_the_last_window_and_then_forgets():
 
 async def test_serve_runs_the_lag_monitor_and_stops_it_on_shutdown(tmp_path, db_dsn):
     async with running_shim(tmp_path, db_dsn) as run:
-        await asyncio.sleep(0.35)
-        text = (await run.http.get(run.config.http_url("/metrics"))).text
+        for _ in range(100):  # until the monitor has sampled twice (bounded; a busy machine is slower)
+            text = (await run.http.get(run.config.http_url("/metrics"))).text
+            if sample(text, "shim_event_loop_lag_seconds_count") >= 2:
+                break
+            await asyncio.sleep(0.1)
         monitor = run.shim.lag_monitor
         assert monitor is not None and not monitor.done()
     assert sample(text, "shim_event_loop_lag_seconds_count") >= 2

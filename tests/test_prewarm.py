@@ -31,7 +31,9 @@ def test_registry_hands_a_session_out_once_and_not_after_its_ttl():
     assert reg.take("CA1") == "one" and reg.take("CA1") is None  # adopted once
     clock.t += 9.9
     assert reg.expired() == [] and reg.next_expiry() == pytest.approx(clock.t + 0.1)
+    assert "CA2" in reg
     clock.t += 0.1
+    assert "CA2" not in reg  # a call does not wait for its set-up to adopt an expired session
     assert reg.take("CA2") is None  # past its TTL: never adopted...
     assert reg.expired() == ["two"] and len(reg) == 0 and reg.next_expiry() is None  # ...but closed
 

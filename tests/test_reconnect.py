@@ -505,10 +505,12 @@ def test_what_the_caller_said_during_the_gap_comes_first_and_is_answered_not_tal
 
 def test_a_caller_turn_cut_by_the_loss_mid_utterance_is_sent_again_from_its_start():
     call, rows, clock = live_call(WAITS)
-    for i in range(100):  # 2 s of audio: silence, then the caller starts at 1 s
+    for i in range(80):  # silence, then the caller starts at 1 s; the server notices 600 ms later
         twilio(call, media(loud() if i >= 50 else b"\xff" * 160, ts=20 * i))
-    sent(call)
     call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=1000, item_id="u1"))
+    for i in range(80, 100):
+        twilio(call, media(loud(), ts=20 * i))
+    sent(call)
     call.on_model_closed(1006, "")
     new_session(call)
     appends = [f for f in ready(call) if f["type"] == "input_audio_buffer.append"]
@@ -621,3 +623,45 @@ def test_the_model_socket_opens_while_the_assistant_is_resolved():
     (update,) = sent(call)
     assert update["type"] == "session.update" and update["session"]["instructions"].startswith("Be brief.")
     assert not [e for e in call.take_effects() if type(e) is ConnectModel]  # one socket, not two
+
+
+def test_a_model_refused_while_the_assistant_loads_still_transfers_to_the_fallback():
+    from shim.call_effects import ResolveAssistant
+
+    from .test_call import _SHELL, make_call, start_frame
+
+    call, rows, clock = make_call(WAITS)
+    call.on_twilio_text(start_frame())
+    (resolve_effect,) = [e for e in call.take_effects() if type(e) is ResolveAssistant]
+    call.on_model_connect_failed(401, "HTTP 401")  # the early connect loses before the set-up is in
+    assert call.end is None
+    call.on_setup(_SHELL[call][0](resolve_effect.start), {"type": "number", "number": "+15557654321"})
+    assert call.end.reason == "pipeline-error-openai-401-unauthorized"
+    assert call.end.next_action["verb"] == "dial" and call.end.next_action["number"] == "+15557654321"
+
+
+def test_a_turn_longer_than_what_can_be_held_keeps_its_newest_audio_and_the_gap():
+    from shim.call import MAX_EARLY_FRAMES
+
+    call, rows, clock = live_call(WAITS)
+    sent(call)
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u1"))
+    for i in range(750):  # a 15 s turn, still going when the socket drops
+        twilio(call, media(bytes([i % 250]) * 160, ts=20 * i))
+    call.on_model_closed(1006, "")
+    for i in range(750, 760):  # 200 ms during the gap
+        twilio(call, media(bytes([i % 250]) * 160, ts=20 * i))
+    new_session(call)
+    appends = [f["audio"] for f in ready(call) if f["type"] == "input_audio_buffer.append"]
+    assert len(appends) == MAX_EARLY_FRAMES
+    assert appends[-1] == b64(bytes([759 % 250]) * 160)  # nothing after the loss is missing
+    assert appends[-11] == b64(bytes([749 % 250]) * 160)  # nor the turn's last frame before it
+
+
+def test_no_turn_in_flight_keeps_only_a_second_of_recent_audio():
+    from shim.call import RECENT_IDLE_FRAMES
+
+    call, rows, clock = live_call(WAITS)
+    for i in range(300):
+        twilio(call, media(b"\xff" * 160, ts=20 * i))
+    assert len(call._recent_audio) == RECENT_IDLE_FRAMES
