@@ -35,7 +35,7 @@ from . import store_queries
 from .numbers import redact_url
 from .routes import SNAPSHOT_NAME, NumberRoutes, RoutingUnavailable
 from .store import Recorder, migrate, orphan_spools, replay_orphan_spools, spool_path
-from .workers import read_drain_answers, share_drain_answer
+from .workers import LiveCalls, read_drain_answers, share_drain_answer
 from shim_tools import envelope
 from shim_tools.delivery import WebhookSender
 from shim_tools.secrets import SecretsBook, resolve_server
@@ -104,6 +104,8 @@ class Shim:
         self.metrics_server: asyncio.Server | None = None
         # --workers: this worker's metrics snapshot (the scrape sums all workers'), orphan spools
         self.worker_metrics = WorkerMetrics(self.metrics.registry, worker.run_dir, worker.index) if worker else None
+        if worker is not None:  # a second stream for a live CallSid is refused on any worker
+            self.bridge.live_calls = LiveCalls(worker.run_dir, worker.index)
         self.worker_tasks: list[asyncio.Task] = []
         self.lag_monitor: asyncio.Task | None = None
 

@@ -102,6 +102,7 @@ class BridgeState:
     drain: Callable[[float], Awaitable[bool]] | None = None  # wait (bounded) until rows are written
     request_lookup: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None  # assistant-request answers
     model_health: dict[str, Any] = field(default_factory=dict)  # the last model connect, for /readyz
+    live_calls: Any = None  # workers.LiveCalls under `shim serve --workers N`: the same check across workers
     _http: httpx.AsyncClient | None = None
 
     def http(self) -> httpx.AsyncClient:
@@ -141,6 +142,8 @@ class BridgeState:
             return "stream token does not match the CallSid"
         if any(runner.call.call_sid == start.call_sid and runner.call.end is None for runner in self.runners):
             return "a stream for this CallSid is already live"
+        if self.live_calls is not None and not self.live_calls.claim(start.call_sid):
+            return "a stream for this CallSid is already live on another worker (or it is not a CallSid)"
         return None
 
     def stream_signature_ok(self, signature: str | None) -> bool:
@@ -706,6 +709,8 @@ class CallRunner:
     def _forget(self) -> None:
         if self in self.state.runners:
             self.state.runners.discard(self)
+            if self.state.live_calls is not None:
+                self.state.live_calls.release(self.call.call_sid)
             self.state.metrics.call_finished(self.call)
 
 

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -78,6 +80,47 @@ class WorkerSlot:
 
     def encode(self) -> str:
         return f"{self.index}/{self.count}/{self.parent}/{self.run_dir}"
+
+
+class LiveCalls:
+    """Which CallSids have a live stream, across the workers: one file per call in the run
+    directory, created with O_EXCL (the check Twilio's replayed or forged second `start` meets on
+    whichever worker it lands). Touched at a stream's start and end only, never per frame."""
+
+    _SID = re.compile(r"[A-Za-z0-9]{1,64}")
+
+    def __init__(self, run_dir: Path, index: int):
+        self.dir = run_dir / "live"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index = index
+        self._mine: set[str] = set()
+
+    def claim(self, call_sid: str) -> bool:
+        """False when another worker (or this one) already has a live stream for this CallSid."""
+        if not self._SID.fullmatch(call_sid):
+            return False  # not a CallSid: never a file name
+        try:
+            fd = os.open(self.dir / call_sid, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(self.index))
+        self._mine.add(call_sid)
+        return True
+
+    def release(self, call_sid: str) -> None:
+        if call_sid in self._mine:
+            self._mine.discard(call_sid)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.dir / call_sid)
+
+
+def release_worker_calls(run_dir: Path, index: int) -> None:
+    """A worker exited: its calls ended with it, so its claims go (a new stream may start)."""
+    for path in (run_dir / "live").glob("*"):
+        with contextlib.suppress(OSError):
+            if path.read_text() == str(index):
+                path.unlink()
 
 
 def die_with_parent(slot: WorkerSlot) -> None:
@@ -194,6 +237,7 @@ def supervise(config: Config, host: str, port: int, media_port: int | None, coun
                     continue
                 procs[index] = None
                 retire_snapshot(run_dir, index, proc.pid)
+                release_worker_calls(run_dir, index)
                 if stopping_since is not None:
                     log.info("worker_exited", worker=index, pid=proc.pid, exit=_exit_text(proc.returncode))
                     code = code or (1 if proc.returncode else 0)

@@ -313,3 +313,19 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_live_call_is_claimed_across_workers_and_freed_when_it_or_its_worker_ends(tmp_path):
+    from shim.workers import LiveCalls, release_worker_calls
+
+    a, b = LiveCalls(tmp_path, 0), LiveCalls(tmp_path, 1)
+    sid = "CA" + "1" * 32
+    assert a.claim(sid)
+    assert not b.claim(sid)  # a replayed start landing on the other worker is refused
+    b.release(sid)  # not b's to release
+    assert not b.claim(sid)
+    a.release(sid)
+    assert b.claim(sid)  # the call ended: a later stream for it may start
+    release_worker_calls(tmp_path, 1)  # worker 1 exited: its calls ended with it
+    assert a.claim(sid)
+    assert not a.claim("../../etc/passwd") and not a.claim("")  # never a path
