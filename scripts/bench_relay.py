@@ -303,39 +303,29 @@ async def start_shim(model: ModelServer, tag: str, source: Path, media: str = "o
 
 
 async def start_bare(model: ModelServer, tag: str) -> Server:
-    port = free_port()
-    log_path = REPO / ".shim" / "bench" / f"serve-{tag}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port), "--model-url", model.url],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        )
-    server = Server(proc, f"ws://127.0.0.1:{port}/twilio/media", log_path)
-    deadline = perf() + 20
-    while not await port_open(port):
-        if proc.poll() is not None or perf() > deadline:
-            await stop_server(server)
-            raise RuntimeError(f"bare relay did not start; see {log_path}:\n{tail(log_path)}")
-        await asyncio.sleep(0.05)
-    return server
+    return await _start_peer(model, tag, "--serve-bare", "/twilio/media", "bare relay", 20)
 
 
 async def start_sample(model: ModelServer, tag: str) -> Server:
+    return await _start_peer(model, tag, "--serve-sample", "/media-stream", "twilio-samples bridge", 30)
+
+
+async def _start_peer(model: ModelServer, tag: str, flag: str, path: str, name: str, start_s: float) -> Server:
+    """One of this script's own servers (the bare relay, the sample) in a subprocess."""
     port = free_port()
     log_path = REPO / ".shim" / "bench" / f"serve-{tag}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-sample", str(port), "--model-url", model.url],
+            [sys.executable, str(Path(__file__).resolve()), flag, str(port), "--model-url", model.url],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         )
-    server = Server(proc, f"ws://127.0.0.1:{port}/media-stream", log_path)
-    deadline = perf() + 30
+    server = Server(proc, f"ws://127.0.0.1:{port}{path}", log_path)
+    deadline = perf() + start_s
     while not await port_open(port):
         if proc.poll() is not None or perf() > deadline:
             await stop_server(server)
-            raise RuntimeError(f"twilio-samples bridge did not start; see {log_path}:\n{tail(log_path)}")
+            raise RuntimeError(f"{name} did not start; see {log_path}:\n{tail(log_path)}")
         await asyncio.sleep(0.05)
     return server
 
