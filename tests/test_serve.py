@@ -62,24 +62,29 @@ class Served:
         return await asyncio.to_thread(self.proc.wait, timeout)
 
 
+def serve_test_env(tmp_path: Path, dsn: str, model_url: str, port: int, **env: str) -> dict[str, str]:
+    """The environment of a `shim serve` under test: the stand-in model, loopback URLs, the demo
+    assistant, and nothing inherited that could point it elsewhere."""
+    assistants = tmp_path / "assistants"
+    assistants.mkdir(exist_ok=True)
+    (assistants / "demo.json").write_bytes((REPO / "assistants" / "demo.json").read_bytes())
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("SHIM_", "TWILIO_", "OPENAI_", "PUBLIC_"))},
+        "OPENAI_API_KEY": "sk-test", "OPENAI_REALTIME_URL": model_url, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": "http://127.0.0.1:9",
+        "PUBLIC_URL": f"http://127.0.0.1:{port}", "DATABASE_URL": dsn, "SHIM_DEFAULT_ASSISTANT": "demo",
+        "SHIM_ASSISTANTS_DIR": str(assistants), "SHIM_DATA_DIR": str(tmp_path / "data"), **env,
+    }
+
+
 @contextlib.asynccontextmanager
 async def served(tmp_path: Path, dsn: str, **env: str):
     fake = FakeRealtime(Script(replies=["Sure."]))
     await fake.start()
     port = free_port()
-    assistants = tmp_path / "assistants"
-    assistants.mkdir(exist_ok=True)
-    (assistants / "demo.json").write_bytes((REPO / "assistants" / "demo.json").read_bytes())
-    full = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("SHIM_", "TWILIO_", "OPENAI_", "PUBLIC_"))},
-        "OPENAI_API_KEY": "sk-test", "OPENAI_REALTIME_URL": fake.url, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": "http://127.0.0.1:9",
-        "PUBLIC_URL": f"http://127.0.0.1:{port}", "DATABASE_URL": dsn, "SHIM_DEFAULT_ASSISTANT": "demo",
-        "SHIM_ASSISTANTS_DIR": str(assistants), "SHIM_DATA_DIR": str(tmp_path / "data"),
-        "SHIM_LOG_LEVEL": "warning", "SHIM_LOG_FORMAT": "console",
-        "SHIM_WORKERS": "1",  # one process, as these tests read it (tests/test_serve_workers.py: several)
-        **env,
-    }
+    # one process, as these tests read it (tests/test_serve_workers.py: several)
+    full = serve_test_env(tmp_path, dsn, fake.url, port, SHIM_LOG_LEVEL="warning", SHIM_LOG_FORMAT="console",
+                          SHIM_WORKERS="1", **env)
     proc = subprocess.Popen([sys.executable, "-m", "shim.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                             env=full)
     try:

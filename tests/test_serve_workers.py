@@ -25,11 +25,10 @@ from shim.testing._serve import free_port
 from shim.testing.fake_realtime import FakeRealtime, Script
 from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, keep_line_open, post_twilio_webhook
 
+from .test_serve import ACCOUNT_SID, AUTH_TOKEN, serve_test_env
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT load balancing is Linux's")
 
-REPO = Path(__file__).resolve().parents[1]
-AUTH_TOKEN = "workers-test-token"
-ACCOUNT_SID = "AC" + "0" * 32
 CALLER, SHIM_NUMBER = "+15550001111", "+15550002222"
 
 
@@ -104,17 +103,7 @@ async def workers(tmp_path: Path, dsn: str, count: int = 2, **env: str):
     fake = FakeRealtime(Script(replies=["Sure."]))
     await fake.start()
     port = free_port()
-    assistants = tmp_path / "assistants"
-    assistants.mkdir(exist_ok=True)
-    (assistants / "demo.json").write_bytes((REPO / "assistants" / "demo.json").read_bytes())
-    full = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("SHIM_", "TWILIO_", "OPENAI_", "PUBLIC_"))},
-        "OPENAI_API_KEY": "sk-test", "OPENAI_REALTIME_URL": fake.url, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": "http://127.0.0.1:9",
-        "PUBLIC_URL": f"http://127.0.0.1:{port}", "DATABASE_URL": dsn, "SHIM_DEFAULT_ASSISTANT": "demo",
-        "SHIM_ASSISTANTS_DIR": str(assistants), "SHIM_DATA_DIR": str(tmp_path / "data"),
-        "SHIM_LOG_LEVEL": "info", "SHIM_LOG_FORMAT": "json", **env,
-    }
+    full = serve_test_env(tmp_path, dsn, fake.url, port, SHIM_LOG_LEVEL="info", SHIM_LOG_FORMAT="json", **env)
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "shim.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
