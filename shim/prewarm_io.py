@@ -32,10 +32,14 @@ class _Listener(WSListener):
 
     def __init__(self, warm: Warm):
         self.warm = warm
+        self.transport: WSTransport | None = None
         self.on_text: Callable[[bytes], None] | None = None
         self.on_closed: Callable[[int | None, str], None] | None = None
         self.close_code: int | None = None
         self.close_reason = ""
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.TEXT:
@@ -161,27 +165,38 @@ class Prewarmer:
 
     async def _open(self, warm: Warm, start: tw.Start) -> None:
         config = self.state.config
+        created: list[_Listener] = []
+
+        def listener() -> _Listener:
+            created.append(_Listener(warm))
+            return created[-1]
+
         try:
             setup = await self.state.resolve_setup(start)  # the very path the stream's start takes
             backend = OpenAIRealtime()  # the class CallRunner's Call runs (its default backend)
             warm.session = WarmSession(backend, setup.session)
             url, headers = backend.connect_target(config.openai_realtime_url, config.openai_realtime_model,
                                                   config.openai_api_key)
-            transport, listener = await asyncio.wait_for(
+            transport, opened = await asyncio.wait_for(
                 ws_connect(
-                    lambda: _Listener(warm), url, extra_headers=headers,
+                    listener, url, extra_headers=headers,
                     websocket_handshake_timeout=config.model_connect_timeout_s,
                     max_frame_size=16 * 1024 * 1024,
                     enable_auto_ping=True, auto_ping_idle_timeout=5, auto_ping_reply_timeout=5,
                 ),
                 config.model_connect_timeout_s,
             )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # anything: the call connects afresh, as without pre-warm
-            self.fail(warm, f"{type(exc).__name__}: {str(exc)[:200]}")
+        except BaseException as exc:
+            # A handshake that went through as the wait was given up or cancelled: close that socket.
+            for orphan in created:
+                if orphan.transport is not None:
+                    orphan.transport.send_close(WSCloseCode.OK)
+                    orphan.transport.disconnect()
+            if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
+                raise
+            self.fail(warm, f"{type(exc).__name__}: {str(exc)[:200]}")  # the call connects afresh
             return
-        warm.listener = listener
+        warm.listener = opened
         if warm.outcome is not None:  # expired, displaced or failed while connecting
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
