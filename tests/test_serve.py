@@ -42,17 +42,7 @@ class Served:
         return await post_twilio_webhook(self.http, self.base + path, params, AUTH_TOKEN)
 
     async def call(self) -> tuple[TwilioCaller, dict[str, str]]:
-        call_sid = "CA" + uuid.uuid4().hex
-        params = incoming_call_params(call_sid, CALLER, SHIM_NUMBER, ACCOUNT_SID)
-        twiml = (await self.post("/twilio/voice", params)).text
-        stream = ElementTree.fromstring(twiml).find("./Connect/Stream")
-        assert stream is not None, twiml
-        custom = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
-        caller = TwilioCaller(stream.attrib["url"], AUTH_TOKEN, custom_parameters=custom, call_sid=call_sid,
-                              account_sid=ACCOUNT_SID)
-        await caller.connect()
-        await keep_line_open(caller, caller.wait_for_audio(1, timeout=10))  # the greeting
-        return caller, params
+        return await greeted_call(self.http, self.base, greeting_timeout=10)
 
     def terminate(self) -> float:
         self.proc.send_signal(signal.SIGTERM)
@@ -60,6 +50,22 @@ class Served:
 
     async def exit_code(self, timeout: float) -> int:
         return await asyncio.to_thread(self.proc.wait, timeout)
+
+
+async def greeted_call(http: httpx.AsyncClient, base: str, *, greeting_timeout: float) -> tuple[TwilioCaller, dict[str, str]]:
+    """Twilio's side of an incoming call: the signed voice webhook, the <Stream> it answered,
+    then the line kept open until the greeting is heard."""
+    call_sid = "CA" + uuid.uuid4().hex
+    params = incoming_call_params(call_sid, CALLER, SHIM_NUMBER, ACCOUNT_SID)
+    twiml = (await post_twilio_webhook(http, base + "/twilio/voice", params, AUTH_TOKEN)).text
+    stream = ElementTree.fromstring(twiml).find("./Connect/Stream")
+    assert stream is not None, twiml
+    custom = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
+    caller = TwilioCaller(stream.attrib["url"], AUTH_TOKEN, custom_parameters=custom, call_sid=call_sid,
+                          account_sid=ACCOUNT_SID)
+    await caller.connect()
+    await keep_line_open(caller, caller.wait_for_audio(1, timeout=greeting_timeout))
+    return caller, params
 
 
 def serve_test_env(tmp_path: Path, dsn: str, model_url: str, port: int, **env: str) -> dict[str, str]:

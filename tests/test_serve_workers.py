@@ -11,9 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
-from xml.etree import ElementTree
 
 import asyncpg
 import httpx
@@ -23,13 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shim.testing._serve import free_port
 from shim.testing.fake_realtime import FakeRealtime, Script
-from shim.testing.twilio_caller import TwilioCaller, incoming_call_params, keep_line_open, post_twilio_webhook
+from shim.testing.twilio_caller import TwilioCaller, post_twilio_webhook
 
-from .test_serve import ACCOUNT_SID, AUTH_TOKEN, serve_test_env
+from .test_serve import AUTH_TOKEN, greeted_call, serve_test_env
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT load balancing is Linux's")
 
-CALLER, SHIM_NUMBER = "+15550001111", "+15550002222"
 
 
 def samples(text: str | bytes) -> dict[tuple, float]:
@@ -85,17 +82,7 @@ class Workers:
         return response.text
 
     async def call(self) -> tuple[TwilioCaller, dict[str, str]]:
-        call_sid = "CA" + uuid.uuid4().hex
-        params = incoming_call_params(call_sid, CALLER, SHIM_NUMBER, ACCOUNT_SID)
-        twiml = (await post_twilio_webhook(self.http, self.base + "/twilio/voice", params, AUTH_TOKEN)).text
-        stream = ElementTree.fromstring(twiml).find("./Connect/Stream")
-        assert stream is not None, twiml
-        custom = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
-        caller = TwilioCaller(stream.attrib["url"], AUTH_TOKEN, custom_parameters=custom, call_sid=call_sid,
-                              account_sid=ACCOUNT_SID)
-        await caller.connect()
-        await keep_line_open(caller, caller.wait_for_audio(1, timeout=15))  # the greeting
-        return caller, params
+        return await greeted_call(self.http, self.base, greeting_timeout=15)
 
 
 @contextlib.asynccontextmanager
