@@ -24,13 +24,11 @@ import time
 import uuid
 from pathlib import Path
 
-import asyncpg
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from drill_db_outage import place_call, report, run_drill, serve_env, start_serve, stop_serve  # noqa: E402
+from drill_db_outage import place_call, read_stopped_db, report, run_drill, serve_env, start_serve, stop_serve  # noqa: E402
 
-from shim.db import resolve_dsn  # noqa: E402
 from shim.testing.fake_customer import FakeCustomer, delay, invalid_json, reply_results, status  # noqa: E402
 from shim.testing.fake_realtime import FakeRealtime, Script, calls  # noqa: E402
 from shim.testing.twilio_caller import keep_line_open  # noqa: E402
@@ -116,17 +114,10 @@ async def main() -> int:
 
     outputs = outputs_of(session)
     names = {fc["call_id"]: fc["name"] for fc in session.function_calls}
-    dsn, embedded = resolve_dsn("", work / "data")
     try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            rows = await conn.fetch("SELECT name, status, latency_ms, error FROM tool_calls WHERE call_sid = $1 ORDER BY seq",
-                                    call_sid)
-        finally:
-            await conn.close()
+        rows = await read_stopped_db(work / "data", lambda conn: conn.fetch(
+            "SELECT name, status, latency_ms, error FROM tool_calls WHERE call_sid = $1 ORDER BY seq", call_sid))
     finally:
-        if embedded is not None:
-            embedded.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(f"== 8 tools called in one turn; the model had every answer {answered_s:.2f} s after the turn "
           f"(slow tool's timeoutSeconds: 2)")
