@@ -397,8 +397,10 @@ class Result:
 # caller audio after speech_started (Vapi's stopSpeakingPlan), so its trigger is the caller frame
 # that completes it (the last frame the caller sent before the clear arrived, since frames are
 # 20 ms apart and the clear takes far less); the sample acts on speech_started itself.
-BARGE_TRIGGER = {"shim": "caller frame", "sample": "speech_started", "bare": ""}
-STACK_NAMES = {"shim": "shim", "sample": "twilio-samples", "bare": "bare relay"}
+BARGE_TRIGGER = {"shim": "caller frame", "before": "caller frame", "sample": "speech_started", "bare": ""}
+# "before": the shim from another checkout (--before-dir), measured in the same run for a
+# before/after figure of a change.
+STACK_NAMES = {"shim": "shim", "before": "shim before", "sample": "twilio-samples", "bare": "bare relay"}
 
 
 def pct(samples: list[float]) -> list[float]:
@@ -416,6 +418,7 @@ async def run_stack(stack: str, n: int, model: ModelServer, c2m: Delays, m2c: De
     await wait_quiet(args.quiet_wait, tag)
     say(f"[{tag}] starting server")
     starter = {"shim": lambda: start_shim(model, tag, args.shim_dir, args.media, args.workers),
+               "before": lambda: start_shim(model, tag, args.before_dir, args.media, args.workers),
                "bare": lambda: start_bare(model, tag), "sample": lambda: start_sample(model, tag)}[stack]
     server = await starter()
     # the sample never closes on Twilio's `stop` (it waits for the socket to close): don't wait long
@@ -642,6 +645,8 @@ def fmt2(v: list[float] | None) -> str:
 
 
 def name_of(r: Result, meta: dict) -> str:
+    if r.stack == "before" and meta.get("before_version"):
+        return f"shim before ({meta['before_version']})"
     return f"shim ({meta['media']})" if r.stack == "shim" and meta.get("media") != "one-port" else STACK_NAMES[r.stack]
 
 
@@ -761,6 +766,7 @@ def run_meta(args) -> dict:
         "cpus": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(),
         "media": args.media, "talk": args.talk, "cycle": args.cycle, "ramp": args.ramp, "seconds": args.seconds,
         "source_version": args.source_version,
+        "before_version": source_version(args.before_dir) if args.before_dir else None,
         "command": "scripts/bench_relay.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "make bench",
     }
 
@@ -882,6 +888,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--talk", type=float, default=3.0, help="seconds the assistant talks per cycle (default 3)")
     parser.add_argument("--shim-dir", type=lambda p: Path(p).resolve(), default=REPO,
                         help="source tree of the shim to run (default: this checkout), e.g. a `git archive` of a commit")
+    parser.add_argument("--before-dir", type=lambda p: Path(p).resolve(), default=None,
+                        help="another checkout of the shim, run as the stack 'before' (e.g. a git worktree "
+                             "of the previous commit): a change's before/after in one run")
     parser.add_argument("--quiet-wait", type=float, default=5,
                         help="before each run, wait up to this long for other processes to go idle (default 5)")
     parser.add_argument("--json", type=Path, default=REPO / ".shim" / "bench" / "bench.json",
@@ -915,6 +924,10 @@ def main(argv: list[str] | None = None) -> int:
         args.quiet_wait = min(args.quiet_wait, 10)
     if args.repeat < 1:
         parser.error("--repeat: expected a positive integer")
+    if "before" in args.stacks and args.before_dir is None:
+        parser.error("--stacks before: needs --before-dir (another checkout of the shim)")
+    if args.before_dir is not None and not (args.before_dir / "shim" / "cli.py").is_file():
+        parser.error(f"--before-dir {args.before_dir}: expected a checkout of the shim (no shim/cli.py there)")
     if not args.calls or min(args.calls + args.delay_calls) < 1:
         parser.error("--calls: expected positive integers, e.g. 50,100")
     if not 0 < args.talk < args.cycle - 1:

@@ -745,7 +745,16 @@ class TwilioListener(WSListener):
         if kind is TEXT and frame.fin:
             runner = self.runner  # runner.on_twilio_text, inlined (50 frames a second per call)
             try:
-                runner.call.on_twilio_text(frame.get_payload_as_bytes())
+                data = frame.get_payload_as_bytes()
+                model = runner.model
+                if model is not None:
+                    # The caller's audio while the call is live: straight to the model socket
+                    # (pump is needed only after frames that can queue something else).
+                    wire = runner.call.relay_caller_frame(data)
+                    if wire is not None:
+                        model.send(TEXT, wire)
+                        return
+                runner.call.on_twilio_text(data)
                 runner.pump()
             except Exception:
                 runner._fail("twilio frame")

@@ -260,7 +260,9 @@ class Call:
         self._turn_onset_ms = 0.0  # where the caller's current turn began on the call's input timeline
         # the caller's recent audio, with where it sits on the input timeline (a turn in flight when
         # the model session is lost is sent again to the new one)
-        self._recent_audio: deque[tuple[float, str, int]] = deque(maxlen=RECENT_AUDIO_FRAMES)
+        self._recent_audio: deque[tuple[float, bytes, int]] = deque(maxlen=RECENT_AUDIO_FRAMES)
+        # the backend's append frame around the caller's base64 (relay_caller_frame), if it has one
+        self._append_head, self._append_tail = self.backend.append_wire or (None, b"")
         self._fallback: dict[str, Any] | None = None
         self._end_when_set_up: tuple[GiveUp, str] | None = None
 
@@ -466,7 +468,31 @@ class Call:
         elif phase is Phase.RESUMING or phase is Phase.CONFIGURING or phase is Phase.RESOLVING:
             self._early_audio.append((payload, timestamp_ms))  # bounded: the oldest goes first
 
+    def relay_caller_frame(self, data: bytes) -> bytes | None:
+        """The hot path, 50 times a second per call: a Twilio media frame in Twilio's own shape,
+        while the call is live and no barge-in gate listens, becomes the backend's append frame,
+        returned for the shell to send as it is (no str, dict or event made for it). None: the
+        frame goes through on_twilio_text (another frame or spelling, another phase, the gate)."""
+        head = self._append_head
+        if self.phase is not _LIVE or self._gate is not None or head is None:
+            return None
+        match = tw.match_media_frame(data)
+        if match is None:
+            return None
+        ts, payload = match.group(1, 2)
+        if len(payload) & 3 or len(payload) > tw.MAX_MEDIA_PAYLOAD_CHARS:
+            return None  # on_twilio_text rejects and counts it
+        self.frames_in += 1
+        self._note_input(payload, int(ts))
+        return head + payload + self._append_tail
+
     def _append_audio(self, payload: str, timestamp_ms: int) -> None:
+        self._note_input(payload.encode(), timestamp_ms)
+        self.backend.append_audio(payload)
+
+    def _note_input(self, payload: bytes, timestamp_ms: int) -> None:
+        """The caller's frame on the call's input timeline (where Twilio's clock jumped, for
+        _input_time) and in the recent ring (a turn cut by a lost model session is sent again)."""
         input_ms = self._input_ms
         offset = timestamp_ms - input_ms
         if self._offset_ms is None or abs(offset - self._offset_ms) > 40:
@@ -479,8 +505,7 @@ class Call:
         if len(recent) > RECENT_IDLE_FRAMES and not self._caller_speaking and self._turn_end is None:
             recent.popleft()  # no turn in flight: keep a second only
         # tw.b64_decoded_len, inlined (the payload is canonical base64: `=` only at the end)
-        self._input_ms = input_ms + (len(payload) * 3 // 4 - payload.count("=", -2)) / tw.MULAW_BYTES_PER_MS
-        self.backend.append_audio(payload)
+        self._input_ms = input_ms + (len(payload) * 3 // 4 - payload.count(b"=", -2)) / tw.MULAW_BYTES_PER_MS
 
     def on_mark(self, name: str) -> None:
         finished = self._playback.on_mark(name)
@@ -604,7 +629,7 @@ class Call:
         in_flight = self._caller_speaking or self._turn_end is not None
         self._reply_on_resume = False
         if in_flight and self._user_turns:
-            turn = [(payload, ts) for at_ms, payload, ts in self._recent_audio if at_ms >= self._turn_onset_ms - 300]
+            turn = [(payload.decode(), ts) for at_ms, payload, ts in self._recent_audio if at_ms >= self._turn_onset_ms - 300]
             # the turn, then what came during the gap; if more than can be held, the newest
             self._early_audio = deque([*turn, *self._early_audio][-MAX_EARLY_FRAMES:], maxlen=MAX_EARLY_FRAMES)
             self._turn_end = None  # the new session's voice detection places the turn again

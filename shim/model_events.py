@@ -153,6 +153,10 @@ class ModelBackend(Protocol):
 
     name: str
     out: list[str]
+    # The append command's frame as (head, tail) around the caller's base64 μ-law, so the hot path
+    # sends a caller frame as bytes without a str or a call (Call.relay_caller_frame); None: every
+    # frame goes through append_audio.
+    append_wire: tuple[bytes, bytes] | None
 
     def connect_target(self, base_url: str, model: str, api_key: str) -> tuple[str, dict[str, str]]: ...
     def configure(self, session: dict[str, Any]) -> None: ...

@@ -180,6 +180,9 @@ class OpenAIRealtime:
     def append_audio(self, audio_b64: str) -> None:
         self.out.append('{"type":"input_audio_buffer.append","audio":"' + audio_b64 + '"}')
 
+    # append_audio's frame as bytes around the payload (https://platform.openai.com/docs/api-reference/realtime-client-events/input_audio_buffer/append)
+    append_wire = (b'{"type":"input_audio_buffer.append","audio":"', b'"}')
+
     # Between sockets (`disconnected()` until the next session.created) a command only updates
     # the conversation: the next session gets it in the replay.
 

@@ -621,7 +621,7 @@ class Recorder:
         spool_path: Path,
         max_memory_rows: int = 50_000,
         batch_max: int = 500,
-        flush_interval: float = 0.05,
+        flush_interval: float = 0.5,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
         connect_timeout: float = 5.0,

@@ -134,3 +134,54 @@ def test_a_frame_is_relayed_the_same_by_either_path() -> None:
         call.on_twilio_text(data)
         assert call.frames_rejected == 0
     assert out == [(payload, 20)] * 3
+
+
+def _relayed(call, data: bytes) -> list[str]:
+    """What the model receives for one Twilio frame through the shell's hot path: the core's
+    relay_caller_frame, or (None) on_twilio_text and the backend's queue, as bridge.TwilioListener does."""
+    wire = call.relay_caller_frame(data)
+    if wire is not None:
+        assert not call.backend.out
+        return [wire.decode()]
+    call.on_twilio_text(data)
+    out, call.backend.out = call.backend.out, []
+    return out
+
+
+def _timeline(call) -> tuple:
+    return (call.frames_in, call.frames_rejected, call._input_ms, list(call._recent_audio), call._breaks_at,
+            call._breaks_offset)
+
+
+@given(st.lists(st.tuples(fields | st.integers(0, 10**6).map(str), payloads), min_size=1, max_size=8))
+@FUZZ
+def test_the_core_hot_path_relays_and_counts_as_on_twilio_text_does(frames) -> None:
+    """Call.relay_caller_frame (the bridge's path for live audio) against on_twilio_text: the same
+    appends reach the model and the call's input timeline (breaks, recent audio) is the same."""
+    from tests.test_call import live_call
+
+    hot, _, _ = live_call()
+    reference, _, _ = live_call()
+    hot.backend.out, reference.backend.out = [], []  # set-up's frames: the shell sent them
+    for ts, payload in frames:
+        data = twilio_frame("5", "inbound", "2", ts, payload, "MZ1")
+        reference.on_twilio_text(data)
+        expected, reference.backend.out = reference.backend.out, []
+        assert _relayed(hot, data) == expected
+    assert _timeline(hot) == _timeline(reference)
+
+
+def test_the_core_hot_path_takes_live_audio_and_leaves_the_rest_to_on_twilio_text() -> None:
+    from tests.test_call import live_call, make_call
+
+    payload = base64.b64encode(b"\x7f" * 160).decode()
+    frame = twilio_frame("5", "inbound", "2", "40", payload, "MZ1")
+    call, _, _ = live_call()
+    assert call.relay_caller_frame(frame) == b'{"type":"input_audio_buffer.append","audio":"' + payload.encode() + b'"}'
+    assert call.frames_in == 1 and call._input_ms == 20
+    assert call.relay_caller_frame(frame.replace(b'","', b'", "')) is None  # another spelling: the parser's
+    assert call.relay_caller_frame(twilio_frame("5", "inbound", "2", "40", payload[:-4], "MZ1") + b" ") is None
+    call._gate = object()  # a barge-in gate listens to the caller's samples: the full path
+    assert call.relay_caller_frame(frame) is None
+    waiting, _, _ = make_call()  # not live yet: frames are held by on_twilio_text
+    assert waiting.relay_caller_frame(frame) is None and waiting.frames_in == 0
