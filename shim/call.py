@@ -260,7 +260,7 @@ class Call:
         self._turn_onset_ms = 0.0  # where the caller's current turn began on the call's input timeline
         # the caller's recent audio, with where it sits on the input timeline (a turn in flight when
         # the model session is lost is sent again to the new one)
-        self._recent_audio: deque[tuple[float, bytes, int]] = deque(maxlen=RECENT_AUDIO_FRAMES)
+        self._recent_audio: deque[tuple[float, bytes, int]] = deque(maxlen=RECENT_IDLE_FRAMES)
         # the backend's append frame around the caller's base64 (relay_caller_frame), if it has one
         self._append_head, self._append_tail = self.backend.append_wire or (None, b"")
         self._fallback: dict[str, Any] | None = None
@@ -490,6 +490,14 @@ class Call:
         self._note_input(payload.encode(), timestamp_ms)
         self.backend.append_audio(payload)
 
+    def _size_ring(self) -> None:
+        """The recent ring holds up to a whole turn while one is in flight (the caller speaking, or
+        waiting for the reply), else the last 1.5 s (the next turn's onset, with the server's
+        prefix padding, lies in it): set when that changes, so a frame only appends."""
+        size = RECENT_AUDIO_FRAMES if self._caller_speaking or self._turn_end is not None else RECENT_IDLE_FRAMES
+        if self._recent_audio.maxlen != size:
+            self._recent_audio = deque(self._recent_audio, maxlen=size)  # shrinking keeps the newest
+
     def _note_input(self, payload: bytes, timestamp_ms: int) -> None:
         """The caller's frame on the call's input timeline (where Twilio's clock jumped, for
         _input_time) and in the recent ring (a turn cut by a lost model session is sent again)."""
@@ -500,10 +508,7 @@ class Call:
             if len(self._breaks_at) < 10_000:
                 self._breaks_at.append(input_ms)
                 self._breaks_offset.append(offset)
-        recent = self._recent_audio
-        recent.append((input_ms, payload, timestamp_ms))
-        if len(recent) > RECENT_IDLE_FRAMES and not self._caller_speaking and self._turn_end is None:
-            recent.popleft()  # no turn in flight: keep a second only
+        self._recent_audio.append((input_ms, payload, timestamp_ms))  # bounded: see _size_ring
         # tw.b64_decoded_len, inlined (the payload is canonical base64: `=` only at the end)
         self._input_ms = input_ms + (len(payload) * 3 // 4 - payload.count(b"=", -2)) / tw.MULAW_BYTES_PER_MS
 
@@ -641,6 +646,7 @@ class Call:
         self._ignored_turns.clear()
         self._noise_items, self._noise_reply_until = [], 0.0
         self._caller_speaking = False
+        self._size_ring()
         self.backend.disconnected()
 
     def _resumed(self, gap_s: float) -> None:
@@ -755,6 +761,7 @@ class Call:
         now = self.clock()
         self._ending.activity(now)
         self._caller_speaking = True
+        self._size_ring()
         self._last_speech_event = now
         self._turn_onset_ms = self._session_input_ms + (event.audio_start_ms or 0)
         item_id = event.item_id or f"user_{self._seq + 1}"
@@ -838,6 +845,7 @@ class Call:
         # audio_end_ms includes the silence window that confirmed the end of the turn.
         ended = self._input_time(event.audio_end_ms) - self.setup.policy.silence_duration_ms / 1000
         self._turn_end = min(now, ended)
+        self._size_ring()
         item_id = event.item_id
         turn = self._user_turns.get(item_id)
         if turn is not None:
@@ -850,6 +858,7 @@ class Call:
             # assistant goes on, and the reply the server creates for this turn is dropped.
             self._gate = None
             self._turn_end = None
+            self._size_ring()
             self._noise_reply_until = now + NOISE_REPLY_WINDOW_S
             self._noise_items.append(item_id)
             self._ignored_turns.add(item_id)
@@ -953,6 +962,7 @@ class Call:
         if self._turn_end is not None:
             latency = now - self._turn_end
             self._turn_end = None
+            self._size_ring()
             row["latency_ms"] = int(round(latency * 1000))
             self.metrics.turn_latency(latency)
         self.records.upsert("utterances", row)

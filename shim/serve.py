@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -213,6 +214,12 @@ class DrainingServer(uvicorn.Server):
 
         media = media_protocol_factory(media_listener_factory(self.shim.bridge)) if self.media_via_picows else self.http_protocol
         self.front.start(self.http_protocol, media)
+        # Everything loaded at start (modules, assistants, tables: ~75k objects) lives as long as
+        # the process: out of the collector's sight, a full collection no longer walks it with
+        # every call's audio waiting (one took 63 ms at 100 calls before this).
+        # https://docs.python.org/3/library/gc.html#gc.freeze
+        gc.collect()
+        gc.freeze()
         log.info("listening", port=self.front.port, media_url=self.shim.config.media_stream_url)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:

@@ -665,3 +665,19 @@ def test_no_turn_in_flight_keeps_only_a_second_of_recent_audio():
     for i in range(300):
         twilio(call, media(b"\xff" * 160, ts=20 * i))
     assert len(call._recent_audio) == RECENT_IDLE_FRAMES
+
+
+def test_the_ring_holds_a_whole_turn_then_shrinks_back_to_a_second_once_answered():
+    from shim.call import RECENT_IDLE_FRAMES
+
+    call, rows, clock = live_call(WAITS)
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u1"))
+    for i in range(300):  # a 6 s turn: all of it is kept, to be sent again if the model is lost
+        twilio(call, media(bytes([i % 250]) * 160, ts=20 * i))
+    assert len(call._recent_audio) == 300
+    call.on_model_text(ev("input_audio_buffer.speech_stopped", audio_end_ms=6000, item_id="u1"))
+    twilio(call, media(b"\x01" * 160, ts=6000))
+    assert len(call._recent_audio) == 301  # waiting for the reply: still in flight
+    call.on_model_text(ev("response.output_audio.delta", response_id="r1", item_id="a1", delta=b64(b"\xff" * 800)))
+    assert len(call._recent_audio) == RECENT_IDLE_FRAMES  # answered: the newest second only
+    assert call._recent_audio[-1][1] == b64(b"\x01" * 160).encode()
