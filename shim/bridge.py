@@ -75,6 +75,11 @@ from .twilio_signature import TwilioSignatures
 
 log = structlog.get_logger("shim.bridge")
 TICK_SECONDS = 0.5
+# An assistant whose last resolution (file read + translation) took less CPU than this is resolved
+# on the event loop (BridgeState.resolve_setup): less than the loop spends on one 100 ms chunk of
+# a busy minute, and well under the thread hop it saves.
+INLINE_RESOLVE_S = 0.001
+
 # picows' message types as module constants: the per-frame code compares and sends with them, and
 # an Enum member lookup (WSMsgType.TEXT) costs ~0.2 µs in Python 3.11.
 TEXT, CONTINUATION, CLOSE, BINARY = WSMsgType.TEXT, WSMsgType.CONTINUATION, WSMsgType.CLOSE, WSMsgType.BINARY
@@ -103,6 +108,7 @@ class BridgeState:
     request_lookup: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None  # assistant-request answers
     model_health: dict[str, Any] = field(default_factory=dict)  # the last model connect, for /readyz
     live_calls: Any = None  # workers.LiveCalls under `shim serve --workers N`: the same check across workers
+    resolve_cost: dict[str, float] = field(default_factory=dict)  # assistant id -> CPU s its last resolution took
     _http: httpx.AsyncClient | None = None
 
     def http(self) -> httpx.AsyncClient:
@@ -152,14 +158,33 @@ class BridgeState:
         return self.signatures.valid(self.config.media_stream_url, {}, signature)
 
     async def resolve_setup(self, start: tw.Start) -> CallSetup:
-        """Load and translate the call's assistant (file reads and template rendering run in a
-        worker thread: nothing slow on the event loop that carries every call's audio)."""
+        """Load and translate the call's assistant: in a worker thread (nothing slow on the event
+        loop that carries every call's audio), unless this assistant's last resolution took less
+        than INLINE_RESOLVE_S of CPU. A typical export takes ~0.2 ms, while the hop to a thread
+        and back waits for the GIL behind the busy loop (up to its 5 ms switch interval): most of
+        Twilio `start` → `session.update` under load. The assistant-request answer's always runs
+        in the thread (it arrives over the network, any size)."""
         requested = None
         if start.custom_parameters.get("assistant") == "@request":
             requested = await self.request_lookup(start.call_sid) if self.request_lookup else None
             if not isinstance(requested, dict):
                 raise AssistantError("assistant", "@request", "the number server's assistant-request answer (not found)")
-        return await asyncio.to_thread(self._resolve_setup, start, requested)
+            return await asyncio.to_thread(self._resolve_setup, start, requested)
+        assistant_id = start.custom_parameters.get("assistant", "")
+        if self.resolve_cost.get(assistant_id, INLINE_RESOLVE_S) < INLINE_RESOLVE_S:
+            return self._timed_resolve(start)
+        return await asyncio.to_thread(self._timed_resolve, start)
+
+    def _timed_resolve(self, start: tw.Start) -> CallSetup:
+        """_resolve_setup, noting its CPU time (thread time: not the wait for the GIL) for the
+        assistant, failed or not."""
+        started = time.thread_time()
+        try:
+            return self._resolve_setup(start)
+        finally:
+            if len(self.resolve_cost) >= 4096:  # ids come from signed stream parameters; bounded anyway
+                self.resolve_cost.clear()
+            self.resolve_cost[start.custom_parameters.get("assistant", "")] = time.thread_time() - started
 
     def _resolve_setup(self, start: tw.Start, requested: dict[str, Any] | None = None) -> CallSetup:
         chosen = choose_assistant(start, requested, lambda assistant_id: load_assistant(self.config.assistants_dir, assistant_id))
