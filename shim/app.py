@@ -301,6 +301,9 @@ class _DeferredRecords:
             self.shim.recorder.upsert(table, row, keep_existing=keep_existing)
         except ValueError as exc:  # a value Postgres cannot take: lose the row, never the call
             log.error("row_refused", table=table, call_sid=row.get("call_sid"), error=str(exc)[:300])
+            return
+        if table == "calls" and row.get("next_action") is not None:
+            self.shim.recorder.flush_soon()  # stream-ended may ask another worker for it
 
     def insert(self, table: str, row: dict[str, Any]) -> None:
         try:

@@ -172,19 +172,20 @@ class BridgeState:
             return await asyncio.to_thread(self._resolve_setup, start, requested)
         assistant_id = start.custom_parameters.get("assistant", "")
         if self.resolve_cost.get(assistant_id, INLINE_RESOLVE_S) < INLINE_RESOLVE_S:
-            return self._timed_resolve(start)
-        return await asyncio.to_thread(self._timed_resolve, start)
+            return self._timed_resolve(start, time.perf_counter)  # what it held the loop for
+        return await asyncio.to_thread(self._timed_resolve, start, time.thread_time)  # not the GIL wait
 
-    def _timed_resolve(self, start: tw.Start) -> CallSetup:
-        """_resolve_setup, noting its CPU time (thread time: not the wait for the GIL) for the
-        assistant, failed or not."""
-        started = time.thread_time()
+    def _timed_resolve(self, start: tw.Start, timer: Callable[[], float]) -> CallSetup:
+        """_resolve_setup, noting what it cost for the assistant, failed or not: on the loop its
+        wall time (a slow disk read sends the next one back to the thread), in the thread its CPU
+        time (the wait for the GIL is not the assistant's)."""
+        started = timer()
         try:
             return self._resolve_setup(start)
         finally:
             if len(self.resolve_cost) >= 4096:  # ids come from signed stream parameters; bounded anyway
                 self.resolve_cost.clear()
-            self.resolve_cost[start.custom_parameters.get("assistant", "")] = time.thread_time() - started
+            self.resolve_cost[start.custom_parameters.get("assistant", "")] = timer() - started
 
     def _resolve_setup(self, start: tw.Start, requested: dict[str, Any] | None = None) -> CallSetup:
         chosen = choose_assistant(start, requested, lambda assistant_id: load_assistant(self.config.assistants_dir, assistant_id))

@@ -261,6 +261,7 @@ class Call:
         # the caller's recent audio, with where it sits on the input timeline (a turn in flight when
         # the model session is lost is sent again to the new one)
         self._recent_audio: deque[tuple[float, bytes, int]] = deque(maxlen=RECENT_IDLE_FRAMES)
+        self._turn_resent = False  # a turn cut by a lost session was sent again and is not answered yet
         # the backend's append frame around the caller's base64 (relay_caller_frame), if it has one
         self._append_head, self._append_tail = self.backend.append_wire or (None, b"")
         self._fallback: dict[str, Any] | None = None
@@ -474,8 +475,8 @@ class Call:
         returned for the shell to send as it is (no str, dict or event made for it). None: the
         frame goes through on_twilio_text (another frame or spelling, another phase, the gate)."""
         head = self._append_head
-        if self.phase is not _LIVE or self._gate is not None or head is None:
-            return None
+        if self.phase is not _LIVE or self._gate is not None or head is None or self.backend.out:
+            return None  # (queued frames first: the shell sends those in order, via pump)
         match = tw.match_media_frame(data)
         if match is None:
             return None
@@ -494,7 +495,8 @@ class Call:
         """The recent ring holds up to a whole turn while one is in flight (the caller speaking, or
         waiting for the reply), else the last 1.5 s (the next turn's onset, with the server's
         prefix padding, lies in it): set when that changes, so a frame only appends."""
-        size = RECENT_AUDIO_FRAMES if self._caller_speaking or self._turn_end is not None else RECENT_IDLE_FRAMES
+        in_flight = self._caller_speaking or self._turn_end is not None or self._turn_resent
+        size = RECENT_AUDIO_FRAMES if in_flight else RECENT_IDLE_FRAMES
         if self._recent_audio.maxlen != size:
             self._recent_audio = deque(self._recent_audio, maxlen=size)  # shrinking keeps the newest
 
@@ -635,6 +637,7 @@ class Call:
         self._reply_on_resume = False
         if in_flight and self._user_turns:
             turn = [(payload.decode(), ts) for at_ms, payload, ts in self._recent_audio if at_ms >= self._turn_onset_ms - 300]
+            self._turn_resent = True  # the ring keeps it whole until answered: the next session may be lost too
             # the turn, then what came during the gap; if more than can be held, the newest
             self._early_audio = deque([*turn, *self._early_audio][-MAX_EARLY_FRAMES:], maxlen=MAX_EARLY_FRAMES)
             self._turn_end = None  # the new session's voice detection places the turn again
@@ -962,6 +965,7 @@ class Call:
         if self._turn_end is not None:
             latency = now - self._turn_end
             self._turn_end = None
+            self._turn_resent = False
             self._size_ring()
             row["latency_ms"] = int(round(latency * 1000))
             self.metrics.turn_latency(latency)

@@ -795,6 +795,12 @@ class Recorder:
         if rows:
             self._wake.set()
 
+    def flush_soon(self) -> None:
+        """End the current gather now: a row another process waits for (a call's next_action,
+        which /twilio/stream-ended reads when it lands on another worker or instance) must not
+        wait out the linger. Never blocks."""
+        self._flush.set()
+
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every row accepted so far is committed (or rejected). False on timeout."""
         target = self._accepted

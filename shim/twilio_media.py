@@ -51,7 +51,7 @@ def valid_payload(payload: str) -> bool:
 # `parse` accepts and gives the same result (tests/test_twilio_fast.py checks both by property).
 # The payload group is valid_payload's alphabet (letters, digits, `+`, `/`, at most two `=` at
 # the end): checked while the frame is matched, so an accepted frame is plain ASCII JSON; what
-# is left to the caller is the length (match_media_payload).
+# is left to the caller is the length (parse_media_fast, Call.relay_caller_frame).
 match_media_frame = re.compile(
     rb'\{"event":"media","sequenceNumber":"[0-9]{1,20}","media":\{"track":"[a-z]{1,16}","chunk":"[0-9]{1,20}",'
     rb'"timestamp":"([0-9]{1,%d})","payload":"([A-Za-z0-9+/]{1,%d}={0,2})"\},"streamSid":"[A-Za-z0-9]{1,64}"\}'

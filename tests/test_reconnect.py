@@ -658,7 +658,7 @@ def test_a_turn_longer_than_what_can_be_held_keeps_its_newest_audio_and_the_gap(
     assert appends[-11] == b64(bytes([749 % 250]) * 160)  # nor the turn's last frame before it
 
 
-def test_no_turn_in_flight_keeps_only_a_second_of_recent_audio():
+def test_no_turn_in_flight_keeps_only_the_last_1_5_s_of_recent_audio():
     from shim.call import RECENT_IDLE_FRAMES
 
     call, rows, clock = live_call(WAITS)
@@ -667,7 +667,7 @@ def test_no_turn_in_flight_keeps_only_a_second_of_recent_audio():
     assert len(call._recent_audio) == RECENT_IDLE_FRAMES
 
 
-def test_the_ring_holds_a_whole_turn_then_shrinks_back_to_a_second_once_answered():
+def test_the_ring_holds_a_whole_turn_then_shrinks_back_to_1_5_s_once_answered():
     from shim.call import RECENT_IDLE_FRAMES
 
     call, rows, clock = live_call(WAITS)
@@ -679,5 +679,24 @@ def test_the_ring_holds_a_whole_turn_then_shrinks_back_to_a_second_once_answered
     twilio(call, media(b"\x01" * 160, ts=6000))
     assert len(call._recent_audio) == 301  # waiting for the reply: still in flight
     call.on_model_text(ev("response.output_audio.delta", response_id="r1", item_id="a1", delta=b64(b"\xff" * 800)))
-    assert len(call._recent_audio) == RECENT_IDLE_FRAMES  # answered: the newest second only
+    assert len(call._recent_audio) == RECENT_IDLE_FRAMES  # answered: the newest 1.5 s only
     assert call._recent_audio[-1][1] == b64(b"\x01" * 160).encode()
+
+
+def test_a_turn_sent_again_is_kept_whole_if_the_next_session_is_lost_too():
+    call, rows, clock = live_call(WAITS)
+    for i in range(200):  # the caller starts at 1 s and talks for 3 s (more than the idle ring holds)
+        twilio(call, media(loud() if i >= 50 else b"\xff" * 160, ts=20 * i))
+        if i == 80:
+            call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=1000, item_id="u1"))
+    sent(call)
+    call.on_model_closed(1006, "")
+    new_session(call)
+    first = [f for f in ready(call) if f["type"] == "input_audio_buffer.append"]
+    assert len(first) == 165  # from 300 ms before the onset to the loss
+    # the new session hears the turn again in what was re-sent (its timeline starts at 0) ...
+    call.on_model_text(ev("input_audio_buffer.speech_started", audio_start_ms=300, item_id="u1b"))
+    call.on_model_closed(1006, "")  # ... and is lost too, before it answered
+    new_session(call)
+    again = [f for f in ready(call) if f["type"] == "input_audio_buffer.append"]
+    assert again == first

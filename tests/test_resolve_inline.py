@@ -60,6 +60,24 @@ async def test_an_expensive_assistant_stays_in_the_worker_thread() -> None:
     assert await resolved_on(bridge) == "worker"
 
 
+async def test_an_inline_resolution_that_held_the_loop_too_long_sends_the_next_one_back() -> None:
+    bridge = state()
+    bridge.resolve_cost["demo"] = 0.0
+    real = bridge._resolve_setup
+
+    def slow_disk(s, requested=None):
+        import time
+
+        time.sleep(INLINE_RESOLVE_S * 3)  # waiting on I/O: no CPU time, but the loop was held
+        return real(s, requested)
+
+    bridge._resolve_setup = slow_disk  # type: ignore[method-assign]
+    await bridge.resolve_setup(start())
+    bridge._resolve_setup = real  # type: ignore[method-assign]
+    assert bridge.resolve_cost["demo"] >= INLINE_RESOLVE_S * 3
+    assert await resolved_on(bridge) == "worker"
+
+
 async def test_a_missing_assistant_fails_the_same_on_the_loop_as_in_the_thread() -> None:
     bridge = state()
     errors = []

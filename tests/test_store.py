@@ -258,6 +258,18 @@ async def test_bad_input_loses_nothing_already_accepted(db_dsn, recorders):
     assert await fetchval(db_dsn, "SELECT count(*) FROM utterances") == 0
 
 
+async def test_rows_gather_for_the_linger_unless_one_is_wanted_soon(db_dsn, recorders):
+    rec = await recorders(db_dsn, flush_interval=30)  # (the default is 0.5 s)
+    rec.upsert("calls", {"call_sid": "CA-later", "status": "gathering"})
+    await asyncio.sleep(0.3)
+    assert await fetchval(db_dsn, "SELECT count(*) FROM calls") == 0  # still gathering
+    rec.upsert("calls", {"call_sid": "CA-now", "status": "ended", "next_action": {"verb": "hangup"}})
+    rec.flush_soon()  # e.g. a next_action: /twilio/stream-ended may read it from another worker
+    async with asyncio.timeout(5):
+        while await fetchval(db_dsn, "SELECT count(*) FROM calls") < 2:
+            await asyncio.sleep(0.02)
+
+
 async def test_later_upsert_of_same_key_wins_across_groups_and_batches(db_dsn, recorders):
     rec = await recorders(db_dsn, batch_max=3)
     for i in range(50):
@@ -602,3 +614,21 @@ async def test_a_write_that_hangs_counts_as_an_outage_after_stall_seconds(db_dsn
     assert await rec.drain(15)
     texts = [r["text"] for r in await fetch(db_dsn, "SELECT text FROM utterances WHERE call_sid = 'CA30' ORDER BY seq")]
     assert texts == [f"t{i}" for i in range(20)]
+
+
+def test_a_calls_next_action_ends_the_writers_gather_other_rows_wait_for_it():
+    from types import SimpleNamespace
+
+    from shim.app import _DeferredRecords
+
+    flushed, rows = [], []
+    recorder = SimpleNamespace(upsert=lambda table, row, keep_existing=(): rows.append(table),
+                               flush_soon=lambda: flushed.append(True))
+    shim = SimpleNamespace(endings={}, remember_end=lambda sid, action: shim.endings.update({sid: action}),
+                           recorder=recorder)
+    records = _DeferredRecords(shim)
+    records.upsert("utterances", {"call_sid": "CA1", "seq": 1, "role": "user"})
+    records.upsert("calls", {"call_sid": "CA1", "status": "in-progress"})
+    assert flushed == []
+    records.upsert("calls", {"call_sid": "CA1", "next_action": {"verb": "hangup"}})
+    assert flushed == [True] and rows == ["utterances", "calls", "calls"]

@@ -177,6 +177,9 @@ def test_the_core_hot_path_takes_live_audio_and_leaves_the_rest_to_on_twilio_tex
     payload = base64.b64encode(b"\x7f" * 160).decode()
     frame = twilio_frame("5", "inbound", "2", "40", payload, "MZ1")
     call, _, _ = live_call()
+    assert call.backend.out  # set-up's frames, not sent yet: they go first, through pump
+    assert call.relay_caller_frame(frame) is None and call.frames_in == 0
+    call.backend.out = []  # the shell sent them
     assert call.relay_caller_frame(frame) == b'{"type":"input_audio_buffer.append","audio":"' + payload.encode() + b'"}'
     assert call.frames_in == 1 and call._input_ms == 20
     assert call.relay_caller_frame(frame.replace(b'","', b'", "')) is None  # another spelling: the parser's
