@@ -264,7 +264,7 @@ async def start_shim(model: ModelServer, tag: str, source: Path, media: str = "o
         PUBLIC_URL=f"http://127.0.0.1:{http_port}",
         SHIM_DATA_DIR=str(data_dir),
         SHIM_ASSISTANTS_DIR=str(source / "assistants"),
-        SHIM_LOG_LEVEL="warning",
+        SHIM_LOG_LEVEL="info",  # as deployed (the default): every feature on, logs included
         SHIM_DRAIN_TIMEOUT="5",
         SHIM_WORKERS=str(workers),  # (an env var: a checkout without --workers ignores it)
     )
