@@ -108,7 +108,7 @@ class BridgeState:
     request_lookup: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None  # assistant-request answers
     model_health: dict[str, Any] = field(default_factory=dict)  # the last model connect, for /readyz
     live_calls: Any = None  # workers.LiveCalls under `shim serve --workers N`: the same check across workers
-    resolve_cost: dict[str, float] = field(default_factory=dict)  # assistant id -> CPU s its last resolution took
+    resolve_cost: dict[str, float] = field(default_factory=dict)  # assistant id -> s its last resolution took (_timed_resolve)
     _http: httpx.AsyncClient | None = None
 
     def http(self) -> httpx.AsyncClient:
@@ -160,7 +160,7 @@ class BridgeState:
     async def resolve_setup(self, start: tw.Start) -> CallSetup:
         """Load and translate the call's assistant: in a worker thread (nothing slow on the event
         loop that carries every call's audio), unless this assistant's last resolution took less
-        than INLINE_RESOLVE_S of CPU. A typical export takes ~0.2 ms, while the hop to a thread
+        than INLINE_RESOLVE_S (_timed_resolve). A typical export takes ~0.2 ms, while the hop to a thread
         and back waits for the GIL behind the busy loop (up to its 5 ms switch interval): most of
         Twilio `start` → `session.update` under load. The assistant-request answer's always runs
         in the thread (it arrives over the network, any size)."""

@@ -962,13 +962,13 @@ class Call:
             "item_id": item_id,
             "started_at": self._wall_at(max(now, self._playback.free_at)),
         }
+        self._turn_resent = False  # an answer: whatever turn was re-sent is no longer in flight
         if self._turn_end is not None:
             latency = now - self._turn_end
             self._turn_end = None
-            self._turn_resent = False
-            self._size_ring()
             row["latency_ms"] = int(round(latency * 1000))
             self.metrics.turn_latency(latency)
+        self._size_ring()
         self.records.upsert("utterances", row)
         return item
 
