@@ -73,6 +73,10 @@ class NumberRoutes:
         self._pool = pool
         self._routes: dict[str, Route] = {}
         self._version = 0  # bumped by every refresh: a lookup's answer is stale once it moved
+        # Numbers Postgres said it does not have, and at which version: asked again only after a
+        # refresh (a NOTIFY from any change, or the 2 s poll), so a deployment that routes by the
+        # stream's own parameters does not pay a query before every call's set-up.
+        self._misses: dict[str, int] = {}
         self.loaded = False  # from Postgres or the snapshot at least once
         # A snapshot may be older than the table (a number moved from another host since): a
         # number missing from it is "unknown", not "not configured", until Postgres has answered.
@@ -89,12 +93,14 @@ class NumberRoutes:
     async def lookup(self, number: str) -> Route | None:
         """The number's route; None when it is not configured. Never waits on Postgres for a
         number in the table; for one that is not, asks it (bounded) in case it was added since
-        the last refresh, unless Postgres is known to be away."""
+        the last refresh, unless Postgres is known to be away or already said no since then."""
         route = self._routes.get(number)
         if route is not None or not number:
             return route
         if self.db_ok:
             version = self._version
+            if self._misses.get(number) == version:
+                return None
             try:
                 pool = await asyncio.wait_for(self._pool(), MISS_TIMEOUT_S)
                 row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM numbers WHERE number = $1", number, timeout=MISS_TIMEOUT_S)
@@ -102,6 +108,10 @@ class NumberRoutes:
                 log.warning("number_lookup_failed", number=number, error=str(exc) or type(exc).__name__)
             else:
                 if row is None:
+                    if self._version == version:
+                        if len(self._misses) >= 10_000:  # bounded: callers choose the numbers
+                            self._misses.clear()
+                        self._misses[number] = version
                     return None
                 route = Route.from_row(row)
                 if self._version == version:  # else a refresh read the table after this row: it wins
@@ -174,6 +184,7 @@ class NumberRoutes:
         rows = await conn.fetch(f"SELECT {_COLUMNS} FROM numbers", timeout=QUERY_TIMEOUT_S)
         routes = {row["number"]: Route.from_row(row) for row in rows}
         self._version += 1
+        self._misses.clear()  # (a lookup in flight across this refresh checks the version)
         if not self.db_ok:
             log.info("numbers_loaded", routes=len(routes))
         self.db_ok = True

@@ -140,3 +140,38 @@ async def test_a_number_missing_from_a_snapshot_is_unknown_not_unconfigured(tmp_
             await routes.lookup("+15550003333")
     finally:
         await routes.stop()
+
+
+class CountingPool:
+    def __init__(self, dsn: str):
+        self.dsn, self.asked = dsn, 0
+
+    async def fetchrow(self, sql: str, *args, timeout: float | None = None):
+        self.asked += 1
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            return await conn.fetchrow(sql, *args)
+        finally:
+            await conn.close()
+
+
+async def test_a_number_postgres_does_not_have_is_asked_once_until_the_table_changes(tmp_path, db_dsn):
+    pool = CountingPool(db_dsn)
+
+    async def get_pool():
+        return pool
+
+    routes = NumberRoutes(lambda: db_dsn, tmp_path / "numbers.json", get_pool)
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await routes.start()
+        other = "+15550003333"
+        assert [await routes.lookup(other) for _ in range(3)] == [None, None, None]
+        assert pool.asked == 1  # each call's set-up no longer waits on a query
+        await conn.execute("INSERT INTO numbers (number, assistant_id, updated_at) VALUES ($1, 'new', now())", other)
+        await wait_for(lambda: routes.get(other) is not None)  # NOTIFY: the refresh forgets the misses
+        assert (await routes.lookup(other)).assistant_id == "new"
+    finally:
+        await conn.execute("DELETE FROM numbers WHERE number = '+15550003333'")
+        await conn.close()
+        await routes.stop()
