@@ -409,10 +409,12 @@ class Call:
         )
         self.start = start
         self.phase = Phase.RESOLVING  # caller audio waits while the shell loads the assistant
-        self.effects.append(ResolveAssistant(start))
         # The model socket opens while the assistant is resolved (the URL does not depend on
-        # it): `session.update` goes out as soon as both are done, not one after the other.
+        # it): `session.update` goes out as soon as both are done, not one after the other. The
+        # connect is asked first: its handshake is on the wire before the resolution, which may
+        # run on the event loop, takes its turn.
         self.effects.append(ConnectModel())
+        self.effects.append(ResolveAssistant(start))
 
     def on_setup(self, setup: CallSetup, fallback_destination: dict[str, Any] | None = None) -> None:
         """The assistant is loaded and translated: open the model connection. The number's
