@@ -24,6 +24,7 @@ from shim.call import Call
 from shim.call_effects import ToolRequest
 from shim.translate import translate
 from shim_tools.results import parse_tool_response
+from tests.test_call import Rows  # the recording RecordSink the call tests share
 
 
 def tool(name: str) -> dict:
@@ -41,14 +42,6 @@ ASSISTANT = {
     "backgroundSound": "off",
 }
 PCMU = {"audio": {"input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}}
-
-
-class Rows:
-    def upsert(self, table, row, *, keep_existing=()):
-        pass
-
-    def insert(self, table, row):
-        pass
 
 
 def start_frame() -> str:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from shim import twilio_media as tw
 from shim.call import Call
+from tests.test_call import Rows  # the recording RecordSink the call tests share
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -110,14 +111,6 @@ def test_other_spellings_fall_back_to_the_parser() -> None:
     for bad in (payload[:-1], payload + "====", payload[:100] + '\\"' + payload[102:], "a" * 12_000, ""):
         data = twilio_frame("2", "inbound", "1", "20", bad, "MZ1")
         assert tw.parse_media_fast(data) is None  # rejected by parse, with the field named
-
-
-class Rows:
-    def upsert(self, table, row, *, keep_existing=()):
-        pass
-
-    def insert(self, table, row):
-        pass
 
 
 def test_a_frame_is_relayed_the_same_by_either_path() -> None:
