@@ -3,6 +3,7 @@ in shim/translate.py."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -110,10 +111,19 @@ class CallContext:
         return values
 
 
+@functools.lru_cache(maxsize=128)
+def _parsed(template: str):
+    """A template parsed once (~half of what rendering costs), reused for every call of that
+    assistant: a parsed Liquid template renders any number of times with other variables."""
+    return _liquid.from_string(template)
+
+
 def render(template: str, variables: dict[str, Any], path: str, now: datetime | None = None) -> str:
+    if "{" not in template:  # no Liquid tag or output in it: it renders as itself
+        return template
     token = _render_now.set(now)
     try:
-        return _liquid.from_string(template).render(**variables)
+        return _parsed(template).render(**variables)
     except Exception as exc:  # a template error must name where it is
         raise AssistantError(path, template[:80], f"a valid Liquid template ({exc})") from None
     finally:

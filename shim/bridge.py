@@ -485,8 +485,11 @@ class CallRunner:
             return self._pending_listener
 
         try:
-            transport, listener = await asyncio.wait_for(
-                ws_connect(
+            # asyncio.timeout, not wait_for: wait_for (3.11) runs the connect as a task of its
+            # own, one more turn of the loop before the SYN, behind every frame of that turn
+            # and the call's own set-up (the assistant's resolution, queued just after this).
+            async with asyncio.timeout(timeout_s):
+                transport, listener = await ws_connect(
                     listener_factory,
                     url,
                     extra_headers=headers,
@@ -495,9 +498,7 @@ class CallRunner:
                     # A socket that stays open but goes dead: picows pings after 5 s without a
                     # frame and disconnects (-> on_model_closed) if no pong comes within 5 s.
                     enable_auto_ping=True, auto_ping_idle_timeout=5, auto_ping_reply_timeout=5,
-                ),
-                timeout_s,
-            )
+                )
         except asyncio.CancelledError:
             self._abandon_pending()
             raise

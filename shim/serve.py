@@ -147,7 +147,8 @@ class FrontDoor:
         try:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            head = await asyncio.wait_for(self._peek_request_line(loop, conn), SNIFF_TIMEOUT_S)
+            async with asyncio.timeout(SNIFF_TIMEOUT_S):  # (not wait_for: no task, no extra turn of the loop)
+                head = await self._peek_request_line(loop, conn)
         except (OSError, TimeoutError, asyncio.CancelledError):
             self.routed["dropped"] += 1
             conn.close()
@@ -170,6 +171,12 @@ class FrontDoor:
     @staticmethod
     async def _peek_request_line(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes | None:
         fd = conn.fileno()
+        try:  # the request line is usually there already (sent right after the handshake)
+            head = conn.recv(REQUEST_LINE_MAX, socket.MSG_PEEK)
+            if not head or b"\n" in head or len(head) >= REQUEST_LINE_MAX:
+                return head or None
+        except BlockingIOError:
+            pass
         while True:
             readable = loop.create_future()
             loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))

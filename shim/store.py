@@ -687,6 +687,7 @@ class Recorder:
         self._last_warning = 0.0
         self._outage_logged = False
         self._sql_cache: dict[tuple, str] = {}
+        self._key_positions: dict[tuple, tuple[int, ...]] = {}  # row shape -> where its key columns are
 
     # ---------------------------------------------------------------- counters
 
@@ -1104,6 +1105,36 @@ class Recorder:
                     self._spool_off = self._spool_end = 0
                     log.info("recorder.spool_replayed", path=str(self.spool_path))
 
+    def _runs(self, rows: list[Entry]) -> list[tuple[str, list[tuple[str | None, ...]]]]:
+        """The batch as executemany runs: each row joins the newest run of its shape (same SQL)
+        unless an upsert of the same row (table and key) lies in a later run, so every key's rows
+        are applied in the order they came. Rows of 100 calls interleave (a calls row, an
+        utterance, an event...): grouped by shape a batch takes ~8 round trips instead of one
+        per ~2 rows. Tables have no foreign keys (0001), so only same-key order matters."""
+        runs: list[tuple[str, list[tuple[str | None, ...]]]] = []
+        run_of_shape: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], int] = {}
+        run_of_key: dict[tuple[str, tuple[str | None, ...]], int] = {}
+        key_at = self._key_positions
+        for e in rows:
+            shape = e[:4]
+            at = run_of_shape.get(shape)
+            if e[0] == "u":  # an insert-only row (a fresh uuid, ON CONFLICT DO NOTHING) has no order to keep
+                positions = key_at.get(shape)
+                if positions is None:
+                    positions = key_at[shape] = tuple(e[2].index(c) for c in TABLES[e[1]].key)
+                row_key = (e[1], tuple(e[4][i] for i in positions))
+                if at is None or run_of_key.get(row_key, -1) > at:
+                    at = None
+                if at is None:
+                    at = run_of_shape[shape] = len(runs)
+                    runs.append((self._sql(e), []))
+                run_of_key[row_key] = at
+            elif at is None:
+                at = run_of_shape[shape] = len(runs)
+                runs.append((self._sql(e), []))
+            runs[at][1].append(e[4])
+        return runs
+
     def _sql(self, entry: Entry) -> str:
         key = entry[:4]
         sql = self._sql_cache.get(key)
@@ -1125,14 +1156,7 @@ class Recorder:
         try:
             rows = head.remaining()
             if all(e is not None for e in rows):
-                runs: list[tuple[str, list[tuple[str | None, ...]]]] = []
-                last_key = None
-                for e in rows:
-                    assert e is not None
-                    if e[:4] != last_key:
-                        runs.append((self._sql(e), []))
-                        last_key = e[:4]
-                    runs[-1][1].append(e[4])
+                runs = self._runs(rows)  # type: ignore[arg-type]
                 try:
                     async with conn.transaction():
                         for sql, args in runs:

@@ -13,6 +13,8 @@ import sys
 import asyncpg
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from shim.db import _clear_stale_state, redact_dsn, resolve_dsn, with_database
@@ -286,6 +288,87 @@ async def test_later_upsert_of_same_key_wins_across_groups_and_batches(db_dsn, r
     texts = {r["seq"]: r["text"] for r in await fetch(db_dsn, "SELECT seq, text FROM utterances")}
     assert texts == {s: f"t{max(i for i in range(50) if i % 5 == s)}" for s in range(5)}
     assert await fetchval(db_dsn, "SELECT count(*) FROM numbers") == 13
+
+
+def _apply(state: dict, table: str, cols, keep, vals) -> None:
+    """An upsert's effect as Postgres applies it (None never overwrites; keep_existing: the
+    stored value wins), an insert's as ON CONFLICT DO NOTHING: the model the property checks."""
+    spec = TABLES[table]
+    key = (table, tuple(vals[cols.index(c)] for c in spec.key))
+    row = state.get(key)
+    if row is None:
+        state[key] = dict(zip(cols, vals))
+    elif spec.op == "u":
+        for c, v in zip(cols, vals):
+            if c not in keep or row.get(c) is None:
+                row[c] = v
+
+
+_CALL_COLUMNS = ("status", "model", "voice", "ended_reason")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["calls", "utterances", "call_events"]), st.integers(0, 3),
+                          st.sets(st.sampled_from(_CALL_COLUMNS)), st.booleans(), st.integers(0, 2)),
+                max_size=60))
+def test_batch_runs_apply_every_key_in_arrival_order(tmp_path_factory, ops):
+    """However rows of several calls and shapes interleave, executing the writer's runs (a run
+    per shape, rows joining earlier runs) leaves every row as applying them one by one would."""
+    from shim.store import _encode_row
+
+    rec = Recorder("postgresql://u@localhost/db", spool_path=tmp_path_factory.mktemp("runs") / "spool.jsonl")
+    entries = []
+    for n, (table, call, columns, keep, seq) in enumerate(ops):
+        sid = f"CA{call}"
+        if table == "calls":
+            row = {"call_sid": sid, **{c: f"{c}{n}" for c in columns}}
+            keep_existing = ("model",) if keep and "model" in columns else ()
+        elif table == "utterances":
+            row = {"call_sid": sid, "seq": seq, "role": "user", **({"text": f"t{n}"} if keep else {})}
+            keep_existing = ()
+        else:
+            row = {"id": f"00000000-0000-4000-8000-{n:012d}", "call_sid": sid, "at": ts(n), "kind": "k"}
+            keep_existing = ()
+        entries.append(_encode_row(TABLES[table], row, keep_existing))
+    one_by_one: dict = {}
+    for e in entries:
+        _apply(one_by_one, *e[1:])
+    shape_of_sql = {}
+    for e in entries:
+        shape_of_sql[rec._sql(e)] = e[:4]
+    runs = rec._runs(entries)
+    by_runs: dict = {}
+    for sql, args in runs:
+        _, table, cols, keep = shape_of_sql[sql]
+        for vals in args:
+            _apply(by_runs, table, cols, keep, vals)
+    assert by_runs == one_by_one
+    assert sum(len(args) for _, args in runs) == len(entries)
+    assert len({sql for sql, _ in runs}) == len(set(shape_of_sql))  # (runs only split where order demands)
+
+
+def test_batch_of_interleaved_calls_takes_one_run_per_shape(tmp_path):
+    """100 calls' rows interleaved as a live batch has them: one executemany per row shape, not
+    one per change of shape (~2 rows each before)."""
+    from shim.store import _encode_row
+
+    rec = Recorder("postgresql://u@localhost/db", spool_path=tmp_path / "spool.jsonl")
+    entries = []
+    for turn in range(3):
+        for call in range(100):
+            entries.append(_encode_row(TABLES["utterances"], {"call_sid": f"CA{call}", "seq": turn, "role": "user",
+                                                               "text": "hello"}, ()))
+            entries.append(_encode_row(TABLES["call_events"], {"id": f"00000000-0000-4000-8000-{turn * 100 + call:012d}",
+                                                               "call_sid": f"CA{call}", "at": ts(turn), "kind": "barge_in"}, ()))
+            entries.append(_encode_row(TABLES["calls"], {"call_sid": f"CA{call}", "status": f"s{turn}"}, ()))
+    runs = rec._runs(entries)
+    assert [len(args) for _, args in runs] == [300, 300, 300]
+    # A same-key row of another shape in between splits the run, so its order holds:
+    entries = [_encode_row(TABLES["calls"], {"call_sid": "CA1", "status": "a"}, ()),
+               _encode_row(TABLES["calls"], {"call_sid": "CA1", "status": "b", "model": "m"}, ()),
+               _encode_row(TABLES["calls"], {"call_sid": "CA2", "status": "c"}, ()),
+               _encode_row(TABLES["calls"], {"call_sid": "CA1", "status": "d"}, ())]
+    assert [args for _, args in rec._runs(entries)] == [[("CA1", "a"), ("CA2", "c")], [("CA1", "m", "b")], [("CA1", "d")]]
 
 
 async def test_transcripts_view_orders_by_speech_time(db_dsn, recorders):

@@ -232,3 +232,20 @@ def test_a_tool_or_server_url_that_is_not_http_is_reported_when_the_assistant_is
     bad = {f.path: f.detail for f in setup.findings if "only http(s)" in f.detail}
     assert set(bad) == {"server.url", "model.tools[0].server.url"}
     assert all("secret" not in detail for detail in bad.values())  # only the scheme is named
+
+
+def test_a_parsed_template_is_reused_but_every_call_gets_its_own_values():
+    """Templates are parsed once per text (shim.assistant._parsed), rendered per call: two calls
+    of one assistant never see each other's values, and a bad template fails every time."""
+    from shim.assistant import _parsed, render
+
+    template = "Caller {{customer.number}} at {{ now }}"
+    first = render(template, {"customer": {"number": "+15550001111"}, "now": "9:00"}, "firstMessage")
+    hits = _parsed.cache_info().hits
+    second = render(template, {"customer": {"number": "+15550002222"}, "now": "9:01"}, "firstMessage")
+    assert (first, second) == ("Caller +15550001111 at 9:00", "Caller +15550002222 at 9:01")
+    assert _parsed.cache_info().hits == hits + 1
+    assert render("Plain text, no tags", {}, "firstMessage") == "Plain text, no tags"
+    for _ in range(2):
+        with pytest.raises(AssistantError, match="firstMessage"):
+            render("Hello {{ customer.number ", {}, "firstMessage")
