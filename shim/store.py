@@ -404,6 +404,19 @@ def _entry_from_json(obj: Any) -> Entry | None:
     return (op, table, tuple(cols), tuple(keep), tuple(vals))
 
 
+# Tables whose rows of one call are kept in order with each other even across keys: 0006's
+# triggers compute a call's cost on `calls` from its `model_usage` rows, and touch `calls` when
+# one arrives.
+_LINKED_BY_TRIGGER = frozenset({"calls", "model_usage"})
+
+
+def _order_positions(table: str, cols: tuple[str, ...]) -> tuple[tuple[int, ...], int]:
+    """Where a row shape's key columns are, and its call_sid when the table is trigger-linked
+    (else -1): what Recorder._runs orders rows by."""
+    key = tuple(cols.index(c) for c in TABLES[table].key)
+    return key, cols.index("call_sid") if table in _LINKED_BY_TRIGGER else -1
+
+
 def _q(ident: str) -> str:
     return '"' + ident + '"'
 
@@ -687,7 +700,7 @@ class Recorder:
         self._last_warning = 0.0
         self._outage_logged = False
         self._sql_cache: dict[tuple, str] = {}
-        self._key_positions: dict[tuple, tuple[int, ...]] = {}  # row shape -> where its key columns are
+        self._key_positions: dict[tuple, tuple[tuple[int, ...], int]] = {}  # row shape -> _order_positions
 
     # ---------------------------------------------------------------- counters
 
@@ -1105,34 +1118,39 @@ class Recorder:
                     self._spool_off = self._spool_end = 0
                     log.info("recorder.spool_replayed", path=str(self.spool_path))
 
-    def _runs(self, rows: list[Entry]) -> list[tuple[str, list[tuple[str | None, ...]]]]:
+    def _runs(self, rows: list[Entry]) -> list[tuple[str, list[Entry]]]:
         """The batch as executemany runs: each row joins the newest run of its shape (same SQL)
-        unless an upsert of the same row (table and key) lies in a later run, so every key's rows
-        are applied in the order they came. Rows of 100 calls interleave (a calls row, an
-        utterance, an event...): grouped by shape a batch takes ~8 round trips instead of one
-        per ~2 rows. Tables have no foreign keys (0001), so only same-key order matters."""
-        runs: list[tuple[str, list[tuple[str | None, ...]]]] = []
+        unless a row it must follow lies in a later run, so rows are applied in the order they
+        came wherever order can matter: the same row (table and key; an event's id too), and a
+        call's `calls` and `model_usage` rows, which 0006's triggers read across (a call's cost).
+        The tables have no foreign keys. Rows of 100 calls interleave (a calls row, an utterance,
+        an event...): grouped by shape a batch of ~100 rows took 6-7 round trips, not ~46."""
+        runs: list[tuple[str, list[Entry]]] = []
         run_of_shape: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], int] = {}
         run_of_key: dict[tuple[str, tuple[str | None, ...]], int] = {}
         key_at = self._key_positions
         for e in rows:
             shape = e[:4]
+            positions = key_at.get(shape)
+            if positions is None:
+                positions = key_at[shape] = _order_positions(e[1], e[2])
+            vals = e[4]
+            row_key = (e[1], tuple(vals[i] for i in positions[0]))
+            linked = ("call", (vals[positions[1]],)) if positions[1] >= 0 else None
             at = run_of_shape.get(shape)
-            if e[0] == "u":  # an insert-only row (a fresh uuid, ON CONFLICT DO NOTHING) has no order to keep
-                positions = key_at.get(shape)
-                if positions is None:
-                    positions = key_at[shape] = tuple(e[2].index(c) for c in TABLES[e[1]].key)
-                row_key = (e[1], tuple(e[4][i] for i in positions))
-                if at is None or run_of_key.get(row_key, -1) > at:
+            if at is not None:
+                after = run_of_key.get(row_key, -1)
+                if linked is not None:
+                    after = max(after, run_of_key.get(linked, -1))
+                if after > at:
                     at = None
-                if at is None:
-                    at = run_of_shape[shape] = len(runs)
-                    runs.append((self._sql(e), []))
-                run_of_key[row_key] = at
-            elif at is None:
+            if at is None:
                 at = run_of_shape[shape] = len(runs)
                 runs.append((self._sql(e), []))
-            runs[at][1].append(e[4])
+            runs[at][1].append(e)
+            run_of_key[row_key] = at
+            if linked is not None:
+                run_of_key[linked] = at
         return runs
 
     def _sql(self, entry: Entry) -> str:
@@ -1159,8 +1177,8 @@ class Recorder:
                 runs = self._runs(rows)  # type: ignore[arg-type]
                 try:
                     async with conn.transaction():
-                        for sql, args in runs:
-                            await conn.executemany(sql, args, timeout=self.command_timeout)
+                        for sql, entries in runs:
+                            await conn.executemany(sql, [e[4] for e in entries], timeout=self.command_timeout)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:

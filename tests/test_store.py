@@ -307,44 +307,65 @@ def _apply(state: dict, table: str, cols, keep, vals) -> None:
 _CALL_COLUMNS = ("status", "model", "voice", "ended_reason")
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["calls", "utterances", "call_events"]), st.integers(0, 3),
+def _must_follow(a, b) -> bool:
+    """Whether row b (arrived after a) must be applied after a: the same row (table and key),
+    or one call's `calls` and `model_usage` rows (0006's cost triggers read across them)."""
+    spec_a, spec_b = TABLES[a[1]], TABLES[b[1]]
+    key_a = (a[1], tuple(a[4][a[2].index(c)] for c in spec_a.key))
+    key_b = (b[1], tuple(b[4][b[2].index(c)] for c in spec_b.key))
+    linked = {"calls", "model_usage"}
+    same_call = a[1] in linked and b[1] in linked and a[4][a[2].index("call_sid")] == b[4][b[2].index("call_sid")]
+    return key_a == key_b or same_call
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["calls", "utterances", "call_events", "model_usage"]), st.integers(0, 3),
                           st.sets(st.sampled_from(_CALL_COLUMNS)), st.booleans(), st.integers(0, 2)),
                 max_size=60))
-def test_batch_runs_apply_every_key_in_arrival_order(tmp_path_factory, ops):
-    """However rows of several calls and shapes interleave, executing the writer's runs (a run
-    per shape, rows joining earlier runs) leaves every row as applying them one by one would."""
+def test_batch_runs_keep_every_order_that_matters_and_no_other(tmp_path_factory, ops):
+    """However rows of several calls and shapes interleave, the writer's runs (a run per shape,
+    rows joining earlier runs) apply every pair of rows that must stay in order in order, leave
+    every row as applying them one by one would, and split a shape only where order demands."""
     from shim.store import _encode_row
 
     rec = Recorder("postgresql://u@localhost/db", spool_path=tmp_path_factory.mktemp("runs") / "spool.jsonl")
     entries = []
     for n, (table, call, columns, keep, seq) in enumerate(ops):
         sid = f"CA{call}"
+        keep_existing: tuple[str, ...] = ()
         if table == "calls":
             row = {"call_sid": sid, **{c: f"{c}{n}" for c in columns}}
             keep_existing = ("model",) if keep and "model" in columns else ()
         elif table == "utterances":
             row = {"call_sid": sid, "seq": seq, "role": "user", **({"text": f"t{n}"} if keep else {})}
-            keep_existing = ()
-        else:
-            row = {"id": f"00000000-0000-4000-8000-{n:012d}", "call_sid": sid, "at": ts(n), "kind": "k"}
-            keep_existing = ()
+        elif table == "model_usage":
+            row = {"call_sid": sid, "response_id": f"resp{seq}", "at": ts(n), "usage": {"n": n}}
+        else:  # a few ids reused: ON CONFLICT DO NOTHING keeps the first to arrive
+            row = {"id": f"00000000-0000-4000-8000-{seq:012d}", "call_sid": sid, "at": ts(n), "kind": f"k{n}",
+                   **({"detail": {"n": n}} if keep else {})}
         entries.append(_encode_row(TABLES[table], row, keep_existing))
+    runs = rec._runs(entries)
+    placed = {id(e): (r, i) for r, (_, run) in enumerate(runs) for i, e in enumerate(run)}
+    assert sorted(placed) == sorted(id(e) for e in entries)
+    for i, a in enumerate(entries):
+        for b in entries[i + 1:]:
+            if _must_follow(a, b):
+                assert placed[id(a)] < placed[id(b)], (a, b)
     one_by_one: dict = {}
     for e in entries:
         _apply(one_by_one, *e[1:])
-    shape_of_sql = {}
-    for e in entries:
-        shape_of_sql[rec._sql(e)] = e[:4]
-    runs = rec._runs(entries)
     by_runs: dict = {}
-    for sql, args in runs:
-        _, table, cols, keep = shape_of_sql[sql]
-        for vals in args:
-            _apply(by_runs, table, cols, keep, vals)
+    for _, run in runs:
+        for e in run:
+            _apply(by_runs, *e[1:])
     assert by_runs == one_by_one
-    assert sum(len(args) for _, args in runs) == len(entries)
-    assert len({sql for sql, _ in runs}) == len(set(shape_of_sql))  # (runs only split where order demands)
+    previous_of_shape: dict = {}
+    for r, (_, run) in enumerate(runs):  # a shape's second run exists only because its first row had to wait
+        shape = run[0][:4]
+        if shape in previous_of_shape:
+            between = [e for _, later in runs[previous_of_shape[shape] + 1:r] for e in later]
+            assert any(_must_follow(e, run[0]) for e in between), run[0]
+        previous_of_shape[shape] = r
 
 
 def test_batch_of_interleaved_calls_takes_one_run_per_shape(tmp_path):
@@ -362,13 +383,14 @@ def test_batch_of_interleaved_calls_takes_one_run_per_shape(tmp_path):
                                                                "call_sid": f"CA{call}", "at": ts(turn), "kind": "barge_in"}, ()))
             entries.append(_encode_row(TABLES["calls"], {"call_sid": f"CA{call}", "status": f"s{turn}"}, ()))
     runs = rec._runs(entries)
-    assert [len(args) for _, args in runs] == [300, 300, 300]
+    assert [len(run) for _, run in runs] == [300, 300, 300]
     # A same-key row of another shape in between splits the run, so its order holds:
     entries = [_encode_row(TABLES["calls"], {"call_sid": "CA1", "status": "a"}, ()),
                _encode_row(TABLES["calls"], {"call_sid": "CA1", "status": "b", "model": "m"}, ()),
                _encode_row(TABLES["calls"], {"call_sid": "CA2", "status": "c"}, ()),
                _encode_row(TABLES["calls"], {"call_sid": "CA1", "status": "d"}, ())]
-    assert [args for _, args in rec._runs(entries)] == [[("CA1", "a"), ("CA2", "c")], [("CA1", "m", "b")], [("CA1", "d")]]
+    assert [[e[4] for e in run] for _, run in rec._runs(entries)] == [[("CA1", "a"), ("CA2", "c")], [("CA1", "m", "b")],
+                                                                       [("CA1", "d")]]
 
 
 async def test_transcripts_view_orders_by_speech_time(db_dsn, recorders):
