@@ -171,22 +171,16 @@ class FrontDoor:
     @staticmethod
     async def _peek_request_line(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes | None:
         fd = conn.fileno()
-        try:  # the request line is usually there already (sent right after the handshake)
-            head = conn.recv(REQUEST_LINE_MAX, socket.MSG_PEEK)
-            if not head or b"\n" in head or len(head) >= REQUEST_LINE_MAX:
-                return head or None
-        except BlockingIOError:
-            pass
         while True:
-            readable = loop.create_future()
-            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
-            try:
-                await readable
-            finally:
-                loop.remove_reader(fd)
-            try:
+            try:  # peek first: the request line is usually there already (sent with the handshake)
                 head = conn.recv(REQUEST_LINE_MAX, socket.MSG_PEEK)
             except BlockingIOError:
+                readable = loop.create_future()
+                loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(fd)
                 continue
             if not head:
                 return None

@@ -293,5 +293,12 @@ async def test_the_front_door_routes_by_path_even_when_the_request_line_comes_in
         assert seen["media"].startswith(b"GET /twilio/media HTTP/1.1\r\n")
         assert seen["http"].startswith(b"GET /twilio/voice HTTP/1.1\r\n")
         assert front.routed == {"media": 1, "http": 1, "dropped": 0}
+        _reader, writer = await asyncio.open_connection("127.0.0.1", front.port)  # says nothing, hangs up
+        writer.close()
+        for _ in range(100):
+            if front.routed["dropped"]:
+                break
+            await asyncio.sleep(0.01)
+        assert front.routed == {"media": 1, "http": 1, "dropped": 1} and set(seen) == {"media", "http"}
     finally:
         await front.close()

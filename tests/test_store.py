@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from shim.db import _clear_stale_state, redact_dsn, resolve_dsn, with_database
-from shim.store import TABLES, Recorder, load_migrations, migrate
+from shim.store import _LINKED_BY_TRIGGER, TABLES, Recorder, load_migrations, migrate
 from shim.testing.pg_proxy import PgProxy
 
 UTC = dt.UTC
@@ -291,8 +291,9 @@ async def test_later_upsert_of_same_key_wins_across_groups_and_batches(db_dsn, r
 
 
 def _apply(state: dict, table: str, cols, keep, vals) -> None:
-    """An upsert's effect as Postgres applies it (None never overwrites; keep_existing: the
-    stored value wins), an insert's as ON CONFLICT DO NOTHING: the model the property checks."""
+    """An upsert's effect as Postgres applies it (the row's columns overwrite, except that for
+    keep_existing a stored value wins; _encode_row leaves None columns out), an insert's as ON
+    CONFLICT DO NOTHING: the model the property checks."""
     spec = TABLES[table]
     key = (table, tuple(vals[cols.index(c)] for c in spec.key))
     row = state.get(key)
@@ -313,7 +314,7 @@ def _must_follow(a, b) -> bool:
     spec_a, spec_b = TABLES[a[1]], TABLES[b[1]]
     key_a = (a[1], tuple(a[4][a[2].index(c)] for c in spec_a.key))
     key_b = (b[1], tuple(b[4][b[2].index(c)] for c in spec_b.key))
-    linked = {"calls", "model_usage"}
+    linked = _LINKED_BY_TRIGGER  # (the registry a new cross-table trigger is added to)
     same_call = a[1] in linked and b[1] in linked and a[4][a[2].index("call_sid")] == b[4][b[2].index("call_sid")]
     return key_a == key_b or same_call
 
