@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from . import admin
+from .aio import cancel_and_wait
 from .assistant import ASSISTANT_ID_RE
 from .bridge import BridgeState, CallRunner, start_media_server
 from .config import Config
@@ -205,14 +206,7 @@ class Shim:
             await asyncio.wait(list(self.bridge.post_call), timeout=left(10))
         if self.bridge.sender is not None:
             await self.bridge.sender.close(timeout=left(10))
-        if self.ticker is not None:
-            self.ticker.cancel()
-        for task in self.worker_tasks:
-            task.cancel()
-        await asyncio.gather(*self.worker_tasks, return_exceptions=True)
-        if self.lag_monitor is not None:
-            self.lag_monitor.cancel()
-            await asyncio.gather(self.lag_monitor, return_exceptions=True)
+        await cancel_and_wait(self.ticker, self.lag_monitor, *self.worker_tasks)
         await self.routes.stop()
         if self.recorder is not None:
             await self.recorder.close(timeout=left(10))

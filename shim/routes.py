@@ -11,7 +11,6 @@ Each new version is written to a snapshot file, which a restart during an outage
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -20,6 +19,7 @@ import asyncpg
 import orjson
 import structlog
 
+from .aio import cancel_and_wait, wait_event
 from .numbers import Route
 
 log = structlog.get_logger("shim.routes")
@@ -139,11 +139,8 @@ class NumberRoutes:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="number-routes")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         backoff = 0.5
@@ -162,8 +159,7 @@ class NumberRoutes:
                         self._changed.clear()
                         await self._refresh(conn)
                         version, full_read_at = seen, now
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), POLL_S)
+                    await wait_event(self._changed, POLL_S)
             except _DB_ERRORS as exc:
                 if self.db_ok:
                     log.error("numbers_refresh_failed", error=str(exc) or type(exc).__name__, routes=len(self._routes))

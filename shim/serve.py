@@ -19,7 +19,6 @@ database close, all within SHIM_DRAIN_TIMEOUT (set it to the platform's kill tim
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -36,6 +35,7 @@ from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
 from . import twilio_media as tw
+from .aio import cancel_and_wait
 from .config import Config
 
 log = structlog.get_logger("shim.serve")
@@ -119,10 +119,7 @@ class FrontDoor:
 
     async def close(self) -> None:
         """Stop accepting (connections already handed over live on)."""
-        if self._accepting is not None:
-            self._accepting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accepting
+        await cancel_and_wait(self._accepting)
         if self.sock is not None:
             self.sock.close()
         for task in list(self._routing):

@@ -43,6 +43,7 @@ import orjson
 import structlog
 from asyncpg.exceptions._base import DataError as _ClientDataError
 
+from shim.aio import cancel_and_wait, wait_event
 from shim.db import redact_dsn
 
 log = structlog.get_logger(__name__)
@@ -841,13 +842,9 @@ class Recorder:
             return
         drained = await self.drain(timeout) if self._started else self._done >= self._accepted
         self._closed = True  # from here on, upsert()/insert() raise
-        if self._writer_task is not None:
-            self._writer_task.cancel()
-            await asyncio.gather(self._writer_task, return_exceptions=True)
+        await cancel_and_wait(self._writer_task)
         async with self._spool_lock:  # an append in progress finishes first
-            if self._spill_task is not None:
-                self._spill_task.cancel()
-                await asyncio.gather(self._spill_task, return_exceptions=True)
+            await cancel_and_wait(self._spill_task)
             leftover: list[Entry] = []
             head = self._head
             if head is not None and head.src is _Src.MEM:
@@ -913,8 +910,7 @@ class Recorder:
         while True:
             # Woken by rows arriving (over the limit, or during an outage) and every half
             # stall_seconds, to notice a write that hangs.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._spill_evt.wait(), self.stall_seconds / 2)
+            await wait_event(self._spill_evt, self.stall_seconds / 2)
             self._spill_evt.clear()
             while True:
                 degraded = self._degraded()
@@ -976,10 +972,7 @@ class Recorder:
                     and self.flush_interval > 0
                 ):
                     self._flush.clear()
-                    try:  # linger a little so rows batch up
-                        await asyncio.wait_for(self._flush.wait(), self.flush_interval)
-                    except TimeoutError:
-                        pass
+                    await wait_event(self._flush, self.flush_interval)  # linger a little so rows batch up
                 conn = await self._connection()
                 if self._head is None:
                     self._head = await self._take_batch()

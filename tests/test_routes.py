@@ -176,3 +176,25 @@ async def test_a_number_postgres_does_not_have_is_asked_once_until_the_table_cha
         await conn.execute("DELETE FROM numbers WHERE number = '+15550003333'")
         await conn.close()
         await routes.stop()
+
+
+async def test_stop_ends_the_refresh_even_when_a_notification_lands_with_the_cancel(tmp_path, db_dsn):
+    """A NOTIFY (the DELETE a test or a CLI runs just before shutdown) wakes the poll's wait in the
+    same turn of the loop as stop()'s cancel. Python 3.11's asyncio.wait_for then returned the
+    event's result and dropped the cancel, the refresh loop went on for ever, and stop() never
+    returned: it hung CI for 90 minutes, and a server's shutdown before the recorder's rows were
+    spooled."""
+
+    async def no_pool():
+        raise OSError("not used")
+
+    routes = NumberRoutes(lambda: db_dsn, tmp_path / "numbers.json", no_pool)
+    await routes.start()
+    await wait_for(lambda: routes._version >= 2)  # the loop is in its wait between polls
+    await asyncio.sleep(0.05)
+    refresh = routes._task
+    routes._on_notify()  # what a NOTIFY does, in the same turn as the cancel below
+    stopping = asyncio.create_task(routes.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=3)  # (asyncio.wait: it never cancels stop())
+    assert stopping in done, "stop() still waits for the refresh loop"
+    assert refresh.done()

@@ -36,7 +36,6 @@ Factories: `reply_results`, `reply_error`, `delay`, `status`, `invalid_json`, `r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import json
@@ -50,6 +49,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from shim.testing.vapi_sdk_quirks import sdk_view, summarize
+from shim.aio import wait_event
 from shim.testing._serve import LocalServer, ServedStandIn
 
 __all__ = [
@@ -308,8 +308,7 @@ class FakeCustomer(ServedStandIn):
                     f"{len(found)} of {count} {key!r} requests after {timeout} s; received: "
                     f"{[(r.path, r.message_type) for r in self.received]}")
             self._arrived.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+            await wait_event(self._arrived, remaining)
 
     # -- lifecycle --
 

@@ -26,7 +26,6 @@ Scripting:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import itertools
@@ -45,6 +44,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from shim.aio import wait_event
 from shim.testing._serve import LocalServer
 
 __all__ = ["FakeOpenAIText", "RecordedChat", "validate_chat_request"]
@@ -252,8 +252,7 @@ class FakeOpenAIText:
         fault = self._take_fault(rec.body)
         if fault is not None:
             if fault.delay:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), fault.delay)
+                await wait_event(self._stopping, fault.delay)
             if fault.status is not None:
                 if fault.body is not None:
                     return Response(fault.body, status_code=fault.status, media_type="application/json")
