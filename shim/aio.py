@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import asyncio
 
+import structlog
+
+log = structlog.get_logger("shim.aio")
+
 RECANCEL_AFTER_S = 1.0
 
 
@@ -30,14 +34,19 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
 
 async def cancel_and_wait(*tasks: asyncio.Task | None, recancel_after: float = RECANCEL_AFTER_S) -> None:
     """Cancel the tasks and return once every one has ended, cancelling again any still running
-    after `recancel_after` seconds (one that swallowed a cancel is caught at its next await). The
-    tasks' own outcomes are retrieved, not raised; a cancel of the caller propagates at once
-    (asyncio.wait neither raises a task's CancelledError nor absorbs the caller's)."""
+    after `recancel_after` seconds (one that swallowed a cancel is caught at its next await). A
+    task whose own clean-up after a cancel takes longer than `recancel_after` is interrupted in
+    it: give such tasks a longer `recancel_after`. A task's exception is logged, not raised; a
+    cancel of the caller propagates at once (asyncio.wait neither raises a task's CancelledError
+    nor absorbs the caller's)."""
     pending = {task for task in tasks if task is not None and not task.done()}
+    for task in pending:
+        task.cancel()
     while pending:
-        for task in pending:
-            task.cancel()
         _done, pending = await asyncio.wait(pending, timeout=recancel_after)
-    for task in tasks:
-        if task is not None and task.done() and not task.cancelled():
-            task.exception()  # retrieved: no "exception was never retrieved" at exit
+        for task in pending:
+            log.warning("task_cancelled_again", task=task.get_name(), after_s=recancel_after)
+            task.cancel()
+    for task in {task for task in tasks if task is not None}:
+        if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("task_failed", task=task.get_name(), error=f"{type(exc).__name__}: {exc}"[:300])

@@ -206,7 +206,8 @@ class Shim:
             await asyncio.wait(list(self.bridge.post_call), timeout=left(10))
         if self.bridge.sender is not None:
             await self.bridge.sender.close(timeout=left(10))
-        await cancel_and_wait(self.ticker, self.lag_monitor, *self.worker_tasks)
+        # (an orphan spool's replay closes its recorder after the cancel: give it the time left)
+        await cancel_and_wait(self.ticker, self.lag_monitor, *self.worker_tasks, recancel_after=left(5))
         await self.routes.stop()
         if self.recorder is not None:
             await self.recorder.close(timeout=left(10))

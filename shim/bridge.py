@@ -46,6 +46,7 @@ from shim_tools.secrets import SecretsBook, ServerTarget, resolve_server
 
 from .translate import CallSetup, translate
 from .twilio_rest import REST_TIMEOUT_S, TwilioRestError, start_recording
+from .aio import cancel_and_wait
 from .call import Call, RecordSink
 from .call_work import (
     API_ANSWER_MAX_BYTES,
@@ -408,10 +409,8 @@ class CallRunner:
             log.exception("call_runner_failed", call_sid=call.call_sid)
             call.abort("call.in-progress.error-vapifault-worker-died")
         finally:
-            for task in list(self._tasks):
-                task.cancel()  # set-up work and webhooks nobody is waiting for any more
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            # Set-up work and webhooks nobody is waiting for any more.
+            await cancel_and_wait(*self._tasks, recancel_after=2.0)
             self._drop_model()
             end = call.end
             if end is not None and end.next_action.get("verb") == "dial" and self.state.drain is not None:

@@ -256,7 +256,10 @@ class Prewarmer:
         asked = time.monotonic()
         try:
             timeout = max(0.0, warm.born + self.state.config.model_connect_timeout_s - asked)
-            opened = await asyncio.wait_for(asyncio.shield(warm.opened), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel that lands as the
+            # session opens, and a superseded connect attempt would adopt it (shim/aio.py).
+            async with asyncio.timeout(timeout):
+                opened = await asyncio.shield(warm.opened)
         except TimeoutError:
             opened = False
         except asyncio.CancelledError:  # the call ended while its session was still opening
