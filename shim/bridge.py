@@ -35,6 +35,7 @@ from picows import (
 
 from . import tool_kinds
 from . import twilio_media as tw
+from .aio import cancel_and_wait
 from .assistant import AssistantError, load_assistant, load_saved_tools, render
 from .background import BackgroundMixer, ambience_for, public_url
 from shim_tools import envelope
@@ -46,7 +47,6 @@ from shim_tools.secrets import SecretsBook, ServerTarget, resolve_server
 
 from .translate import CallSetup, translate
 from .twilio_rest import REST_TIMEOUT_S, TwilioRestError, start_recording
-from .aio import cancel_and_wait
 from .call import Call, RecordSink
 from .call_work import (
     API_ANSWER_MAX_BYTES,

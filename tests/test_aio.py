@@ -4,6 +4,7 @@ cancel landing in the same turn as the result it waited for: cpython#86296)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 from structlog.testing import capture_logs
@@ -35,7 +36,7 @@ async def test_a_cancel_landing_with_the_event_ends_the_loop():
     assert await _set_and_cancel_in_one_turn(lambda event: wait_event(event, 2))
 
 
-@pytest.mark.skipif(__import__("sys").version_info >= (3, 12), reason="3.12 rebuilt wait_for on asyncio.timeout")
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12 rebuilt wait_for on asyncio.timeout")
 async def test_the_same_loop_on_wait_for_runs_on_after_the_cancel():
     """The hazard the helper exists for (if this passes on 3.11 the helper could go)."""
     assert not await _set_and_cancel_in_one_turn(lambda event: asyncio.wait_for(event.wait(), 2))

@@ -48,8 +48,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from shim.testing.vapi_sdk_quirks import sdk_view, summarize
 from shim.aio import wait_event
+from shim.testing.vapi_sdk_quirks import sdk_view, summarize
 from shim.testing._serve import LocalServer, ServedStandIn
 
 __all__ = [
