@@ -431,6 +431,29 @@ async def test_close_drains_then_cancels_and_records_the_rest(hook, recorder, db
     assert sum(1 for r in rows if r["call_sid"] == "CA6" and r["status"] == "ok") == 4
 
 
+async def test_close_stops_a_worker_that_swallowed_the_cancel(recorder, http):
+    # Python 3.11's wait_for can drop a cancel (cpython#86296); close() used to gather the
+    # cancelled workers and would have waited here for the full 30 s.
+    sender = WebhookSender(http, recorder, max_concurrency=1)
+    swallowed = asyncio.Event()
+
+    async def stubborn_post(*_args, **_kwargs):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed.set()  # the first cancel is lost
+        await asyncio.sleep(30)
+
+    sender.post = stubborn_post
+    sender.send_in_background(target("https://hooks.example/x"), {}, kind="status-update", call_sid="CA8")
+    await asyncio.sleep(0)  # the worker starts
+    t0 = time.monotonic()
+    async with asyncio.timeout(10):
+        await sender.close(0.05)
+    assert swallowed.is_set() and time.monotonic() - t0 < 3
+    assert sender.stats()["workers"] == 0
+
+
 # ------------------------------------------------------------------------------------------ schema
 
 

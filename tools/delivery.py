@@ -332,11 +332,17 @@ class WebhookSender:
         self._closed = True
         if not drained:
             log.warning("webhook.close_timeout", backlog=len(self._backlog), in_flight=len(self._workers))
-        workers = list(self._workers)
-        for task in workers:
+        # asyncio.wait, not gather: a worker that swallowed the cancel (Python 3.11's wait_for
+        # can, https://github.com/python/cpython/issues/86296) is cancelled again instead of
+        # holding the shutdown for ever, and a cancel of close() itself still propagates.
+        pending = {task for task in self._workers if not task.done()}
+        for task in pending:
             task.cancel()
-        if workers:
-            await asyncio.gather(*workers, return_exceptions=True)
+        while pending:
+            _done, pending = await asyncio.wait(pending, timeout=1.0)
+            for task in pending:
+                log.warning("webhook.worker_cancelled_again", task=task.get_name())
+                task.cancel()
         while self._backlog:
             self._drop(self._backlog.popleft(), "not sent: shutdown")
         self._idle.set()
