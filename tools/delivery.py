@@ -335,7 +335,8 @@ class WebhookSender:
         # asyncio.wait, not gather: a worker that swallowed the cancel (Python 3.11's wait_for
         # can, https://github.com/python/cpython/issues/86296) is cancelled again instead of
         # holding the shutdown for ever, and a cancel of close() itself still propagates.
-        pending = {task for task in self._workers if not task.done()}
+        workers = list(self._workers)
+        pending = {task for task in workers if not task.done()}
         for task in pending:
             task.cancel()
         while pending:
@@ -343,6 +344,9 @@ class WebhookSender:
             for task in pending:
                 log.warning("webhook.worker_cancelled_again", task=task.get_name())
                 task.cancel()
+        for task in workers:  # retrieved, as gather(return_exceptions=True) did: logged, not raised
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("webhook.worker_failed", error=f"{type(exc).__name__}: {exc}"[:300])
         while self._backlog:
             self._drop(self._backlog.popleft(), "not sent: shutdown")
         self._idle.set()
