@@ -33,6 +33,7 @@ import httpx
 import orjson
 import structlog
 
+from shim.aio import cancel_and_wait
 from shim_tools.secrets import ServerTarget
 
 log = structlog.get_logger(__name__)
@@ -332,21 +333,9 @@ class WebhookSender:
         self._closed = True
         if not drained:
             log.warning("webhook.close_timeout", backlog=len(self._backlog), in_flight=len(self._workers))
-        # asyncio.wait, not gather: a worker that swallowed the cancel (Python 3.11's wait_for
-        # can, https://github.com/python/cpython/issues/86296) is cancelled again instead of
-        # holding the shutdown for ever, and a cancel of close() itself still propagates.
-        workers = list(self._workers)
-        pending = {task for task in workers if not task.done()}
-        for task in pending:
-            task.cancel()
-        while pending:
-            _done, pending = await asyncio.wait(pending, timeout=1.0)
-            for task in pending:
-                log.warning("webhook.worker_cancelled_again", task=task.get_name())
-                task.cancel()
-        for task in workers:  # retrieved, as gather(return_exceptions=True) did: logged, not raised
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                log.error("webhook.worker_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+        # Not gather: a worker that swallowed the cancel (Python 3.11's wait_for can) is cancelled
+        # again instead of holding the shutdown for ever; a worker's failure is logged.
+        await cancel_and_wait(*self._workers)
         while self._backlog:
             self._drop(self._backlog.popleft(), "not sent: shutdown")
         self._idle.set()
