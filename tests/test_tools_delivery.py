@@ -447,10 +447,9 @@ async def test_close_stops_a_worker_that_swallowed_the_cancel(recorder, http):
     sender.post = stubborn_post
     sender.send_in_background(target("https://hooks.example/x"), {}, kind="status-update", call_sid="CA8")
     await asyncio.sleep(0)  # the worker starts
-    t0 = time.monotonic()
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(10):  # a bound, not a figure: the old close() hangs here
         await sender.close(0.05)
-    assert swallowed.is_set() and time.monotonic() - t0 < 3
+    assert swallowed.is_set()
     assert sender.stats()["workers"] == 0
 
 
